@@ -222,7 +222,9 @@ class CentreBank(nn.Module):
             w = F.embedding(active, self.weight, sparse=True)
         else:
             w = self.weight[active]
-        cos = F.normalize(emb.float(), dim=1) @ F.normalize(w.float(), dim=1).t()   # (B, k)
+        # cosines in fp32 even under bf16 autocast: at s = 64 a bf16 cosine would move logits by ~0.25
+        with torch.autocast(emb.device.type, enabled=False):
+            cos = F.normalize(emb.float(), dim=1) @ F.normalize(w.float(), dim=1).t()   # (B, k)
 
         # positive term: log(1 + sum_{i in P} exp(-s * phi(cos_i)))
         if k:

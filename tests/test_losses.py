@@ -212,3 +212,14 @@ def test_two_gloo_processes_equal_one_process():
         torch.testing.assert_close(res["full"], weight)
         assert res["sampled_active"] == res["sampled_expected"]
         assert torch.isfinite(res["sampled_loss"])
+
+
+def test_cosines_stay_fp32_under_bf16_autocast():
+    emb, weight, labels = make_problem(seed=5)
+    bank = losses.CentreBank(weight.shape[0], weight.shape[1], rho=1.0)
+    bank.load_full_weight(weight)
+    ref = bank(emb.bfloat16().float(), labels).loss       # the same bf16-rounded inputs, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = bank(emb.bfloat16(), labels).loss
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(ref.item(), rel=1e-6)
