@@ -249,7 +249,8 @@ class VisionEncoder(nn.Module):
     def patch_rope(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         key = (grid_h, grid_w, str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_angles(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, device)
+            with torch.inference_mode(False):   # a normal tensor even when first built under inference_mode
+                self._rope_cache[key] = rope_angles(grid_h, grid_w, self.cfg.head_dim, self.cfg.rope_theta, device)
         return self._rope_cache[key]
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor | None = None,
@@ -274,9 +275,11 @@ class VisionEncoder(nn.Module):
         regions = region_mask = None
         if use_regions:
             N = boxes.shape[1]
+            if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be (batch={B}, N, 4), got {tuple(boxes.shape)}")
             if box_valid is None:
                 box_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-            inside = box_patch_mask(boxes.to(x.device), gh, gw, cfg.patch_size) & box_valid[..., None]
+            inside = box_patch_mask(boxes.to(x.device), gh, gw, cfg.patch_size) & box_valid.to(x.device, torch.bool)[..., None]
             self_mask = torch.eye(N, dtype=torch.bool, device=x.device).expand(B, N, N)
             region_mask = torch.cat([self_mask, inside], dim=-1)[:, None]                     # (B, 1, N, N+P)
             region_cos, region_sin = cos[:1], sin[:1]          # the class token's angles

@@ -13,7 +13,10 @@ positive label per sample, fp32. Variants, each in its own fresh subprocess so p
                the same ArcFace margin (losses.margin_positive) and scale, weight an nn.Parameter (K, D)
 Measured: median wall time per timed step (time.perf_counter, after 1 warm-up step); peak RSS of the
 subprocess (ru_maxrss) and that peak minus the RSS right after the weight was allocated and filled;
-logits per step (B x active rows for the bank, B x K dense).
+logits per step (B x active rows for the bank, B x K dense). A variant whose subprocess fails (e.g. killed
+for memory) shows its status in the table. dense_ce needs about 5 x K x D x 4 bytes (F.normalize keeps a second
+(K, D) copy of the weight and its backward makes more (K, D) temporaries): 12 GiB at K=500k, about 21 GiB at
+K=1M, which a 24 GB machine cannot hold next to the system; it is not started when MemAvailable is smaller.
 """
 from __future__ import annotations
 
@@ -43,6 +46,17 @@ GIB = 1024 ** 3
 def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def dense_ce_bytes(args) -> int:
+    """Peak estimate for dense_ce: weight, its grad, the normalised copy and two (K, D) backward temporaries,
+    plus logits and their gradient (fits the measured 12.0 GiB at K=500k)."""
+    return 4 * (5 * args.num_classes * args.dim + 2 * args.batch * args.num_classes)
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
 
 
 def run_variant(name: str, args) -> dict:
@@ -126,6 +140,11 @@ def main(argv=None):
              f"--rho={args.rho}", f"--steps={args.steps}", f"--threads={args.threads}"]
     results = {}
     for name in VARIANTS:
+        need = dense_ce_bytes(args) if name == "dense_ce" else 0
+        if need > available_bytes():
+            results[name] = {"status": f"not run: needs about {need / GIB:.0f} GiB, "
+                                       f"{available_bytes() / GIB:.0f} GiB available"}
+            continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = spawn(name, child)
     config = {k: getattr(args, k) for k in ("num_classes", "dim", "batch", "rho", "steps", "threads")}

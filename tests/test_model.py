@@ -260,3 +260,13 @@ def test_bf16_autocast_close_to_fp32():
     assert cos.min() > 0.99
     cos_r = F.cosine_similarity(low.region_embeddings.float(), ref.region_embeddings, dim=-1)
     assert cos_r.min() > 0.99
+
+
+def test_inference_mode_then_training_and_bad_boxes():
+    enc = model.VisionEncoder(model.preset("tiny"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        enc(x)                                   # builds the rotary cache under inference_mode
+    enc(x).class_embedding.sum().backward()      # the cached angles still work with autograd
+    with pytest.raises(ValueError, match="boxes must be"):
+        enc(x, torch.zeros(1, 4))
