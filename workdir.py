@@ -1,0 +1,352 @@
+"""The work directory that the numbered stages share, and the few things more than one stage needs.
+
+Layout (`--work`, default runs/demo): one sub-folder per stage, each holding `.npy` arrays written through
+`np.lib.format.open_memmap` and a `manifest.json` (stage, config, row counts, inputs, status counts) written
+last, so a folder with a complete manifest is a finished stage. Ragged per-image lists are CSR: an int64
+`*_offsets.npy` with one more entry than rows, plus flat rows.
+
+    images/    the image table: every input file in a fixed order, with a decode status and its size
+    regions/   01_mine_regions.py        ocr/  02_extract_ocr.py        ...
+
+Sharded, resumable work (`run_chunks`): the items are cut into fixed chunks whose boundaries do not depend on
+the number of processes; under torchrun rank r takes chunks r, r + world, ...; each finished chunk is one file
+written atomically (tmp + os.replace), so a rerun after any kill skips exactly the finished chunks; rank 0
+then concatenates the chunks in order. The merged arrays are therefore byte-identical whatever the number of
+processes and however often the run was interrupted.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+# decode status of every file in the image table
+IMAGE_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "duplicate"]
+OK = 0
+MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; (0, 1) for a plain `python` run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_dist() -> tuple[int, int]:
+    """A gloo group for coordination (barriers) when launched by torchrun; nothing otherwise."""
+    rank, world = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            # long timeout: ranks that finish their chunks wait at the barrier for the slowest one
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return rank, world
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def say(*args) -> None:
+    """print on rank 0 only."""
+    if dist_info()[0] == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def write_npy(path: str, array) -> None:
+    """Write one array as .npy through open_memmap, atomically (tmp file + os.replace)."""
+    array = np.asarray(array)
+    tmp = path + ".tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    if array.size:
+        out[...] = array
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str) -> dict | None:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(folder: str, name: str, mmap: bool = True) -> np.ndarray:
+    path = os.path.join(folder, name + ".npy")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes {os.path.basename(folder)}/ first")
+    return np.load(path, mmap_mode="r" if mmap else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSR helpers
+
+
+def offsets_from_counts(counts) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+
+
+def pack_strings(strings) -> tuple[np.ndarray, np.ndarray]:
+    """list of str -> (offsets int64 (n+1), utf-8 bytes uint8)."""
+    data = [s.encode("utf-8") for s in strings]
+    flat = np.frombuffer(b"".join(data), dtype=np.uint8) if data else np.zeros(0, np.uint8)
+    return offsets_from_counts([len(d) for d in data]), flat
+
+
+def unpack_string(offsets: np.ndarray, flat: np.ndarray, i: int) -> str:
+    return bytes(flat[offsets[i]: offsets[i + 1]]).decode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sharded, resumable chunks
+
+
+def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str) -> int:
+    """Run `process(start, end) -> dict[name, array]` over fixed chunks of [0, num_items), this rank's share,
+    skipping chunks already on disk. Returns the number of chunks. Call `merge_chunks` after a barrier."""
+    from tqdm import tqdm
+    rank, world = dist_info()
+    chunk_dir = os.path.join(folder, "chunks")
+    os.makedirs(chunk_dir, exist_ok=True)
+    num_chunks = (num_items + chunk_size - 1) // chunk_size
+    mine = [c for c in range(rank, num_chunks, world)
+            if not os.path.exists(os.path.join(chunk_dir, f"{c:07d}.npz"))]
+    done_before = len(range(rank, num_chunks, world)) - len(mine)
+    if done_before:
+        print(f"[rank {rank}] {desc}: {done_before} chunks already done, {len(mine)} to go", flush=True)
+    items = sum(min(chunk_size, num_items - c * chunk_size) for c in mine)
+    with tqdm(total=items, desc=f"{desc} [rank {rank}/{world}]", unit="img", disable=not items,
+              position=rank if world > 1 else None, dynamic_ncols=True) as bar:
+        for c in mine:
+            start, end = c * chunk_size, min((c + 1) * chunk_size, num_items)
+            arrays = process(start, end)
+            tmp = os.path.join(chunk_dir, f"{c:07d}.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, os.path.join(chunk_dir, f"{c:07d}.npz"))
+            bar.update(end - start)
+    return num_chunks
+
+
+def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: dict[str, str]) -> dict:
+    """Concatenate chunk files in order into folder/<name>.npy (rank 0).
+
+    per_image: arrays with one row per item. per_row: {name: counts_name}: flat arrays whose rows belong to the
+    items; counts_name (an int per item, in per_image) becomes a global CSR `<counts_name>_offsets.npy`
+    ("counts" -> "offsets"). Returns {name: number of rows}."""
+    chunk_dir = os.path.join(folder, "chunks")
+    parts = [np.load(os.path.join(chunk_dir, f"{c:07d}.npz")) for c in range(num_chunks)]
+    rows = {}
+    for name in per_image + list(per_row):
+        chunks = [p[name] for p in parts]
+        total = sum(len(a) for a in chunks)
+        out_path = os.path.join(folder, name + ".npy")
+        tmp = out_path + ".tmp.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=chunks[0].dtype, shape=(total,) + chunks[0].shape[1:])
+        at = 0
+        for a in chunks:
+            out[at: at + len(a)] = a
+            at += len(a)
+        out.flush()
+        del out
+        os.replace(tmp, out_path)
+        rows[name] = total
+    for counts_name in set(per_row.values()):
+        counts = np.concatenate([p[counts_name] for p in parts])
+        write_npy(os.path.join(folder, counts_name.replace("counts", "offsets") + ".npy"), offsets_from_counts(counts))
+    return rows
+
+
+def finish_stage(folder: str, manifest: dict) -> None:
+    """Write the manifest (the stage is complete from here on) and drop the chunk files."""
+    manifest = {**manifest, "complete": True,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_json(os.path.join(folder, "manifest.json"), manifest)
+    shutil.rmtree(os.path.join(folder, "chunks"), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images
+
+
+def list_inputs(source: str) -> tuple[str, list[str]]:
+    """(root, paths relative to root or absolute) from a folder (recursive, every regular file, sorted) or a
+    text file with one path per line (kept in its order; relative paths are relative to the file's folder)."""
+    if os.path.isdir(source):
+        root = os.path.abspath(source)
+        paths = []
+        for d, dirs, files in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            paths += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if not f.startswith(".")]
+        paths.sort()
+        if not paths:
+            raise SystemExit(f"error: no files in {source}: nothing to do")
+        return root, paths
+    if os.path.isfile(source):
+        root = os.path.dirname(os.path.abspath(source))
+        with open(source, encoding="utf-8") as f:
+            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not paths:
+            raise SystemExit(f"error: the list {source} names no images")
+        return root, paths
+    raise SystemExit(f"error: {source} is neither a folder of images nor a file listing them")
+
+
+def to_rgb(im):
+    """Any PIL mode -> 8-bit RGB: 16-bit and float scaled to 0..255, alpha composited onto white."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0
+        elif a.size and (a.max() > 255 or a.min() < 0):
+            lo, hi = a.min(), a.max()
+            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def open_image(path: str, max_pixels: int = MAX_PIXELS):
+    """(RGB PIL image or None, status name). EXIF orientation is applied; the size is the upright one."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    Image.MAX_IMAGE_PIXELS = None          # checked here, with a status instead of an exception
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "empty_file"
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                return None, "too_large"
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im), "ok"
+    except UnidentifiedImageError:
+        return None, "not_image"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e).lower()
+        return None, ("truncated" if any(w in msg for w in ("truncat", "broken", "premature", "end of file"))
+                      else "unreadable")
+    except Exception:                      # a decoder bug on odd input must not stop a long run
+        return None, "unreadable"
+
+
+@dataclass
+class ImageTable:
+    root: str
+    path_offsets: np.ndarray
+    path_bytes: np.ndarray
+    status: np.ndarray          # uint8, index into IMAGE_STATUS
+    size: np.ndarray            # int32 (n, 2): width, height after EXIF rotation; 0 when not ok
+
+    def __len__(self):
+        return len(self.status)
+
+    def path(self, i: int) -> str:
+        p = unpack_string(self.path_offsets, self.path_bytes, i)
+        return p if os.path.isabs(p) else os.path.join(self.root, p)
+
+
+def read_image_table(work: str) -> ImageTable:
+    folder = os.path.join(work, "images")
+    m = read_manifest(folder)
+    if not m or not m.get("complete"):
+        raise SystemExit(f"error: {folder} has no finished image table: run 01_mine_regions.py or "
+                         "02_extract_ocr.py with --images first")
+    return ImageTable(m["root"], load(folder, "path_offsets"), load(folder, "path_bytes"),
+                      load(folder, "status"), load(folder, "size"))
+
+
+def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
+                       max_pixels: int = MAX_PIXELS) -> ImageTable:
+    """Build (sharded, resumable) or reuse the image table of `work`. Every input file gets a row and a status;
+    the order is fixed here, once, for every later stage."""
+    folder = os.path.join(work, "images")
+    m = read_manifest(folder)
+    if m and m.get("complete"):
+        if source is not None:
+            root, paths = list_inputs(source)
+            if fingerprint(root, paths) != m["fingerprint"]:
+                raise SystemExit(f"error: {work} was built from other images ({m['source']}); use another --work "
+                                 "or the same --images")
+        return read_image_table(work)
+    if source is None:
+        raise SystemExit(f"error: {work} has no image table yet: pass --images")
+    rank, world = init_dist()
+    root, paths = list_inputs(source)
+    os.makedirs(folder, exist_ok=True)
+    seen, dup = set(), np.zeros(len(paths), bool)
+    for i, p in enumerate(paths):
+        key = os.path.realpath(p if os.path.isabs(p) else os.path.join(root, p))
+        dup[i] = key in seen
+        seen.add(key)
+
+    def probe(start, end):
+        status = np.zeros(end - start, np.uint8)
+        size = np.zeros((end - start, 2), np.int32)
+        for j, i in enumerate(range(start, end)):
+            if dup[i]:
+                status[j] = IMAGE_STATUS.index("duplicate")
+                continue
+            p = paths[i] if os.path.isabs(paths[i]) else os.path.join(root, paths[i])
+            if not os.path.isfile(p):
+                status[j] = IMAGE_STATUS.index("unreadable")
+                continue
+            im, st = open_image(p, max_pixels)
+            status[j] = IMAGE_STATUS.index(st)
+            if im is not None:
+                size[j] = im.size
+        return {"status": status, "size": size}
+
+    n_chunks = run_chunks(folder, len(paths), chunk_size, probe, "image table")
+    barrier()
+    if rank == 0:
+        offsets, flat = pack_strings(paths)
+        write_npy(os.path.join(folder, "path_offsets.npy"), offsets)
+        write_npy(os.path.join(folder, "path_bytes.npy"), flat)
+        merge_chunks(folder, n_chunks, ["status", "size"], {})
+        status = load(folder, "status")
+        counts = {name: int((status == k).sum()) for k, name in enumerate(IMAGE_STATUS)}
+        finish_stage(folder, {"stage": "images", "source": os.path.abspath(source), "root": root,
+                              "fingerprint": fingerprint(root, paths), "rows": len(paths),
+                              "status_names": IMAGE_STATUS, "status_counts": counts})
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        print(f"image table: {len(paths)} files: {summary}", flush=True)
+        if counts["ok"] == 0:
+            print("warning: no readable image among the inputs", file=sys.stderr, flush=True)
+    barrier()
+    return read_image_table(work)
+
+
+def fingerprint(root: str, paths: list[str]) -> str:
+    h = hashlib.sha1(root.encode())
+    for p in paths:
+        h.update(b"\0" + p.encode())
+    return h.hexdigest()
