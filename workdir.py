@@ -160,34 +160,52 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
     items; counts_name (an int per item, in per_image) becomes a global CSR `<counts_name>_offsets.npy`
     ("counts" -> "offsets"). Returns {name: number of rows}."""
     chunk_dir = os.path.join(folder, "chunks")
-    parts = [np.load(os.path.join(chunk_dir, f"{c:07d}.npz")) for c in range(num_chunks)]
+    files = [os.path.join(chunk_dir, f"{c:07d}.npz") for c in range(num_chunks)]
     rows = {}
     for name in per_image + list(per_row):
-        chunks = [p[name] for p in parts]
-        total = sum(len(a) for a in chunks)
+        shapes = [npz_shape(f, name) for f in files]        # headers only: memory stays flat
+        dtype = shapes[0][1]
+        total = sum(s[0][0] for s in shapes)
         out_path = os.path.join(folder, name + ".npy")
         tmp = out_path + ".tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=chunks[0].dtype, shape=(total,) + chunks[0].shape[1:])
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,) + shapes[0][0][1:])
         at = 0
-        for a in chunks:
+        for f in files:
+            with np.load(f) as z:
+                a = z[name]
             out[at: at + len(a)] = a
             at += len(a)
         out.flush()
         del out
         os.replace(tmp, out_path)
         rows[name] = total
-    for counts_name in set(per_row.values()):
-        counts = np.concatenate([p[counts_name] for p in parts])
-        write_npy(os.path.join(folder, counts_name.replace("counts", "offsets") + ".npy"), offsets_from_counts(counts))
+    for counts_name in sorted(set(per_row.values())):
+        counts = []
+        for f in files:
+            with np.load(f) as z:
+                counts.append(z[counts_name])
+        write_npy(os.path.join(folder, counts_name.replace("counts", "offsets") + ".npy"),
+                  offsets_from_counts(np.concatenate(counts) if counts else []))
     return rows
 
 
-def finish_stage(folder: str, manifest: dict) -> None:
-    """Write the manifest (the stage is complete from here on) and drop the chunk files."""
+def npz_shape(path: str, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one array in an .npz, from its header."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf, zf.open(name + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def finish_stage(folder: str, manifest: dict) -> dict:
+    """Write the manifest (the stage is complete from here on), drop the chunk files, return the manifest."""
     manifest = {**manifest, "complete": True,
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     write_json(os.path.join(folder, "manifest.json"), manifest)
     shutil.rmtree(os.path.join(folder, "chunks"), ignore_errors=True)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,363 @@
+"""Stage 01: object regions (RICE) and the features that 03_cluster.py clusters (RICE regions, MLCD images).
+
+RICE Sec. 3.1: SAM masks on web images -> candidate boxes whose short side is at least 128 px, on images whose
+short side is at least 336 px (SA-1B images keep their own annotations); each region's CLIP feature is later
+clustered into K = 1M centres. MLCD clusters the CLIP features of whole images; both come from this stage.
+
+One process (GPU if there is one, else CPU):
+    python 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint sam_vit_h_4b8939.pth --sam-model vit_h
+    python 01_mine_regions.py --images DIR --work runs/big --boxes sa1b_json_dir/      # SA-1B's own masks
+    python 01_mine_regions.py --images runs/demo/data/images --work runs/demo \
+        --boxes runs/demo/data/coco.json --features pixels --min-box-side 16 --min-image-side 64   # offline demo
+torchrun, one node of 8 GPUs, then several nodes (each rank takes a share of the image chunks):
+    torchrun --nproc_per_node=8 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
+    torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
+        01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
+
+Reads: the images (a folder, recursive, or a text file of paths) through the image table in <work>/images/.
+Writes <work>/regions/:
+    region_offsets.npy  int64 (n_images+1)   CSR: regions of image i are rows offsets[i]:offsets[i+1]
+    boxes.npy           float32 (R, 4)       x0 y0 x1 y1, pixels of the upright (EXIF-rotated) original image
+    scores.npy          float32 (R,)         SAM predicted IoU, or the box file's score (1 when absent)
+    areas.npy           float32 (R,)         mask area in pixels (box area for box files without one)
+    region_features.npy float16 (R, C)       L2-normalised features of the box crops
+    image_features.npy  float16 (n_images, C) L2-normalised features of whole images (zeros if not ok)
+    status.npy          uint8 (n_images)     REGION_STATUS below
+    manifest.json
+Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file) or
+`--features pixels`, a weight-free stand-in for offline runs: the crop averaged down to 8 x 8 RGB, centred and
+L2-normalised (it groups regions by colour and coarse shape; it is not CLIP).
+Every stage of the kit is resumable: rerun the same command after any interruption.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workdir  # noqa: E402
+
+# defaults -------------------------------------------------------------------------------------------------
+WORK = "runs/demo"
+MIN_BOX_SIDE = 128          # RICE: candidate boxes with short side >= 128 px
+MIN_IMAGE_SIDE = 336        # RICE: images with short side >= 336 px
+DEDUP_IOU = 0.9             # boxes overlapping a higher-scored kept box above this IoU are near-duplicates
+MAX_REGIONS = 0             # keep at most this many boxes per image, best score first (0 = all)
+SAM_MODEL = "vit_h"         # vit_h | vit_l | vit_b (segment_anything), tiny (a small random SAM: tests only)
+SAM_MAX_SIDE = 1500         # larger images are downscaled for SAM (masks are full-size per image otherwise)
+POINTS_PER_SIDE, POINTS_PER_BATCH = 32, 64       # SamAutomaticMaskGenerator defaults
+PRED_IOU_THRESH, STABILITY_SCORE_THRESH, BOX_NMS_THRESH = 0.88, 0.95, 0.7
+CROP_N_LAYERS, MIN_MASK_REGION_AREA = 0, 0
+FEATURES = "clip"
+CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"
+PIXEL_GRID = 8              # the stand-in feature: PIXEL_GRID x PIXEL_GRID x 3 values
+FEATURE_BATCH = 64
+CHUNK_SIZE = 64             # images per resumable chunk
+
+REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", help="folder of images (recursive) or a text file of paths; optional once "
+                                    "<work>/images exists")
+    p.add_argument("--work", default=WORK)
+    p.add_argument("--boxes", help="COCO-format JSON, or a folder of SA-1B per-image JSON files; default: run SAM")
+    p.add_argument("--exclude-categories", default="text", help="comma-separated COCO category names to skip")
+    p.add_argument("--sam-checkpoint", help="segment-anything checkpoint (.pth); required for SAM but for tiny")
+    p.add_argument("--sam-model", default=SAM_MODEL, choices=["vit_h", "vit_l", "vit_b", "tiny"])
+    p.add_argument("--sam-max-side", type=int, default=SAM_MAX_SIDE)
+    p.add_argument("--points-per-side", type=int, default=POINTS_PER_SIDE)
+    p.add_argument("--points-per-batch", type=int, default=POINTS_PER_BATCH)
+    p.add_argument("--pred-iou-thresh", type=float, default=PRED_IOU_THRESH)
+    p.add_argument("--stability-score-thresh", type=float, default=STABILITY_SCORE_THRESH)
+    p.add_argument("--box-nms-thresh", type=float, default=BOX_NMS_THRESH)
+    p.add_argument("--crop-n-layers", type=int, default=CROP_N_LAYERS)
+    p.add_argument("--min-mask-region-area", type=int, default=MIN_MASK_REGION_AREA)
+    p.add_argument("--min-box-side", type=float, default=MIN_BOX_SIDE)
+    p.add_argument("--min-image-side", type=int, default=MIN_IMAGE_SIDE)
+    p.add_argument("--dedup-iou", type=float, default=DEDUP_IOU)
+    p.add_argument("--max-regions", type=int, default=MAX_REGIONS)
+    p.add_argument("--features", default=FEATURES, choices=["clip", "pixels"])
+    p.add_argument("--clip-model", default=CLIP_MODEL)
+    p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or a local checkpoint file")
+    p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
+    p.add_argument("--feature-batch", type=int, default=FEATURE_BATCH)
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    args = p.parse_args(argv)
+    if args.boxes is None and args.sam_model != "tiny" and not args.sam_checkpoint:
+        p.error("SAM needs --sam-checkpoint (e.g. sam_vit_h_4b8939.pth), or pass --boxes")
+    if args.sam_checkpoint and not os.path.isfile(args.sam_checkpoint):
+        p.error(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
+    if args.boxes and not os.path.exists(args.boxes):
+        p.error(f"--boxes {args.boxes}: no such file or folder")
+    if args.chunk_size < 1 or args.min_box_side < 0 or not 0 < args.dedup_iou <= 1:
+        p.error("--chunk-size must be >= 1, --min-box-side >= 0 and --dedup-iou in (0, 1]")
+    return args
+
+
+# regions ---------------------------------------------------------------------------------------------------
+
+
+def build_sam(name: str, checkpoint: str | None):
+    """segment_anything's registry for vit_h/l/b; `tiny` is a 1-block SAM of random weights (or the given
+    checkpoint) so the real automatic-mask-generator path runs in tests without a download."""
+    from segment_anything import sam_model_registry
+    if name != "tiny":
+        return sam_model_registry[name](checkpoint=checkpoint)
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    dim = 32
+    sam = Sam(
+        image_encoder=ImageEncoderViT(depth=1, embed_dim=dim, img_size=1024, mlp_ratio=2, num_heads=2, patch_size=16,
+                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[0], window_size=4,
+                                      out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                     mask_in_chans=8),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+            depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2), transformer_dim=dim, iou_head_depth=1,
+            iou_head_hidden_dim=dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    if checkpoint:
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam.eval()
+
+
+def sam_regions(generator, image, max_side):
+    """(boxes x0y0x1y1, scores, areas) from SAM's automatic mask generator, in original pixels."""
+    w, h = image.size
+    scale = min(1.0, max_side / max(w, h))
+    if scale < 1.0:
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
+    masks = generator.generate(np.asarray(image))
+    if not masks:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    xywh = np.array([m["bbox"] for m in masks], np.float32) / scale
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    return (boxes, np.array([m["predicted_iou"] for m in masks], np.float32),
+            np.array([m["area"] for m in masks], np.float32) / scale ** 2)
+
+
+def read_box_file(path, table, exclude):
+    """{image row: (boxes, scores, areas)} from a COCO JSON (matched by relative path, then by file name) or a
+    folder of SA-1B per-image JSON files (<image stem>.json with `annotations`)."""
+    import json
+    out = {}
+
+    def add(row, anns):
+        xywh = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        scores = np.array([a.get("score", a.get("predicted_iou", 1.0)) for a in anns], np.float32)
+        areas = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float32)
+        out[row] = (boxes, scores, areas)
+
+    rel = {}
+    for i in range(len(table)):
+        p = table.path(i)
+        rel.setdefault(os.path.relpath(p, table.root), i)
+        rel.setdefault(os.path.basename(p), i)
+    if os.path.isdir(path):                     # SA-1B: one JSON per image, named after it
+        for i in range(len(table)):
+            stem = os.path.splitext(os.path.basename(table.path(i)))[0]
+            f = os.path.join(path, stem + ".json")
+            if os.path.exists(f):
+                with open(f) as fh:
+                    add(i, json.load(fh).get("annotations", []))
+        return out
+    with open(path) as fh:
+        coco = json.load(fh)
+    skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
+    by_image = {}
+    for a in coco.get("annotations", []):
+        if a.get("category_id") not in skip:
+            by_image.setdefault(a["image_id"], []).append(a)
+    unmatched = 0
+    for im in coco.get("images", []):
+        row = rel.get(im["file_name"], rel.get(os.path.basename(im["file_name"])))
+        if row is None:
+            unmatched += 1
+            continue
+        add(row, by_image.get(im["id"], []))
+    if unmatched:
+        workdir.say(f"warning: {unmatched} images of {path} are not in the image table; their boxes are unused")
+    return out
+
+
+def filter_boxes(boxes, scores, areas, width, height, min_side, dedup_iou, max_regions):
+    """Clip to the image, keep short side >= min_side, drop near-duplicates (greedy, best score first)."""
+    boxes = boxes.copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    keep = np.flatnonzero(side >= max(min_side, 1e-6))
+    # deterministic order: score, then area, then position
+    keep = keep[np.lexsort((boxes[keep, 1], boxes[keep, 0], -areas[keep], -scores[keep]))]
+    kept = []
+    for i in keep:
+        if kept:
+            k = boxes[kept]
+            ix = np.clip(np.minimum(k[:, 2], boxes[i, 2]) - np.maximum(k[:, 0], boxes[i, 0]), 0, None)
+            iy = np.clip(np.minimum(k[:, 3], boxes[i, 3]) - np.maximum(k[:, 1], boxes[i, 1]), 0, None)
+            inter = ix * iy
+            union = (k[:, 2] - k[:, 0]) * (k[:, 3] - k[:, 1]) + (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1]) - inter
+            if (inter / np.maximum(union, 1e-9)).max() > dedup_iou:
+                continue
+        kept.append(i)
+        if max_regions and len(kept) == max_regions:
+            break
+    kept = np.array(kept, np.int64)
+    return boxes[kept].astype(np.float32), scores[kept].astype(np.float32), areas[kept].astype(np.float32)
+
+
+# features --------------------------------------------------------------------------------------------------
+
+
+class PixelFeatures:
+    """Weight-free stand-in for CLIP: the crop averaged down to a PIXEL_GRID^2 RGB grid, centred, L2-normalised."""
+    dim = PIXEL_GRID * PIXEL_GRID * 3
+
+    def __call__(self, image, boxes):
+        from PIL import Image
+        crops = [np.asarray(image.resize((PIXEL_GRID, PIXEL_GRID), Image.BOX, box=tuple(map(float, b))), np.float32)
+                 for b in boxes]
+        x = np.stack(crops).reshape(len(crops), -1) / 255.0 - 0.5 if crops else np.zeros((0, self.dim), np.float32)
+        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)).astype(np.float16)
+
+
+class ClipFeatures:
+    """open_clip image tower on box crops (CLIP's own resize + centre crop), L2-normalised, batched on device."""
+
+    def __init__(self, model_name, pretrained, config, batch, device):
+        import open_clip
+        import torch
+        if config:
+            open_clip.add_model_config(config)
+        if pretrained and pretrained.lower() in ("none", "random"):
+            pretrained = None        # random weights: timing runs and tests only
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                               device=device)
+        self.model.eval()
+        self.batch, self.device, self.torch = batch, device, torch
+        self.dim = self.model.visual.output_dim
+
+    def __call__(self, image, boxes):
+        torch = self.torch
+        crops = [image.crop(tuple(int(round(v)) for v in b)) for b in boxes]
+        out = []
+        for s in range(0, len(crops), self.batch):
+            x = torch.stack([self.preprocess(c) for c in crops[s: s + self.batch]]).to(self.device)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+                f = self.model.encode_image(x).float()
+            out.append(torch.nn.functional.normalize(f, dim=-1).cpu().numpy().astype(np.float16))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float16)
+
+
+# main ------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = workdir.init_dist()
+    import torch
+    if args.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    folder = os.path.join(args.work, "regions")
+    done = workdir.read_manifest(folder)
+    if done and done.get("complete") and not args.force:
+        workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
+        return done
+    table = workdir.ensure_image_table(args.work, args.images)
+    if rank == 0 and args.force and done:
+        os.remove(os.path.join(folder, "manifest.json"))
+    workdir.barrier()
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.time()
+
+    box_file = read_box_file(args.boxes, table, set(args.exclude_categories.split(","))) if args.boxes else None
+    generator = None
+    if box_file is None:
+        from segment_anything import SamAutomaticMaskGenerator
+        generator = SamAutomaticMaskGenerator(
+            build_sam(args.sam_model, args.sam_checkpoint).to(device), points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
+            crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area)
+    features = (PixelFeatures() if args.features == "pixels" else
+                ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
+
+    def process(start, end):
+        n = end - start
+        status = np.zeros(n, np.uint8)
+        counts = np.zeros(n, np.int64)
+        image_feat = np.zeros((n, features.dim), np.float16)
+        boxes, scores, areas, region_feat = [], [], [], []
+        for j, i in enumerate(range(start, end)):
+            if table.status[i] != workdir.OK:
+                status[j] = REGION_STATUS.index("skipped")
+                continue
+            try:
+                image, st = workdir.open_image(table.path(i))
+                if image is None:                  # changed on disk since the image table was built
+                    raise OSError(f"{st} now")
+                w, h = image.size
+                image_feat[j] = features(image, np.array([[0, 0, w, h]], np.float32))[0]
+                if min(w, h) < args.min_image_side:
+                    status[j] = REGION_STATUS.index("too_small")
+                    continue
+                if box_file is not None:
+                    b, s, a = box_file.get(i, (np.zeros((0, 4), np.float32),) + (np.zeros(0, np.float32),) * 2)
+                else:
+                    b, s, a = sam_regions(generator, image, args.sam_max_side)
+                b, s, a = filter_boxes(b, s, a, w, h, args.min_box_side, args.dedup_iou, args.max_regions)
+                f = features(image, b)
+            except Exception as e:             # one bad image must not stop a long run: record it
+                print(f"[rank {rank}] error on {table.path(i)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                status[j] = REGION_STATUS.index("error")
+                image_feat[j] = 0
+                continue
+            if not len(b):
+                status[j] = REGION_STATUS.index("no_regions")
+            counts[j] = len(b)
+            boxes.append(b), scores.append(s), areas.append(a), region_feat.append(f)
+        cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
+        return {"status": status, "region_counts": counts, "image_features": image_feat,
+                "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
+                "areas": cat(areas, (0,), np.float32), "region_features": cat(region_feat, (0, features.dim), np.float16)}
+
+    num_chunks = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions")
+    workdir.barrier()
+    manifest = None
+    if rank == 0:
+        rows = workdir.merge_chunks(folder, num_chunks, ["status", "image_features"],
+                                    {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
+        status = workdir.load(folder, "status")
+        counts = {name: int((status == k).sum()) for k, name in enumerate(REGION_STATUS)}
+        config = {k: v for k, v in vars(args).items() if k not in ("force",)}
+        manifest = {"stage": "regions", "config": config, "rows": {"images": len(table), **rows},
+                    "source": "boxes" if args.boxes else f"sam:{args.sam_model}",
+                    "features": {"kind": args.features, "dim": int(features.dim),
+                                 "model": f"{args.clip_model}:{args.clip_pretrained}" if args.features == "clip" else
+                                 f"pixels{PIXEL_GRID}x{PIXEL_GRID}"},
+                    "image_table": workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
+                    "status_names": REGION_STATUS, "status_counts": counts}
+        manifest = workdir.finish_stage(folder, manifest)
+        elapsed = time.time() - t0
+        ok = counts["ok"]
+        print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
+              + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+              + f"; {elapsed:.1f} s, {len(table) / max(elapsed, 1e-9):.1f} images/s", flush=True)
+    workdir.barrier()
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
