@@ -1,0 +1,334 @@
+"""Generate the kit's offline demo world: small RGB images of coloured, textured shapes and printed words.
+
+    python 00_make_demo_data.py --out runs/demo/data
+    python 00_make_demo_data.py --out /tmp/tiny --num-images 24 --size 160 --seed 1
+
+Each image has a background (flat colour, gradient or low-frequency noise) and either 2-5 objects (60%),
+1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room). An object class is
+shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named e.g. "red_star_stripes".
+Colours are saturated and backgrounds muted (half grey), so the three factors stay visually separable.
+Objects are 40-120 px at --size 224 (scaled with --size), drawn without anti-aliasing so the instance mask is
+exactly the painted pixels; a later object may hide at most 15% of an earlier one. Words come from a built-in
+vocabulary of 200 common English words (lower, Title or UPPER case), in DejaVu Sans (regular or bold),
+18-40 px at 224, dark on a light patch or light on a dark one; patches never touch objects.
+
+Outputs under --out:
+    images/00000.png ...   the RGB images (COCO image id = the number in the name)
+    masks/00000.png ...    uint8 instance ids: 0 background, k = k-th annotation of the image in coco.json;
+                           a text annotation's mask is its filled box
+    coco.json              COCO detection: 108 object categories (with shape/colour/texture) + "text";
+                           text annotations also carry "text", the word as printed
+    ground_truth.json      for evaluation only: classes, vocabulary and per image objects and words
+    manifest.json          stage "demo_data", config, counts; written last (the world is complete from then on)
+
+Every image is drawn from its own generator seeded with seed * 1_000_003 + index, so a rerun, a resumed run
+(images already on disk are kept) and a run of a different length agree image by image; the same seed gives
+byte-identical files (for the same Pillow and FreeType).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import multiprocessing
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from workdir import read_manifest, write_json
+
+NUM_IMAGES, SIZE, SEED, OUT = 2000, 224, 0, "runs/demo/data"
+WORKERS = min(4, os.cpu_count() or 1)                       # drawing processes; output does not depend on it
+MIX = {"objects": 0.6, "text": 0.2, "both": 0.2}          # image kinds and their probabilities
+VERSION = 1                                                  # bump when the drawing changes
+
+SHAPES = ["circle", "square", "triangle", "star", "ring", "cross"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
+           "yellow": (245, 215, 20), "magenta": (215, 40, 215), "cyan": (20, 210, 225)}
+TEXTURES = ["solid", "stripes", "dots"]
+CLASSES = [(s, c, t) for s in SHAPES for c in COLOURS for t in TEXTURES]     # category id = index + 1
+TEXT_CATEGORY = len(CLASSES) + 1
+
+OBJ_SIZE = (40, 120)          # object box side in px at SIZE 224
+FONT_SIZE = (18, 40)          # font size in px at SIZE 224
+MAX_HIDDEN = 0.15             # most of an object's area a later object may cover
+FONTS = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+         "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"]
+
+VOCAB = """about after again air animal apple area baby back ball basket beach bear beautiful bed before begin bell
+best bird black blue boat body book bottle box boy bread bridge bright brother brown build busy cake call
+camera candle car card care carry castle cat chair change cheese child city class clean clock close cloud
+coffee cold color corner country cover cow cup dance dark day deep desk dinner doctor dog door dream dress
+drink early earth east egg end evening face family farm fast father field fire fish flower fly food forest
+friend fruit game garden gate girl glass gold good grass green ground group happy hand hat head heart heavy
+help hill home horse hot house ice island key king kitchen lake lamp large leaf letter light lion little
+long machine market milk money moon morning mother mountain music name night north number ocean office open
+orange paper party pencil people picture plant play quiet rain river road rock room round school sea seed
+ship shoe silver simple sister sky sleep small snow song south spring square star station stone story street
+strong summer sun table teacher tiger time today train tree water window winter world yellow young""".split()
+assert len(VOCAB) == len(set(VOCAB)) == 200 and all(w.isalpha() and 3 <= len(w) <= 10 for w in VOCAB)
+
+
+def check_fonts() -> None:
+    missing = [p for p in FONTS if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"error: font {missing[0]} is missing; install DejaVu (apt-get install fonts-dejavu-core)")
+
+
+@functools.lru_cache(maxsize=None)
+def font(path: str, px: int):
+    return ImageFont.truetype(path, px)
+
+
+def muted(rng) -> np.ndarray:
+    """A random colour mixed half with grey: backgrounds never look like a saturated object colour."""
+    return 0.5 * rng.uniform(0, 255, 3) + 0.5 * rng.uniform(60, 200)
+
+
+def background(rng, size: int) -> np.ndarray:
+    kind = rng.integers(3)
+    if kind == 0:                                    # flat
+        return np.broadcast_to(muted(rng), (size, size, 3)).astype(np.float32)
+    if kind == 1:                                    # linear gradient in a random direction
+        a, b, t = muted(rng), muted(rng), rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+        w = (np.cos(t) * xx + np.sin(t) * yy)
+        w = (w - w.min()) / (w.max() - w.min())
+        return (a + (b - a) * w[..., None]).astype(np.float32)
+    # low-frequency colour noise (a small grid upsampled) plus fine grain
+    g = int(rng.integers(3, 8))
+    grid = np.stack([muted(rng) for _ in range(g * g)]).reshape(g, g, 3).astype(np.uint8)
+    low = np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR), np.float32)
+    return low + rng.integers(-10, 11, (size, size, 3), dtype=np.int8)
+
+
+def shape_mask(shape: str, s: int, rot: float) -> np.ndarray:
+    """(s, s) bool. Polygons are inscribed in the circle of radius s/2, so any rotation stays in the box."""
+    im = Image.new("1", (s, s), 0)
+    d = ImageDraw.Draw(im)
+    R, c = (s - 1) / 2, (s - 1) / 2
+    if shape in ("circle", "ring"):
+        d.ellipse([0, 0, s - 1, s - 1], fill=1)
+        if shape == "ring":
+            h = round(0.28 * s)                      # band width: the hole stays clearly open
+            d.ellipse([h, h, s - 1 - h, s - 1 - h], fill=0)
+    else:
+        if shape == "square":
+            ang = np.pi / 4 + np.arange(4) * np.pi / 2
+            pts = np.stack([np.cos(ang), np.sin(ang)], 1)
+        elif shape == "triangle":
+            ang = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+            pts = np.stack([np.cos(ang), np.sin(ang)], 1)
+        elif shape == "star":                        # fat five-point star: inner radius 0.45 stays readable
+            ang = -np.pi / 2 + np.arange(10) * np.pi / 5
+            r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+            pts = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+        else:                                        # cross: arms of half-width w, corners on the circle
+            w = 0.3
+            L = np.sqrt(1 - w * w)
+            pts = np.array([(w, L), (w, w), (L, w), (L, -w), (w, -w), (w, -L),
+                            (-w, -L), (-w, -w), (-L, -w), (-L, w), (-w, w), (-w, L)])
+        rm = np.array([[np.cos(rot), -np.sin(rot)], [np.sin(rot), np.cos(rot)]])
+        pts = c + R * pts @ rm.T
+        d.polygon([tuple(p) for p in pts], fill=1)
+    return np.asarray(im, dtype=bool)
+
+
+def texture(rng, colour: str, tex: str, s: int) -> np.ndarray:
+    """(s, s, 3) fill: the colour (slightly jittered), with dark stripes or dots of the same hue."""
+    base = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, 3), 0, 255).astype(np.float32)
+    fill = np.broadcast_to(base, (s, s, 3)).copy()
+    if tex == "solid":
+        return fill
+    yy, xx = np.mgrid[0:s, 0:s]
+    if tex == "stripes":                             # about five periods per object, any of 4 orientations
+        period = max(6, round(s / 5))
+        v = [xx, yy, xx + yy, xx - yy + s][rng.integers(4)] + rng.integers(period)
+        on = (v % period) < period // 2
+    else:
+        step = max(7, round(s / 5))
+        dy, dx = (yy + rng.integers(step)) % step - step / 2, (xx + rng.integers(step)) % step - step / 2
+        on = dx * dx + dy * dy <= (0.3 * step) ** 2
+    fill[on] = base * 0.35
+    return fill
+
+
+def plan_word(rng, size: int, reserved: np.ndarray):
+    """Choose a word, font and patch; None when no free place was found."""
+    word = VOCAB[rng.integers(len(VOCAB))]
+    text = [word, word.title(), word.upper()][rng.choice(3, p=[0.4, 0.3, 0.3])]
+    path = FONTS[rng.integers(len(FONTS))]
+    px = max(14, round(rng.uniform(*FONT_SIZE) * size / 224))
+    while True:                                      # shrink until the patch fits the image
+        l, t, r, b = font(path, px).getbbox(text)
+        pad, margin = 2, max(3, round(0.3 * px))
+        pw, ph = r - l + 2 * (pad + margin), b - t + 2 * (pad + margin)
+        if pw <= size - 2 or px <= 10:
+            break
+        px = int(px * 0.9)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, size - pw + 1)), int(rng.integers(0, size - ph + 1))
+        if not reserved[y0: y0 + ph, x0: x0 + pw].any():
+            # reserve a 3 px border too: objects and other patches keep a visible gap
+            reserved[max(0, y0 - 3): y0 + ph + 3, max(0, x0 - 3): x0 + pw + 3] = True
+            return dict(text=text, word=word, font=font(path, px), offset=(l, t), patch=(x0, y0, pw, ph),
+                        box=(x0 + margin, y0 + margin, r - l + 2 * pad, b - t + 2 * pad), pad=pad)
+    return None
+
+
+def draw_word(rng, img: np.ndarray, w: dict) -> None:
+    x0, y0, pw, ph = w["patch"]
+    light = rng.random() < 0.6                       # dark text on a light patch, or light on dark
+    patch = rng.uniform(200, 250, 3) if light else rng.uniform(10, 60, 3)
+    ink = rng.uniform(0, 60, 3) if light else rng.uniform(215, 255, 3)
+    region = np.broadcast_to(patch, (ph, pw, 3)).astype(np.float32)
+    if rng.random() < 0.5:                           # lightly textured patch: faint grain
+        region = region + rng.normal(0, 5, (ph, pw, 3))
+    bx, by, bw, bh = w["box"]
+    tile = Image.new("L", (bw, bh), 0)
+    ImageDraw.Draw(tile).text((w["pad"] - w["offset"][0], w["pad"] - w["offset"][1]), w["text"],
+                              font=w["font"], fill=255)
+    alpha = np.asarray(tile, np.float32)[..., None] / 255
+    sub = region[by - y0: by - y0 + bh, bx - x0: bx - x0 + bw]
+    region[by - y0: by - y0 + bh, bx - x0: bx - x0 + bw] = sub * (1 - alpha) + ink * alpha
+    img[y0: y0 + ph, x0: x0 + pw] = region
+
+
+def make_image(index: int, seed: int, size: int):
+    """-> (RGB uint8 (size, size, 3), instance ids uint8 (size, size), annotations in mask-id order)."""
+    rng = np.random.default_rng(seed * 1_000_003 + index)
+    kind = list(MIX)[rng.choice(len(MIX), p=list(MIX.values()))]
+    img = background(rng, size)
+    inst = np.zeros((size, size), np.uint8)
+    reserved = np.zeros((size, size), bool)
+    # words are placed first so they always find room; objects then keep out of their patches
+    words = []
+    if kind != "objects":
+        words = [w for w in (plan_word(rng, size, reserved) for _ in range(rng.integers(1, 4))) if w]
+    n_obj = 0 if kind == "text" else int(rng.integers(2, 6) if kind == "objects" else rng.integers(1, 4))
+    objects, areas = [], []
+    for _ in range(n_obj):
+        for _ in range(30):
+            cls = int(rng.integers(len(CLASSES)))
+            s = max(8, round(rng.uniform(*OBJ_SIZE) * size / 224))
+            m = shape_mask(CLASSES[cls][0], s, rng.uniform(-0.35, 0.35))
+            x0, y0 = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
+            if (reserved[y0: y0 + s, x0: x0 + s] & m).any():
+                continue
+            under = np.bincount(inst[y0: y0 + s, x0: x0 + s][m], minlength=len(objects) + 1)[1:]
+            if any(u > MAX_HIDDEN * a for u, a in zip(under, areas)) or under.sum() > MAX_HIDDEN * m.sum():
+                continue
+            fill = texture(rng, CLASSES[cls][1], CLASSES[cls][2], s)
+            img[y0: y0 + s, x0: x0 + s][m] = fill[m]
+            inst[y0: y0 + s, x0: x0 + s][m] = len(objects) + 1
+            objects.append(cls)
+            areas.append(int(m.sum()))
+            break
+    anns = []
+    for k, cls in enumerate(objects, 1):             # boxes of what is visible after occlusion
+        ys, xs = np.nonzero(inst == k)
+        anns.append(dict(category_id=cls + 1, bbox=[int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                                    int(ys.max() - ys.min() + 1)], area=int(len(xs))))
+    for w in words:
+        draw_word(rng, img, w)
+        bx, by, bw, bh = w["box"]
+        inst[by: by + bh, bx: bx + bw] = len(anns) + 1
+        anns.append(dict(category_id=TEXT_CATEGORY, bbox=[bx, by, bw, bh], area=bw * bh, text=w["text"],
+                         word=w["word"]))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), inst, anns
+
+
+def save_png(path: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)    # fast; the world is regenerable
+    # a hidden tmp name: a kill mid-write leaves nothing that a later stage would list as an image
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def render(index: int, out: str, seed: int, size: int) -> list[dict]:
+    """Draw image `index`, write its PNGs unless already there, return its annotations."""
+    name = f"{index:05d}.png"
+    img, inst, anns = make_image(index, seed, size)      # redrawn even when kept: it gives the boxes
+    for sub, array in (("images", img), ("masks", inst)):
+        path = os.path.join(out, sub, name)
+        if not os.path.exists(path):
+            save_png(path, array)
+    return anns
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--num-images", type=int, default=NUM_IMAGES)
+    ap.add_argument("--size", type=int, default=SIZE, help="image side in px (at least 128)")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--workers", type=int, default=WORKERS, help="processes (the output does not depend on it)")
+    args = ap.parse_args(argv)
+    if args.size < 128:
+        raise SystemExit("error: --size must be at least 128 (the largest words need the width)")
+    from tqdm import tqdm
+    check_fonts()
+    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=MIX, version=VERSION)
+    m = read_manifest(args.out)
+    if m and m.get("config") != config:
+        raise SystemExit(f"error: {args.out} holds a demo world with another config ({m.get('config')}); "
+                         "use another --out or delete it")
+    if m and m.get("complete"):
+        print(f"{args.out}: demo world already complete ({m['counts']['images']} images), nothing to do")
+        return
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    # an incomplete manifest first: a later run with another config cannot mix its images with these
+    write_json(os.path.join(args.out, "manifest.json"), dict(stage="demo_data", config=config, complete=False))
+
+    categories = [dict(id=i + 1, name=f"{c}_{s}_{t}", supercategory="object", shape=s, colour=c, texture=t)
+                  for i, (s, c, t) in enumerate(CLASSES)]
+    categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
+    images, annotations, gt_images, kinds = [], [], [], Counter()
+    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size)
+    # each image has its own seed, so workers change nothing but the speed; imap keeps the order
+    with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))
+        annotated = list(tqdm(results, total=args.num_images, desc="demo world", unit="img"))
+    for i, anns in enumerate(annotated):
+        name = f"{i:05d}.png"
+        images.append(dict(id=i, file_name=name, width=args.size, height=args.size))
+        gt = dict(id=i, file_name=name, objects=[], texts=[])
+        for a in anns:
+            ann = dict(id=len(annotations) + 1, image_id=i, category_id=a["category_id"], bbox=a["bbox"],
+                       area=a["area"], iscrowd=0)
+            annotations.append(ann if "text" not in a else {**ann, "text": a["text"]})
+            if a["category_id"] == TEXT_CATEGORY:
+                gt["texts"].append(dict(bbox=a["bbox"], text=a["text"], word=a["word"]))
+            else:
+                c = categories[a["category_id"] - 1]
+                gt["objects"].append(dict(bbox=a["bbox"], category_id=c["id"], name=c["name"], shape=c["shape"],
+                                          colour=c["colour"], texture=c["texture"]))
+        gt_images.append(gt)
+        kinds["both" if gt["objects"] and gt["texts"] else "objects" if gt["objects"] else "text"] += 1
+
+    write_json(os.path.join(args.out, "coco.json"),
+               dict(images=images, annotations=annotations, categories=categories))
+    classes = [{k: c[k] for k in ("id", "name", "shape", "colour", "texture")} for c in categories[:-1]]
+    write_json(os.path.join(args.out, "ground_truth.json"),
+               dict(classes=classes, vocabulary=VOCAB, images=gt_images))
+    per_class = Counter(a["category_id"] for a in annotations)
+    counts = dict(images=len(images), objects=sum(len(g["objects"]) for g in gt_images),
+                  text_boxes=sum(len(g["texts"]) for g in gt_images), image_kinds=dict(sorted(kinds.items())),
+                  classes=len(CLASSES), per_class={c["name"]: per_class[c["id"]] for c in categories[:-1]})
+    # written last and without a timestamp: its presence marks the world complete, and reruns stay identical
+    write_json(os.path.join(args.out, "manifest.json"), dict(stage="demo_data", config=config, complete=True,
+                                                             counts=counts))
+    print(f"{args.out}: {counts['images']} images, {counts['objects']} objects in {len(CLASSES)} classes, "
+          f"{counts['text_boxes']} words; kinds {counts['image_kinds']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

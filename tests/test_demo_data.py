@@ -1,0 +1,152 @@
+"""00_make_demo_data.py on a small world: files, boxes against masks, classes, words, determinism, resume."""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+spec = importlib.util.spec_from_file_location("make_demo_data", os.path.join(ROOT, "00_make_demo_data.py"))
+demo = importlib.util.module_from_spec(spec)
+sys.modules["make_demo_data"] = demo               # so worker processes can find its functions by name
+spec.loader.exec_module(demo)
+
+N, SIZE = 24, 160
+
+
+def make(out, seed=0, workers=1, n=N):
+    demo.main(["--out", str(out), "--num-images", str(n), "--size", str(SIZE), "--seed", str(seed),
+               "--workers", str(workers)])
+
+
+def files(folder):
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(d, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def mtimes(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "data"
+    make(out)
+    return out
+
+
+def load(world, name):
+    with open(world / name) as f:
+        return json.load(f)
+
+
+def test_files(world):
+    names = [f"{i:05d}.png" for i in range(N)]
+    assert sorted(os.listdir(world / "images")) == names
+    assert sorted(os.listdir(world / "masks")) == names
+    assert sorted(p for p in os.listdir(world) if p.endswith(".json")) == ["coco.json", "ground_truth.json",
+                                                                           "manifest.json"]
+    m = load(world, "manifest.json")
+    assert m["stage"] == "demo_data" and m["complete"] and m["config"]["num_images"] == N
+    coco = load(world, "coco.json")
+    assert m["counts"]["images"] == len(coco["images"]) == N
+    n_text = sum(a["category_id"] == demo.TEXT_CATEGORY for a in coco["annotations"])
+    assert m["counts"]["text_boxes"] == n_text > 0
+    assert m["counts"]["objects"] == len(coco["annotations"]) - n_text > 0
+    assert sum(m["counts"]["per_class"].values()) == m["counts"]["objects"]
+    with Image.open(world / "images" / names[0]) as im:
+        assert im.mode == "RGB" and im.size == (SIZE, SIZE)
+
+
+def test_boxes_match_masks(world):
+    coco = load(world, "coco.json")
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for im in coco["images"]:
+        assert (im["width"], im["height"]) == (SIZE, SIZE)
+        mask = np.asarray(Image.open(world / "masks" / im["file_name"]))
+        anns = by_image.get(im["id"], [])
+        assert anns and mask.shape == (SIZE, SIZE) and int(mask.max()) == len(anns)
+        for k, a in enumerate(anns, 1):
+            x, y, w, h = a["bbox"]
+            assert a["iscrowd"] == 0 and w > 0 and h > 0
+            assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE
+            ys, xs = np.nonzero(mask == k)
+            assert a["area"] == len(xs)
+            mx, my = xs.min(), ys.min()
+            assert np.allclose([mx, my, xs.max() - mx + 1, ys.max() - my + 1], a["bbox"], atol=1)
+
+
+def test_classes(world):
+    coco, gt = load(world, "coco.json"), load(world, "ground_truth.json")
+    objects = [c for c in coco["categories"] if c["name"] != "text"]
+    assert len(objects) == len(demo.SHAPES) * len(demo.COLOURS) * len(demo.TEXTURES) == 108
+    assert len({c["name"] for c in objects}) == 108
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 110))
+    assert [c for c in coco["categories"] if c["name"] == "text"][0]["id"] == demo.TEXT_CATEGORY
+    for c in objects:
+        assert c["shape"] in demo.SHAPES and c["colour"] in demo.COLOURS and c["texture"] in demo.TEXTURES
+        assert c["name"] == f"{c['colour']}_{c['shape']}_{c['texture']}"
+    assert [{k: c[k] for k in ("id", "name", "shape", "colour", "texture")} for c in objects] == gt["classes"]
+    cats = {c["id"]: c for c in objects}
+    gt_objects = [o for g in gt["images"] for o in g["objects"]]
+    coco_objects = [a for a in coco["annotations"] if a["category_id"] != demo.TEXT_CATEGORY]
+    assert len(gt_objects) == len(coco_objects)
+    for o, a in zip(gt_objects, coco_objects):
+        c = cats[a["category_id"]]
+        assert o["bbox"] == a["bbox"] and (o["name"], o["shape"], o["colour"], o["texture"]) == (
+            c["name"], c["shape"], c["colour"], c["texture"])
+
+
+def test_words(world):
+    coco, gt = load(world, "coco.json"), load(world, "ground_truth.json")
+    assert gt["vocabulary"] == demo.VOCAB and len(set(demo.VOCAB)) == 200
+    texts = [a for a in coco["annotations"] if a["category_id"] == demo.TEXT_CATEGORY]
+    assert texts and all(a["text"].lower() in demo.VOCAB for a in texts)
+    assert all("text" not in a for a in coco["annotations"] if a["category_id"] != demo.TEXT_CATEGORY)
+    gt_texts = [t for g in gt["images"] for t in g["texts"]]
+    assert [(t["text"], t["bbox"]) for t in gt_texts] == [(a["text"], a["bbox"]) for a in texts]
+    assert all(t["word"] == t["text"].lower() for t in gt_texts)
+
+
+def test_deterministic(world, tmp_path):
+    reference = files(world)
+    make(tmp_path / "same", workers=2)             # the worker count must not change a byte
+    assert files(tmp_path / "same") == reference
+    make(tmp_path / "other", seed=1)
+    other = files(tmp_path / "other")
+    assert other["coco.json"] != reference["coco.json"]
+    assert sum(other[p] != reference[p] for p in reference if p.startswith("images")) >= N - 1
+
+
+def test_rerun_and_resume(world, tmp_path, capsys):
+    out = tmp_path / "data"
+    shutil.copytree(world, out)
+    before = mtimes(out)
+    make(out)                                       # complete: nothing is rewritten
+    assert mtimes(out) == before
+    assert "nothing to do" in capsys.readouterr().out
+    # an interrupted run: no final manifest, two images missing; the rerun fills them in, keeps the others
+    for p in ("manifest.json", "coco.json", "images/00003.png", "masks/00003.png", "images/00017.png"):
+        os.remove(out / p)
+    make(out)
+    assert files(out) == files(world)
+    after = mtimes(out)
+    assert all(after[p] == before[p] for p in before if p.endswith(".png") and "00003" not in p
+               and p != "images/00017.png")
+    with pytest.raises(SystemExit):                 # another config never mixes into this folder
+        make(out, seed=5)
