@@ -276,9 +276,9 @@ def main(argv=None):
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
     table = workdir.ensure_image_table(args.work, args.images)
+    workdir.barrier()                  # every rank has read the old manifest before rank 0 removes it
     if rank == 0 and args.force and done:
         os.remove(os.path.join(folder, "manifest.json"))
-    workdir.barrier()
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
 
@@ -333,7 +333,9 @@ def main(argv=None):
                 "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
                 "areas": cat(areas, (0,), np.float32), "region_features": cat(region_feat, (0, features.dim), np.float16)}
 
-    num_chunks = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions")
+    key = {k: v for k, v in vars(args).items() if k not in ("force", "images", "work", "device", "feature_batch")}
+    key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
+    num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
     workdir.barrier()
     manifest = None
     if rank == 0:

@@ -36,7 +36,6 @@ checkpoint (.pt with `encoder` and `encoder_config`); `save_hf(encoder, dir)` wr
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple

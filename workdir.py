@@ -127,19 +127,24 @@ def unpack_string(offsets: np.ndarray, flat: np.ndarray, i: int) -> str:
 # sharded, resumable chunks
 
 
-def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str) -> int:
+def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str, key: dict) -> tuple[int, set]:
     """Run `process(start, end) -> dict[name, array]` over fixed chunks of [0, num_items), this rank's share,
-    skipping chunks already on disk. Returns the number of chunks. Call `merge_chunks` after a barrier."""
+    skipping chunks already on disk. `key` holds every setting that changes a chunk's content (chunk size,
+    model, thresholds, inputs): chunk files left by a run with another key are discarded, never mixed in.
+    Returns (number of chunks, set of chunks already done before this run); then call `barrier()` and
+    `merge_chunks` on rank 0."""
+    if dist_info()[0] == 0:
+        prepare_chunks(folder, {"chunk_size": chunk_size, "num_items": num_items, **key})
+    barrier()
     from tqdm import tqdm
     rank, world = dist_info()
     chunk_dir = os.path.join(folder, "chunks")
-    os.makedirs(chunk_dir, exist_ok=True)
+    done_before = {int(f[:7]) for f in os.listdir(chunk_dir) if f.endswith(".npz") and ".tmp" not in f}
     num_chunks = (num_items + chunk_size - 1) // chunk_size
-    mine = [c for c in range(rank, num_chunks, world)
-            if not os.path.exists(os.path.join(chunk_dir, f"{c:07d}.npz"))]
-    done_before = len(range(rank, num_chunks, world)) - len(mine)
-    if done_before:
-        print(f"[rank {rank}] {desc}: {done_before} chunks already done, {len(mine)} to go", flush=True)
+    mine = [c for c in range(rank, num_chunks, world) if c not in done_before]
+    if len(mine) < len(range(rank, num_chunks, world)):
+        print(f"[rank {rank}] {desc}: {len(range(rank, num_chunks, world)) - len(mine)} chunks already done, "
+              f"{len(mine)} to go", flush=True)
     items = sum(min(chunk_size, num_items - c * chunk_size) for c in mine)
     with tqdm(total=items, desc=f"{desc} [rank {rank}/{world}]", unit="img", disable=not items,
               position=rank if world > 1 else None, dynamic_ncols=True) as bar:
@@ -150,15 +155,35 @@ def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str)
             np.savez(tmp, **arrays)
             os.replace(tmp, os.path.join(chunk_dir, f"{c:07d}.npz"))
             bar.update(end - start)
-    return num_chunks
+    return num_chunks, done_before
+
+
+def prepare_chunks(folder: str, key: dict) -> None:
+    """(rank 0) Keep the chunk files of an interrupted run only if they were written under the same key."""
+    chunk_dir = os.path.join(folder, "chunks")
+    key_path = os.path.join(chunk_dir, "key.json")
+    key = json.loads(json.dumps(key))          # the form it has once read back from disk
+    old = None
+    if os.path.exists(key_path):
+        with open(key_path) as f:
+            old = json.load(f)
+    if os.path.isdir(chunk_dir) and old != key:
+        stale = [f for f in os.listdir(chunk_dir) if f.endswith(".npz")]
+        if stale:
+            print(f"{os.path.basename(folder)}: discarding {len(stale)} chunk files of an interrupted run with "
+                  "other settings", flush=True)
+        shutil.rmtree(chunk_dir)
+    os.makedirs(chunk_dir, exist_ok=True)
+    write_json(key_path, key)
 
 
 def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: dict[str, str]) -> dict:
     """Concatenate chunk files in order into folder/<name>.npy (rank 0).
 
     per_image: arrays with one row per item. per_row: {name: counts_name}: flat arrays whose rows belong to the
-    items; counts_name (an int per item, in per_image) becomes a global CSR `<counts_name>_offsets.npy`
-    ("counts" -> "offsets"). Returns {name: number of rows}."""
+    rows of another array (items, or another per_row array's rows); counts_name, stored in the chunk files
+    with one int per owning row, becomes a global CSR `<...>offsets.npy` ("counts" -> "offsets").
+    Returns {name: number of rows}."""
     chunk_dir = os.path.join(folder, "chunks")
     files = [os.path.join(chunk_dir, f"{c:07d}.npz") for c in range(num_chunks)]
     rows = {}
@@ -306,6 +331,7 @@ def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
                        max_pixels: int = MAX_PIXELS) -> ImageTable:
     """Build (sharded, resumable) or reuse the image table of `work`. Every input file gets a row and a status;
     the order is fixed here, once, for every later stage."""
+    rank, world = init_dist()
     folder = os.path.join(work, "images")
     m = read_manifest(folder)
     if m and m.get("complete"):
@@ -317,7 +343,6 @@ def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
         return read_image_table(work)
     if source is None:
         raise SystemExit(f"error: {work} has no image table yet: pass --images")
-    rank, world = init_dist()
     root, paths = list_inputs(source)
     os.makedirs(folder, exist_ok=True)
     seen, dup = set(), np.zeros(len(paths), bool)
@@ -343,7 +368,8 @@ def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
                 size[j] = im.size
         return {"status": status, "size": size}
 
-    n_chunks = run_chunks(folder, len(paths), chunk_size, probe, "image table")
+    n_chunks, _ = run_chunks(folder, len(paths), chunk_size, probe, "image table",
+                          {"fingerprint": fingerprint(root, paths), "max_pixels": max_pixels})
     barrier()
     if rank == 0:
         offsets, flat = pack_strings(paths)

@@ -1,0 +1,368 @@
+r"""Stage 02: OCR text lines and their token labels, the targets of RICE's OCR-region loss.
+
+RICE Sec. 3.1: PaddleOCR runs on the web images; text lines recognised with confidence > 0.7 are kept, and each
+line's label is its tokenised text, labels = tokenizer(text), a set of token ids that the OCR loss (RICE Eq. 4;
+losses.CentreBank with K = the tokenizer's vocabulary) treats as multiple positives of the line's region.
+
+One process (CPU; RapidOCR unless paddleocr is installed):
+    python 02_extract_ocr.py --images DIR --work runs/demo
+    python 02_extract_ocr.py --work runs/demo                    # reuse the image table 01 already built
+torchrun, one node of 8 processes, then several nodes (each rank takes a share of the image chunks; the work
+directory must be on a filesystem every node sees, rank 0 merges):
+    torchrun --nproc_per_node=8 02_extract_ocr.py --images DIR --work runs/big
+    torchrun --nnodes 4 --node_rank $R --nproc_per_node=8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        02_extract_ocr.py --images DIR --work runs/big
+
+Engines (`--engine`): `rapidocr` runs the PP-OCR detection and recognition models that ship in RapidOCR's wheel
+(PP-OCRv6 small, multilingual) through onnxruntime on CPU, offline; `--det-model`/`--rec-model` swap in other
+ONNX files. `paddle` is PaddleOCR 3.x itself (the paper's tool; `pip install -r requirements-paddle.txt`), with
+`--lang`, `--det-model-dir`, `--rec-model-dir`; it downloads its models on first use unless the two model folders
+are given. `auto` (default) takes paddle when `paddleocr` is importable, else rapidocr. Both run detection +
+recognition only (no text-line or page orientation models) and map to the same lines: (quad, text, score).
+RapidOCR's detector upscales every image whose short side is under 736 px (its default), which is most of the
+cost on 224-640 px web images: `--det-limit-side 64` about turns that off. On 20 synthetic 224-640 px images with
+16-40 px words, on a 2-core CPU: 2.8 images/s by default, 7.5 with 64, reading 34 and 33 of the 35 lines exactly
+(check on your own images before trading accuracy for speed).
+
+Images: the image table in <work>/images/ (workdir.ensure_image_table) fixes the order; only rows with status ok
+are read (workdir.open_image: EXIF-rotated RGB), the others get OCR status "skipped". Images whose long side is
+above --max-side are downscaled (bicubic) for the engine and the boxes scaled back, so every box is in pixels
+of the upright original image. An exception inside the engine is recorded as "engine_error" for that image.
+
+Writes <work>/ocr/ (L = kept lines over all images):
+    line_offsets.npy    int64 (n_images+1)  CSR: lines of image i are rows line_offsets[i]:line_offsets[i+1]
+    boxes.npy           float32 (L, 4)      x0 y0 x1 y1, axis-aligned box of the line's quadrilateral
+    scores.npy          float32 (L,)        recognition confidence, all > --min-score
+    text_offsets.npy    int64 (L+1)         CSR over text_bytes: line k's UTF-8 text (stripped)
+    text_bytes.npy      uint8
+    token_offsets.npy   int64 (L+1)         CSR over tokens: line k's label ids
+    tokens.npy          int32               unique token ids of the line, first-appearance order, at most M
+    lines_found.npy     int32 (n_images)    lines the engine returned with non-empty text, before --min-score
+    status.npy          uint8 (n_images)    OCR_STATUS below
+    manifest.json       stage "ocr": config, engine, tokenizer, row and status counts (written last)
+Labels: the CLIP BPE tokenizer that ships in open_clip (49,408 ids, offline), the line lower-cased and
+cleaned as CLIP does, no start/end tokens; repeated ids count once (so do the losses); at most --max-tokens
+(M = 10, RICE Tab. 5d) per line. A line whose text yields no token keeps its box with an empty label.
+Every stage of the kit is resumable: rerun the same command after any interruption. The merged arrays are
+byte-identical whatever the number of processes and interruptions (workdir.run_chunks); chunk files left by a
+run with another configuration are discarded, not mixed in.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workdir  # noqa: E402
+
+# defaults -------------------------------------------------------------------------------------------------
+WORK = "runs/demo"
+ENGINE = "auto"             # auto | rapidocr | paddle
+MIN_SCORE = 0.7             # RICE Sec. 3.1: keep lines with confidence > 0.7 (strictly greater)
+MAX_SIDE = 1280             # longer image sides are downscaled to this for the engine (0: never)
+MAX_TOKENS = 10             # M, token labels per line; RICE Tab. 5d: 10 is best
+LANG = "en"                 # PaddleOCR recognition language (paddle engine only)
+CHUNK_SIZE = 256            # images per resumable chunk
+MAX_ERRORS_SHOWN = 20       # per rank; the rest are only counted
+
+OCR_STATUS = ["ok", "no_text", "skipped", "engine_error", "read_error"]
+# ok: >= 1 line kept; no_text: read and OCR'd, no line kept; skipped: not ok in the image table (never read);
+# engine_error: the engine raised on this image; read_error: ok in the table but unreadable now
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", help="folder of images (recursive) or a text file of paths; optional once "
+                                    "<work>/images exists")
+    p.add_argument("--work", default=WORK)
+    p.add_argument("--engine", default=ENGINE, choices=["auto", "rapidocr", "paddle"])
+    p.add_argument("--det-model", help="rapidocr: detection ONNX file (default: the wheel's PP-OCR det model)")
+    p.add_argument("--rec-model", help="rapidocr: recognition ONNX file (default: the wheel's PP-OCR rec model)")
+    p.add_argument("--det-limit-side", type=int, help="rapidocr: the detector upscales images whose short side is "
+                   "below this (its default: 736); 64 about turns that off: ~2.7x faster on 224-640 px images")
+    p.add_argument("--lang", default=LANG, help="paddle: PaddleOCR language")
+    p.add_argument("--det-model-dir", help="paddle: text detection model folder (default: PaddleOCR downloads)")
+    p.add_argument("--rec-model-dir", help="paddle: text recognition model folder (default: PaddleOCR downloads)")
+    p.add_argument("--device", default="auto", help="paddle: cpu, gpu:N, or auto (gpu:LOCAL_RANK when Paddle "
+                                                    "has CUDA); rapidocr always runs on CPU")
+    p.add_argument("--threads", type=int, default=0, help="rapidocr: onnxruntime threads per process (0: all "
+                                                          "cores, divided by the processes per node under torchrun)")
+    p.add_argument("--min-score", type=float, default=MIN_SCORE, help="keep lines with score > this")
+    p.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images for the engine (0: off)")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="M, token ids kept per line")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    args = p.parse_args(argv)
+    if args.chunk_size < 1 or args.max_tokens < 1 or args.max_side < 0 or args.threads < 0:
+        p.error("--chunk-size and --max-tokens must be >= 1, --max-side and --threads >= 0")
+    if args.det_limit_side is not None and args.det_limit_side < 1:
+        p.error("--det-limit-side must be >= 1")
+    for flag in ("det_model", "rec_model", "det_model_dir", "rec_model_dir"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            p.error(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+    if args.engine == "auto":
+        args.engine = "paddle" if importlib.util.find_spec("paddleocr") else "rapidocr"
+    if args.engine == "paddle" and not importlib.util.find_spec("paddleocr"):
+        p.error("--engine paddle needs paddleocr: pip install -r requirements-paddle.txt")
+    if args.engine == "rapidocr" and args.device not in ("auto", "cpu"):
+        p.error("the rapidocr engine runs on CPU (onnxruntime); --device is for --engine paddle")
+    return args
+
+
+# engines: bgr uint8 (H, W, 3) -> [(quad (4, 2) or box (4,), text, score)] -----------------------------------
+
+
+def rapidocr_engine(args):
+    """RapidOCR 3.x: PP-OCR det + rec in onnxruntime; models from its wheel unless --det-model/--rec-model."""
+    from rapidocr import RapidOCR
+    rank_threads = args.threads
+    if not rank_threads and workdir.dist_info()[1] > 1:
+        # torchrun starts one process per slot: split the cores instead of each process taking all of them
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        rank_threads = max(1, len(os.sched_getaffinity(0)) // per_node)
+    params = {"Global.log_level": "error",      # its per-image "no text found" warnings would flood the log
+              "Global.text_score": 0.0,         # return every line: --min-score filters here, and is counted
+              "Global.use_cls": False}          # like the paddle engine: no text-line orientation model
+    if args.det_model:
+        params["Det.model_path"] = args.det_model
+    if args.rec_model:
+        params["Rec.model_path"] = args.rec_model
+    if args.det_limit_side:
+        params["Det.limit_side_len"] = args.det_limit_side
+    if rank_threads:
+        params["EngineConfig.onnxruntime.intra_op_num_threads"] = rank_threads
+    ocr = RapidOCR(params=params)
+    det, rec = ocr.cfg.Det, ocr.cfg.Rec
+    info = {"name": "rapidocr", "version": importlib.metadata.version("rapidocr"),
+            "onnxruntime": importlib.metadata.version("onnxruntime"),
+            "det": os.path.abspath(args.det_model) if args.det_model else
+            f"wheel default {det.ocr_version.value} det {det.model_type.value}",
+            "rec": os.path.abspath(args.rec_model) if args.rec_model else
+            f"wheel default {rec.ocr_version.value} rec {rec.model_type.value}",
+            "det_limit": f"{det.limit_type} {det.limit_side_len}", "textline_orientation": False}
+
+    def run(bgr):
+        out = ocr(bgr)                          # a 3-channel ndarray is taken as BGR, like cv2.imread's
+        txts = getattr(out, "txts", None)       # None when nothing was found (or detection only)
+        if txts is None or getattr(out, "boxes", None) is None:
+            return []
+        return list(zip(out.boxes, txts, out.scores))
+    return run, info
+
+
+def paddle_engine(args):
+    """PaddleOCR 3.x (`pip install -r requirements-paddle.txt`), the engine the paper used. Not exercised by the
+    tests: paddlepaddle is not in the kit's environment. Written against the 3.x API: PaddleOCR(...).predict()
+    yields results with rec_texts, rec_scores, rec_polys (pixels of the given array)."""
+    import paddle
+    from paddleocr import PaddleOCR
+    device = args.device
+    if device == "auto":
+        n_gpu = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
+        device = f"gpu:{int(os.environ.get('LOCAL_RANK', 0)) % n_gpu}" if n_gpu else "cpu"
+    ocr = PaddleOCR(lang=args.lang, text_detection_model_dir=args.det_model_dir,
+                    text_recognition_model_dir=args.rec_model_dir, use_doc_orientation_classify=False,
+                    use_doc_unwarping=False, use_textline_orientation=False, device=device)
+    info = {"name": "paddleocr", "version": importlib.metadata.version("paddleocr"),
+            "paddlepaddle": paddle.__version__, "lang": args.lang, "device": device,
+            "det": args.det_model_dir or "paddleocr default", "rec": args.rec_model_dir or "paddleocr default"}
+
+    def run(bgr):
+        lines = []
+        for res in ocr.predict(bgr):            # ndarray input is BGR (PaddleX reads images with cv2)
+            lines += zip(res["rec_polys"], res["rec_texts"], res["rec_scores"])
+        return lines
+    return run, info
+
+
+def to_box(points, sx, sy, width, height):
+    """Quad (4, 2) or box (4,) in engine pixels -> x0 y0 x1 y1 in original pixels, clipped to the image."""
+    q = np.asarray(points, np.float64)
+    q = q.reshape(-1, 2) if q.ndim == 2 else q.reshape(2, 2)
+    x0, y0 = q.min(0)
+    x1, y1 = q.max(0)
+    return [min(max(x0 * sx, 0.0), width), min(max(y0 * sy, 0.0), height),
+            min(max(x1 * sx, 0.0), width), min(max(y1 * sy, 0.0), height)]
+
+
+def read_lines(engine, image, max_side):
+    """Run the engine on one RGB PIL image: [(box x0y0x1y1 in original pixels, stripped text, score)] for every
+    line with non-empty text, in the engine's order."""
+    from PIL import Image
+    w, h = image.size
+    small = image
+    if max_side and max(w, h) > max_side:
+        s = max_side / max(w, h)
+        small = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+    bgr = np.ascontiguousarray(np.asarray(small)[:, :, ::-1])
+    sx, sy = w / small.width, h / small.height
+    out = []
+    for points, text, score in engine(bgr):
+        text = str(text).strip()
+        if text:
+            out.append((to_box(points, sx, sy, w, h), text, float(score)))
+    return out
+
+
+# labels ----------------------------------------------------------------------------------------------------
+
+
+class ClipTokens:
+    """RICE Sec. 3.1: labels = tokenizer(text). open_clip's CLIP BPE (its vocabulary file ships in the wheel):
+    lower-cased, whitespace-cleaned, no start/end tokens; unique ids in order of first appearance, at most M."""
+    name = "open_clip.tokenizer.SimpleTokenizer (CLIP BPE, bpe_simple_vocab_16e6)"
+
+    def __init__(self, max_tokens):
+        from open_clip.tokenizer import SimpleTokenizer
+        self.tok = SimpleTokenizer()
+        self.vocab_size = int(self.tok.vocab_size)
+        self.max_tokens = max_tokens
+        self._fresh_cache = dict(self.tok.cache)
+
+    def __call__(self, text):
+        if len(self.tok.cache) > 200_000:       # its BPE cache grows with every new word: bound it on web text
+            self.tok.cache = dict(self._fresh_cache)
+        return list(dict.fromkeys(self.tok.encode(text)))[: self.max_tokens]
+
+
+# main ------------------------------------------------------------------------------------------------------
+
+
+def chunk_key(args, engine_info, tokenizer, table_fingerprint):
+    """What the chunk files depend on: chunks left by a run with another key are discarded, not mixed in."""
+    return {"engine": engine_info, "min_score": args.min_score,
+            "max_side": args.max_side, "max_tokens": args.max_tokens, "tokenizer": tokenizer.name,
+            "image_table": table_fingerprint}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = workdir.init_dist()
+    folder = os.path.join(args.work, "ocr")
+    done = workdir.read_manifest(folder)
+    if done and done.get("complete") and not args.force:
+        workdir.say(f"{folder} is complete ({done['rows']['lines']} lines on {done['rows']['images']} images, "
+                    f"engine {done['engine']['name']}); --force redoes it")
+        return done
+    table = workdir.ensure_image_table(args.work, args.images)
+    workdir.barrier()                           # every rank has read the old manifest before rank 0 removes it
+    t_start = time.time()
+    engine, engine_info = (paddle_engine if args.engine == "paddle" else rapidocr_engine)(args)
+    tokenizer = ClipTokens(args.max_tokens)
+    fingerprint = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
+    key = chunk_key(args, engine_info, tokenizer, fingerprint)
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        if args.force:
+            if os.path.exists(os.path.join(folder, "manifest.json")):
+                os.remove(os.path.join(folder, "manifest.json"))
+            shutil.rmtree(os.path.join(folder, "chunks"), ignore_errors=True)
+    workdir.barrier()
+    t_ready = time.time()
+    errors_shown = [0]
+
+    def process(start, end):
+        n = end - start
+        status = np.zeros(n, np.uint8)
+        line_counts = np.zeros(n, np.int64)
+        found = np.zeros(n, np.int32)
+        boxes, scores, texts, tokens = [], [], [], []
+        for j, i in enumerate(range(start, end)):
+            if table.status[i] != workdir.OK:
+                status[j] = OCR_STATUS.index("skipped")
+                continue
+            image, st = workdir.open_image(table.path(i))
+            if image is None:                   # changed on disk since the image table was built
+                status[j] = OCR_STATUS.index("read_error")
+                continue
+            try:
+                lines = read_lines(engine, image, args.max_side)
+            except Exception as e:              # one bad image must not stop a long run: record it
+                status[j] = OCR_STATUS.index("engine_error")
+                errors_shown[0] += 1
+                if errors_shown[0] <= MAX_ERRORS_SHOWN:
+                    print(f"[rank {rank}] engine error on {table.path(i)}: {type(e).__name__}: {e}",
+                          file=sys.stderr, flush=True)
+                continue
+            found[j] = len(lines)
+            kept = [line for line in lines if line[2] > args.min_score]     # RICE: confidence > 0.7
+            line_counts[j] = len(kept)
+            status[j] = OCR_STATUS.index("ok" if kept else "no_text")
+            for box, text, score in kept:
+                boxes.append(box)
+                scores.append(score)
+                texts.append(text)
+                tokens.append(tokenizer(text))
+        text_offsets, text_bytes = workdir.pack_strings(texts)
+        return {"status": status, "lines_found": found, "line_counts": line_counts,
+                "boxes": np.array(boxes, np.float32).reshape(-1, 4), "scores": np.array(scores, np.float32),
+                "text_counts": np.diff(text_offsets), "text_bytes": text_bytes,
+                "token_counts": np.array([len(t) for t in tokens], np.int64),
+                "tokens": np.array([t for ts in tokens for t in ts], np.int32)}
+
+    num_chunks, done_before = workdir.run_chunks(folder, len(table), args.chunk_size, process, "ocr", key)
+    workdir.barrier()
+    manifest = None
+    if rank == 0:
+        rows = workdir.merge_chunks(folder, num_chunks, ["status", "lines_found"],
+                                    {"boxes": "line_counts", "scores": "line_counts",
+                                     "text_bytes": "text_counts", "tokens": "token_counts"})
+        status = workdir.load(folder, "status", mmap=False)
+        found = workdir.load(folder, "lines_found", mmap=False)
+        token_offsets = workdir.load(folder, "token_offsets", mmap=False)
+        counts = {name: int((status == k).sum()) for k, name in enumerate(OCR_STATUS)}
+        lines, lines_found = rows["boxes"], int(found.sum())
+        config = {k: v for k, v in vars(args).items() if k != "force"}
+        manifest = {"stage": "ocr", "config": config, "engine": engine_info,
+                    "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                                  "max_tokens": args.max_tokens, "start_end_tokens": False, "unique": True},
+                    "min_score": args.min_score,
+                    "rows": {"images": len(table), "lines": lines, "text_bytes": rows["text_bytes"],
+                             "tokens": rows["tokens"]},
+                    "lines_found": lines_found, "lines_dropped_score": lines_found - lines,
+                    "lines_without_tokens": int((np.diff(token_offsets) == 0).sum()),
+                    "image_table": fingerprint, "status_names": OCR_STATUS, "status_counts": counts}
+        manifest = workdir.finish_stage(folder, manifest)     # as written: with "complete" and "finished"
+        summarize(manifest, status, found, workdir.load(folder, "line_offsets", mmap=False), table,
+                  num_chunks, done_before, args.chunk_size, t_ready - t_start, time.time() - t_ready)
+    workdir.barrier()
+    return manifest
+
+
+def summarize(m, status, found, line_offsets, table, num_chunks, done_before, chunk_size, setup_s, elapsed):
+    per_image = np.diff(line_offsets)
+    read = np.isin(status, [OCR_STATUS.index("ok"), OCR_STATUS.index("no_text")])
+    lines, lines_found = m["rows"]["lines"], m["lines_found"]
+    # images OCR'd by this run: ok rows of the table in chunks that were not on disk before it
+    new_rows = np.zeros(len(table), bool)
+    for c in range(num_chunks):
+        if c not in done_before:
+            new_rows[c * chunk_size: (c + 1) * chunk_size] = True
+    new_ok = int((new_rows & (np.asarray(table.status) == workdir.OK)).sum())
+    print("ocr: images by status: " + ", ".join(f"{v} {k}" for k, v in m["status_counts"].items() if v), flush=True)
+    print(f"ocr: lines found {lines_found}, kept {lines} (score > {m['min_score']}), dropped "
+          f"{lines_found - lines} by score; {m['rows']['tokens']} token labels "
+          f"({m['rows']['tokens'] / max(lines, 1):.1f} per line, {m['lines_without_tokens']} lines without)",
+          flush=True)
+    if read.any():
+        print(f"ocr: lines per OCR'd image: mean {per_image[read].mean():.2f}, median "
+              f"{np.median(per_image[read]):.0f}, max {per_image[read].max()}; images with text "
+              f"{(per_image[read] > 0).mean():.1%}", flush=True)
+    resumed = f" ({len(done_before)} of {num_chunks} chunks were done before)" if done_before else ""
+    print(f"ocr: engine {m['engine']['name']} ready in {setup_s:.1f} s; {new_ok} images read in {elapsed:.1f} s, "
+          f"{new_ok / max(elapsed, 1e-9):.2f} images/s over all processes{resumed}", flush=True)
+    if m["status_counts"]["engine_error"] or m["status_counts"]["read_error"]:
+        print(f"warning: {m['status_counts']['engine_error']} engine errors, {m['status_counts']['read_error']} "
+              "read errors (see the log above)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
