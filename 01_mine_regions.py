@@ -1,4 +1,4 @@
-"""Stage 01: object regions (RICE) and the features that 03_cluster.py clusters (RICE regions, MLCD images).
+r"""Stage 01: object regions (RICE) and the features that 03_cluster.py clusters (RICE regions, MLCD images).
 
 RICE Sec. 3.1: SAM masks on web images -> candidate boxes whose short side is at least 128 px, on images whose
 short side is at least 336 px (SA-1B images keep their own annotations); each region's CLIP feature is later

@@ -335,7 +335,7 @@ def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
     folder = os.path.join(work, "images")
     m = read_manifest(folder)
     if m and m.get("complete"):
-        if source is not None:
+        if source is not None and rank == 0:   # one listing is enough; torchrun stops the others if it fails
             root, paths = list_inputs(source)
             if fingerprint(root, paths) != m["fingerprint"]:
                 raise SystemExit(f"error: {work} was built from other images ({m['source']}); use another --work "
