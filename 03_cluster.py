@@ -1,0 +1,600 @@
+r"""Stage 03: cluster the CLIP features of regions and images into K centres, and label every point.
+
+MLCD Sec. 3.2: one offline clustering of CLIP features into K = 1M centres ("following UNICOM", with faiss);
+each image's positives are its l = 8 nearest centres. RICE Eq. 1: each region's label is its nearest centre.
+One codebook serves both: by default (`--fit-on both`) the training sample mixes region and image features,
+so the centres cover what RICE labels (regions) and what MLCD labels (whole images), and 04 can train the
+object loss and the image loss against one bank. `--fit-on regions|images` fits on one kind only.
+
+One process (faiss on the GPU when faiss has one, else CPU):
+    python 03_cluster.py --work runs/demo --k 108                      # offline demo (pixel stand-in features)
+    python 03_cluster.py --work runs/big --k 1000000                   # --mode auto: two-level above 65,536
+torchrun, one node of 8 GPUs, then several nodes (each rank holds a contiguous shard of the training sample):
+    torchrun --nproc_per_node=8 03_cluster.py --work runs/big --k 1000000
+    torchrun --nnodes=8 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
+        03_cluster.py --work runs/big --k 1000000
+
+Reads <work>/regions/ (01_mine_regions.py). Writes <work>/clusters/:
+    centres.npy        float32 (K, C)        L2-normalised centres
+    region_labels.npy  int32 (R,)            nearest centre of each region (RICE Eq. 1), by cosine
+    region_sims.npy    float32 (R,)          its cosine
+    image_labels.npy   int32 (n_images, l)   the l most similar centres of each image, most similar first
+    image_sims.npy     float32 (n_images, l) their cosines (MLCD Sec. 3.2); -1 / 0 for images without a feature
+    cluster_sizes.npy  int64 (K,)            regions whose label is c + labelled images whose top-1 is c
+    manifest.json      config, K, C, rows, objective and re-seeded clusters per iteration, the inputs' fingerprint
+
+Which images are labelled: those whose regions status is in `--image-statuses` (default ok, too_small,
+no_regions: 01 computes the whole-image feature before the size test, so these have one; skipped and error
+images have an all-zero feature) and whose feature is non-zero. Every region is labelled.
+
+The algorithm. Spherical k-means: points and centres on the unit sphere, assignment by inner product (faiss
+IndexFlatIP, or GpuIndexFlatIP on this rank's GPU), each centre the re-normalised mean of its points; sums
+and counts in float64, all-reduced over ranks, so every rank holds the same centres. The training sample is
+at most `--max-points-per-centre` x K points (faiss's 256), drawn from the seed. Initial centres (`--init
+auto`): greedy k-means++ on 8 x K sampled points up to K = 4096 (so every phase of two-level mode at K = 1M),
+else K distinct random points as faiss does; random init leaves some natural clusters without a centre and
+gives others two, which Lloyd iterations rarely undo. An empty cluster is re-seeded as faiss does: a cluster
+drawn with probability proportional to (size - 1) is split, its centre copied with a +-1/1024 perturbation.
+`--mode two-level` (auto above K = 65,536) is faiss.contrib.clustering.two_level_clustering's route to 1M
+centres: a coarse k-means with K1 = round(sqrt(K)) cells, then inside each cell a k-means with a number of
+centres proportional to the cell's share of the sample (at least 1, at most the cell's points, summing to K);
+the union is the K centres, optionally refined by `--refine-iters` flat iterations.
+
+Cost model (FLOP per iteration; n training points, C dims): flat 2·n·K·C; two-level 2·n·C·(K1 + K/K1).
+    n = 256M (256 x 1M), C = 768, K = 1M:  flat 3.9e17, two-level 7.9e14 (K1 = 1000); x 20 iterations 7.9e18, 1.6e16
+    n = 10M, C = 768, K = 1M:             flat 1.5e16, two-level 3.1e13;              x 20 iterations 3.1e17, 6.1e14
+At an assumed 50 TFLOP/s of fp32 GEMM per GPU (not measured here), 1.6e16 is about 5 GPU-minutes and 7.9e18
+about 44 GPU-hours. k-means++ is k small products over its pool of 8 x k points: a 1000-centre cell in 768-d
+took 23 s on the 2-core development CPU, and K = 1M in two-level mode has 1000 such cells, so on a GPU they
+run there. Labelling is one more flat pass, 2·(R + n_images)·K·C: 3.7e18 for 2B regions and 400M images.
+Memory: the sample takes n x C x 4 bytes (786 GB at n = 256M: shard it over ranks; 31 GB at 10M), the
+centres K x C x 4 (3.1 GB at 1M), flat iterations about 2 x K x C x 8 per rank for the float64 sums and the
+update (12 GB at 1M; two-level needs that only per cell and in refine iterations).
+
+Resumable: after each iteration rank 0 checkpoints the centres into clusters/ckpt/ (two-level: the coarse
+phase per iteration, the cells one file per finished cell, the refine phase per iteration); re-seeding draws
+from a generator seeded by (seed, phase, cell, iteration), so a resumed run ends byte-identical to an
+uninterrupted one. Labelling runs in resumable chunks (`--assign-chunk` rows; workdir.run_chunks). Rerun the
+same command after any interruption; a complete stage is skipped unless `--force`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workdir  # noqa: E402
+
+# defaults -------------------------------------------------------------------------------------------------
+WORK = "runs/demo"
+K = 1_000_000                # MLCD Sec. 4.1 and RICE: 1M classes
+IMAGE_TOPL = 8               # MLCD Sec. 4.1: l = 8 positives per image
+ITERS = 20
+SEED = 0
+MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 256 x K points
+FLAT_MAX_K = 65_536          # --mode auto: flat k-means up to this K, two-level above
+KMEANSPP_MAX_K = 4096        # --init auto: k-means++ up to this K (every phase of two-level up to K ~ 16M)
+INIT_POOL = 8                # k-means++ runs on INIT_POOL x K training points drawn from the seed
+REFINE_ITERS = 0
+ASSIGN_CHUNK = 65_536        # rows per search call and per resumable labelling chunk
+IMAGE_STATUSES = "ok,too_small,no_regions"   # 01 computed a whole-image feature for these
+SPLIT_EPS = 1.0 / 1024       # faiss's perturbation when an empty cluster takes half of a large one
+PHASES = ["flat", "coarse", "cell", "refine"]   # the first number of a k-means's seed tag
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=WORK)
+    p.add_argument("--k", type=int, default=K, help="number of centres")
+    p.add_argument("--image-topl", type=int, default=IMAGE_TOPL, help="centres per image (MLCD's l)")
+    p.add_argument("--fit-on", default="both", choices=["regions", "images", "both"])
+    p.add_argument("--mode", default="auto", choices=["auto", "flat", "two-level"])
+    p.add_argument("--iters", type=int, default=ITERS, help="k-means iterations (per phase in two-level mode)")
+    p.add_argument("--refine-iters", type=int, default=REFINE_ITERS, help="two-level: flat iterations at the end")
+    p.add_argument("--init", default="auto", choices=["auto", "random", "kmeans++"])
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--max-points-per-centre", type=int, default=MAX_POINTS_PER_CENTRE)
+    p.add_argument("--image-statuses", default=IMAGE_STATUSES, help="regions statuses whose images get labels")
+    p.add_argument("--assign-chunk", type=int, default=ASSIGN_CHUNK)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    args = p.parse_args(argv)
+    if args.k < 1 or args.iters < 0 or args.refine_iters < 0 or args.seed < 0 or args.assign_chunk < 1:
+        p.error("--k and --assign-chunk must be >= 1; --iters, --refine-iters and --seed >= 0")
+    if not 1 <= args.image_topl <= args.k or args.max_points_per_centre < 1:
+        p.error("--image-topl must be in [1, K] and --max-points-per-centre >= 1")
+    if args.mode == "auto":
+        args.mode = "flat" if args.k <= FLAT_MAX_K else "two-level"
+    return args
+
+
+# processes and faiss ---------------------------------------------------------------------------------------
+
+
+def all_reduce(*arrays):
+    """Sum numpy arrays in place over ranks (gloo, CPU); nothing in a one-process run."""
+    if workdir.dist_info()[1] > 1:
+        import torch
+        import torch.distributed as dist
+        for a in arrays:
+            dist.all_reduce(torch.from_numpy(a))
+
+
+def use_gpu(device: str) -> bool:
+    import faiss
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and not gpus:
+        raise SystemExit("error: --device cuda, but this faiss has no GPU (install faiss-gpu)")
+    return device != "cpu" and gpus > 0
+
+
+_GPU_RES = {}
+
+
+def make_index(centres: np.ndarray, gpu: bool):
+    """Exact inner-product index over the centres: on this rank's GPU, or on the CPU."""
+    import faiss
+    if gpu:
+        dev = int(os.environ.get("LOCAL_RANK", 0)) % faiss.get_num_gpus()
+        if dev not in _GPU_RES:
+            _GPU_RES[dev] = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = dev
+        index = faiss.GpuIndexFlatIP(_GPU_RES[dev], centres.shape[1], cfg)
+    else:
+        index = faiss.IndexFlatIP(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, np.float32))
+    return index
+
+
+def unit(x) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# spherical k-means ------------------------------------------------------------------------------------------
+
+
+def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
+                     gpu=False, ckpt=None, log=None):
+    """k centres of unit rows. x: this rank's rows offset .. offset + len(x) of the n_total training points
+    (float32, L2-normalised). tag: (phase, cell) for the seeds. init: "random" (k distinct training points),
+    "kmeans++" (greedy k-means++ on a sample of INIT_POOL x k points), "auto" (k-means++ up to KMEANSPP_MAX_K)
+    or an array of centres. ckpt: (folder, name) to checkpoint after each iteration and resume from.
+    Returns (centres float32 (k, C), {"objective_sum": per iteration, "reseeded": per iteration, "points"})."""
+    from tqdm import tqdm
+    n_total = len(x) if n_total is None else int(n_total)
+    stats = {"objective_sum": [], "reseeded": [], "points": n_total}
+    start, state = 0, read_ckpt(ckpt)
+    if state is not None:
+        centres, start, stats = state
+    elif not isinstance(init, str):
+        centres = np.array(init, np.float32)
+    else:                                       # training points drawn from the seed, whatever the ranks
+        pp = init == "kmeans++" or (init == "auto" and k <= KMEANSPP_MAX_K)
+        rng = np.random.default_rng([seed, *tag, 0])
+        pick = rng.choice(n_total, min(n_total, INIT_POOL * k) if pp else k, replace=False)
+        centres = np.zeros((len(pick), x.shape[1]), np.float32)
+        mine = (pick >= offset) & (pick < offset + len(x))
+        centres[mine] = x[pick[mine] - offset]
+        all_reduce(centres)                     # each row comes from exactly one rank
+        if pp:
+            centres = kmeanspp(centres, k, rng, gpu)
+    for it in range(start, iters):
+        t0 = time.time()
+        index = make_index(centres, gpu)
+        sums = np.zeros(centres.shape, np.float64)
+        counts_obj = np.zeros(k + 1, np.float64)    # counts (exact in float64), then the sum of cosines
+        for s in tqdm(range(0, len(x), chunk), desc=f"k-means {it + 1}/{iters}", leave=False,
+                      disable=log is None or len(x) <= 8 * chunk):
+            sims, labels = index.search(x[s: s + chunk], 1)
+            accumulate(sums, x[s: s + chunk], labels[:, 0])
+            counts_obj[:k] += np.bincount(labels[:, 0], minlength=k)
+            counts_obj[k] += sims.sum(dtype=np.float64)
+        all_reduce(sums, counts_obj)
+        centres, reseeded = update(centres, sums, counts_obj[:k], np.random.default_rng([seed, *tag, 1, it]))
+        stats["objective_sum"].append(float(counts_obj[k]))
+        stats["reseeded"].append(reseeded)
+        if ckpt is not None and workdir.dist_info()[0] == 0:
+            write_ckpt(ckpt, it + 1, centres, stats)
+        if log:
+            log(PHASES[tag[0]], it, iters, counts_obj[k] / max(n_total, 1), reseeded, time.time() - t0)
+    return centres, stats
+
+
+def kmeanspp(pool, k, rng, gpu=False):
+    """Greedy k-means++ (sklearn's: 2 + ln k candidates drawn by squared distance, keep the one that lowers
+    the potential most). Plain random init leaves some natural clusters without a centre and gives others
+    two, which Lloyd iterations rarely undo. Each of the k steps reads the whole pool once (memory-bound), so
+    the pool's products run on the GPU when there is one (the sampling stays in numpy)."""
+    if gpu:
+        import torch
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        on_dev = torch.from_numpy(pool).to(dev)
+        dots = lambda idx: (on_dev @ on_dev[torch.as_tensor(idx, device=dev)].T).cpu().numpy()  # noqa: E731
+    else:
+        dots = lambda idx: pool @ pool[idx].T  # noqa: E731
+    trials = 2 + int(math.log(k))
+    idx = [int(rng.integers(len(pool)))]
+    d2 = np.maximum(2 - 2 * dots([idx[0]])[:, 0], 0).astype(np.float64)     # |a - b|^2 = 2 - 2 cos
+    for _ in range(1, k):
+        cum = np.cumsum(d2)
+        cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1]), len(pool) - 1)
+        d2c = np.minimum(d2[:, None], np.maximum(2 - 2 * dots(cand), 0))
+        best = int(d2c.sum(0).argmin())
+        idx.append(int(cand[best]))
+        d2 = d2c[:, best]
+    return pool[idx]
+
+
+def accumulate(sums: np.ndarray, x: np.ndarray, labels: np.ndarray) -> None:
+    """sums[labels[i]] += x[i] in float64, in a fixed order (sorted by label, then row): deterministic."""
+    if not len(labels):
+        return
+    order = np.argsort(labels, kind="stable")
+    lab = labels[order]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    sums[lab[starts]] += np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+
+
+def update(centres, sums, counts, rng):
+    """New centres: normalised sums; empty clusters re-seeded by splitting a large one (faiss's rule:
+    cluster j with probability (size_j - 1) / (n - k); the two halves move apart by +-SPLIT_EPS on alternate
+    coordinates and the next assignment splits its points). Returns (centres float32, number re-seeded)."""
+    c = centres.astype(np.float64)
+    norm = np.linalg.norm(sums, axis=1)
+    ok = norm > 0
+    c[ok] = sums[ok] / norm[ok, None]
+    empty = np.flatnonzero(counts == 0)
+    counts = counts.copy()
+    sign = np.where(np.arange(c.shape[1]) % 2 == 0, 1.0, -1.0) * SPLIT_EPS
+    todo = empty
+    while len(todo):
+        big = np.flatnonzero(counts >= 2)
+        if not len(big):
+            break
+        take = min(len(todo), len(big))
+        src = rng.choice(big, take, replace=False, p=(counts[big] - 1) / (counts[big] - 1).sum())
+        dst, todo = todo[:take], todo[take:]
+        c[dst] = c[src] * (1 + sign)
+        c[src] = c[src] * (1 - sign)
+        counts[dst] = counts[src] // 2
+        counts[src] -= counts[dst]
+        for rows in (dst, src):
+            c[rows] /= np.linalg.norm(c[rows], axis=1, keepdims=True)
+    return c.astype(np.float32), int(len(empty))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_ckpt(ckpt):
+    """(centres, iterations done, stats) of a checkpoint, or None."""
+    if ckpt is None or not os.path.exists(os.path.join(ckpt[0], ckpt[1] + ".json")):
+        return None
+    state = read_json(os.path.join(ckpt[0], ckpt[1] + ".json"))
+    return np.load(os.path.join(ckpt[0], state["centres"])), state["iteration"], state["stats"]
+
+
+def write_ckpt(ckpt, iteration, centres, stats):
+    """Centres to a new file, then the json that names it (atomic), then the previous file goes."""
+    folder, name = ckpt
+    fname = f"{name}_{iteration:04d}.npy"
+    workdir.write_npy(os.path.join(folder, fname), centres)
+    workdir.write_json(os.path.join(folder, name + ".json"), {"iteration": iteration, "centres": fname,
+                                                              "stats": stats})
+    old = os.path.join(folder, f"{name}_{iteration - 1:04d}.npy")
+    if os.path.exists(old):
+        os.remove(old)
+
+
+def allocate(points, k):
+    """Centres per cell: proportional to its points, at least 1 for a non-empty cell, at most its points,
+    summing to k (largest remainders first; needs non-empty cells <= k <= points.sum())."""
+    points = np.asarray(points, np.int64)
+    ideal = k * points / points.sum()
+    alloc = np.minimum(np.maximum(np.floor(ideal).astype(np.int64), points > 0), points)
+    while alloc.sum() != k:
+        short = int(k - alloc.sum())
+        if short > 0:
+            cand = np.flatnonzero(alloc < points)
+            alloc[cand[np.argsort(alloc[cand] - ideal[cand], kind="stable")[:short]]] += 1
+        else:
+            cand = np.flatnonzero(alloc > 1)
+            alloc[cand[np.argsort(ideal[cand] - alloc[cand], kind="stable")[:-short]]] -= 1
+    return alloc
+
+
+def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
+              gpu=False, ckpt_dir=None, log=None):
+    """faiss.contrib.clustering.two_level_clustering, spherical and distributed: K1 = round(sqrt(k)) coarse
+    cells, then a k-means inside each cell with allocate()'s share of the k centres, then refine_iters flat
+    iterations over the union. Returns (centres, {"coarse", "fine", "refine"} stats, cell info)."""
+    from tqdm import tqdm
+    rank, world = workdir.dist_info()
+    n_total = len(x) if n_total is None else int(n_total)
+    k1 = max(1, round(math.sqrt(k)))
+    ck = (lambda name: (ckpt_dir, name)) if ckpt_dir else (lambda name: None)
+    coarse, coarse_stats = spherical_kmeans(x, k1, iters, seed, (PHASES.index("coarse"),), n_total, offset, init,
+                                            chunk=chunk, gpu=gpu, ckpt=ck("coarse"), log=log)
+    cell = nearest(make_index(coarse, gpu), x, 1, chunk)[1][:, 0]
+    local = np.bincount(cell, minlength=k1).astype(np.int64)
+    per_rank = np.zeros((world, k1), np.int64)
+    per_rank[rank] = local
+    all_reduce(per_rank)
+    n_cell = per_rank.sum(0)
+    before = per_rank[:rank].sum(0)             # this rank's points of a cell come after those of lower ranks
+    k_cell = allocate(n_cell, k)
+    first = workdir.offsets_from_counts(k_cell)
+    order, at = np.argsort(cell, kind="stable"), workdir.offsets_from_counts(local)
+    workdir.barrier()                           # every rank sees the same finished cells
+    done = {c for c in range(k1) if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, f"cell_{c:07d}.npz"))}
+    centres = np.zeros((k, x.shape[1]), np.float32)
+    fine = {"objective_sum": np.zeros(iters), "reseeded": np.zeros(iters, np.int64), "points": n_total}
+    for c in tqdm(np.flatnonzero(k_cell), desc="cells", disable=log is None or rank != 0, dynamic_ncols=True):
+        path = os.path.join(ckpt_dir, f"cell_{c:07d}.npz") if ckpt_dir else None
+        if c in done:
+            with np.load(path) as z:
+                cc, st = z["centres"], {"objective_sum": z["objective_sum"], "reseeded": z["reseeded"]}
+        else:
+            cc, st = spherical_kmeans(x[order[at[c]: at[c + 1]]], int(k_cell[c]), iters, seed,
+                                      (PHASES.index("cell"), int(c)), n_cell[c], before[c], init, chunk, gpu)
+            if path and rank == 0:
+                with open(path + ".tmp", "wb") as f:
+                    np.savez(f, centres=cc, objective_sum=st["objective_sum"], reseeded=st["reseeded"])
+                os.replace(path + ".tmp", path)
+        centres[first[c]: first[c + 1]] = cc
+        fine["objective_sum"] += np.asarray(st["objective_sum"], np.float64)
+        fine["reseeded"] += np.asarray(st["reseeded"], np.int64)
+    stats = {"coarse": coarse_stats, "fine": {"objective_sum": fine["objective_sum"].tolist(),
+                                              "reseeded": fine["reseeded"].tolist(), "points": n_total}}
+    if refine_iters:
+        centres, stats["refine"] = spherical_kmeans(x, k, refine_iters, seed, (PHASES.index("refine"),), n_total,
+                                                    offset, init=centres, chunk=chunk, gpu=gpu,
+                                                    ckpt=ck("refine"), log=log)
+    return centres, stats, {"k1": k1, "cell_points": n_cell.tolist(), "cell_centres": k_cell.tolist()}
+
+
+def nearest(index, x, topl, chunk=ASSIGN_CHUNK):
+    """(sims float32 (n, topl), labels int64 (n, topl)), most similar first, searched in chunks."""
+    sims, labels = np.zeros((len(x), topl), np.float32), np.zeros((len(x), topl), np.int64)
+    for s in range(0, len(x), chunk):
+        sims[s: s + chunk], labels[s: s + chunk] = index.search(x[s: s + chunk], topl)
+    return sims, labels
+
+
+# inputs ------------------------------------------------------------------------------------------------------
+
+
+def read_regions(work, image_statuses):
+    """The regions folder, checked: arrays (memmaps), sizes, labelled images and the inputs' fingerprint."""
+    folder = os.path.join(work, "regions")
+    m = workdir.read_manifest(folder)
+    if not os.path.isdir(folder) or m is None:
+        raise SystemExit(f"error: {folder} has no manifest: run 01_mine_regions.py --work {work} first")
+    if not m.get("complete"):
+        raise SystemExit(f"error: {folder} is incomplete: rerun 01_mine_regions.py --work {work} to finish it")
+    try:
+        a = {name: workdir.load(folder, name) for name in
+             ("region_features", "image_features", "status", "region_offsets")}
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    rf, imf, status, offsets = a["region_features"], a["image_features"], a["status"], a["region_offsets"]
+    if rf.ndim != 2 or imf.ndim != 2 or rf.shape[1] != imf.shape[1]:
+        raise SystemExit(f"error: {folder}: region_features {rf.shape} and image_features {imf.shape} must be "
+                         "(rows, C) with the same feature dimension C")
+    n, r = len(imf), len(rf)
+    if status.shape != (n,) or offsets.shape != (n + 1,) or (n and (offsets[0] != 0 or offsets[-1] != r)):
+        raise SystemExit(f"error: {folder}: status {status.shape} and region_offsets {offsets.shape} do not match "
+                         f"{n} images and {r} regions: rerun 01_mine_regions.py --force")
+    rows = m.get("rows", {})
+    dim = m.get("features", {}).get("dim", imf.shape[1])
+    if rows.get("images", n) != n or rows.get("region_features", r) != r or dim != imf.shape[1]:
+        raise SystemExit(f"error: {folder}: the manifest says {rows.get('images')} images, "
+                         f"{rows.get('region_features')} regions, dim {dim}; the arrays hold {n}, {r}, "
+                         f"{imf.shape[1]}: rerun 01_mine_regions.py --force")
+    names = m.get("status_names", ["ok", "skipped", "too_small", "no_regions", "error"])
+    wanted = [s for s in image_statuses.split(",") if s]
+    if any(s not in names for s in wanted):
+        raise SystemExit(f"error: --image-statuses {image_statuses}: the regions statuses are {names}")
+    labelled = np.isin(np.asarray(status), [names.index(s) for s in wanted])
+    fingerprint = json.loads(json.dumps({k: m.get(k) for k in ("finished", "rows", "image_table", "features")}))
+    return dict(folder=folder, regions=rf, images=imf, status=status, labelled=labelled, R=r, n=n,
+                C=int(imf.shape[1]), fingerprint=fingerprint)
+
+
+def sample_indices(total, n, seed):
+    """n of range(total) without replacement, sorted, from the seed; memory O(n) however large total is:
+    Bernoulli per block at a rate a little above n / total, then a uniform n of those drawn."""
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    rate = min(1.0, (n + 6 * math.sqrt(n) + 100) / total)
+    block, picked = 1 << 22, []
+    for b, s in enumerate(range(0, total, block)):
+        u = np.random.default_rng([seed, 7, b]).random(min(block, total - s))
+        picked.append(s + np.flatnonzero(u < rate))
+    picked = np.concatenate(picked)
+    if len(picked) > n:
+        drop = np.random.default_rng([seed, 8]).choice(len(picked), len(picked) - n, replace=False)
+        picked = np.delete(picked, drop)
+    return picked
+
+
+def load_rows(inp, fit_on, rows):
+    """Training rows (sorted sample indices) -> float32, L2-normalised. The sample numbers the regions first
+    (when fitted on), then the labelled images."""
+    r = inp["R"] if fit_on in ("regions", "both") else 0
+    images = np.flatnonzero(inp["labelled"])
+    out = np.empty((len(rows), inp["C"]), np.float32)
+    for s in range(0, len(rows), 1 << 20):
+        idx = rows[s: s + (1 << 20)]
+        reg, img = idx[idx < r], images[idx[idx >= r] - r]
+        out[s: s + len(idx)] = unit(np.concatenate([inp["regions"][reg], inp["images"][img]]))
+    return out
+
+
+# main ---------------------------------------------------------------------------------------------------------
+
+
+def label_all(folder, inp, centres, args, gpu):
+    """RICE Eq. 1: each region's nearest centre; MLCD Sec. 3.2: each image's top-l centres, most similar first.
+    Fixed chunks of --assign-chunk rows, rank r takes chunks r, r + world, ... (workdir.run_chunks: resumable,
+    and the same bytes whatever the number of processes); rank 0 merges them into folder/."""
+    index = make_index(centres, gpu)
+    l = args.image_topl
+
+    def regions(start, end):
+        sims, labels = nearest(index, unit(inp["regions"][start:end]), 1, args.assign_chunk)
+        return {"region_labels": labels[:, 0].astype(np.int32), "region_sims": sims[:, 0]}
+
+    def images(start, end):                     # no feature (all-zero, or a status not asked for): -1, 0
+        x = unit(inp["images"][start:end])
+        ok = np.flatnonzero(inp["labelled"][start:end] & (np.abs(x).sum(1) > 0))
+        labels, sims = np.full((end - start, l), -1, np.int32), np.zeros((end - start, l), np.float32)
+        sims[ok], labels[ok] = nearest(index, x[ok], l, args.assign_chunk)
+        return {"image_labels": labels, "image_sims": sims}
+
+    key = {"centres": hashlib.sha1(centres.tobytes()).hexdigest(), "inputs": inp["fingerprint"],
+           "image_statuses": args.image_statuses, "topl": l}
+    for name, rows, process in (("region", inp["R"], regions), ("image", inp["n"], images)):
+        sub = os.path.join(folder, f"assign_{name}s")
+        chunks = workdir.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key)[0] if rows else 0
+        workdir.barrier()
+        if workdir.dist_info()[0] == 0 and rows:
+            workdir.merge_chunks(sub, chunks, [f"{name}_labels", f"{name}_sims"], {})
+            for k in (f"{name}_labels", f"{name}_sims"):
+                os.replace(os.path.join(sub, k + ".npy"), os.path.join(folder, k + ".npy"))
+        elif workdir.dist_info()[0] == 0:               # no rows at all: empty arrays of the right shape
+            for k, v in process(0, 0).items():
+                workdir.write_npy(os.path.join(folder, k + ".npy"), v)
+
+
+def summarise(folder, inp, k):
+    """(cluster sizes: regions labelled c + labelled images whose top-1 is c; labelled images; mean cosine of
+    the regions and of the images' top-1), read back in blocks so memory stays flat."""
+    rl, rs = workdir.load(folder, "region_labels"), workdir.load(folder, "region_sims")
+    il, isim = workdir.load(folder, "image_labels"), workdir.load(folder, "image_sims")
+    sizes, n_img, cos_r, cos_i, block = np.zeros(k, np.int64), 0, 0.0, 0.0, 1 << 22
+    for s in range(0, max(inp["R"], inp["n"]), block):
+        top1 = il[s: s + block, 0]
+        sizes += np.bincount(rl[s: s + block], minlength=k) + np.bincount(top1[top1 >= 0], minlength=k)
+        n_img += int((top1 >= 0).sum())
+        cos_r += float(rs[s: s + block].sum(dtype=np.float64))
+        cos_i += float(isim[s: s + block, 0].sum(dtype=np.float64))
+    return sizes, n_img, {"regions": cos_r / max(inp["R"], 1), "images_top1": cos_i / max(n_img, 1)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = workdir.init_dist()
+    inp = read_regions(args.work, args.image_statuses)
+    folder = os.path.join(args.work, "clusters")
+    ckpt_dir = os.path.join(folder, "ckpt")
+    done = workdir.read_manifest(folder)
+    if done and done.get("complete") and not args.force:
+        if done["inputs"]["regions"] != inp["fingerprint"]:
+            raise SystemExit(f"error: {folder} was clustered from other regions (01 was rerun since): "
+                             "rerun with --force")
+        workdir.say(f"{folder} is complete (K = {done['k']}, {done['rows']['regions']} regions); --force redoes it")
+        return done
+    population = (inp["R"] if args.fit_on != "images" else 0) + \
+        (int(inp["labelled"].sum()) if args.fit_on != "regions" else 0)
+    n_train = min(population, args.max_points_per_centre * args.k)
+    if n_train < args.k:
+        raise SystemExit(f"error: K = {args.k} centres but only {population} training points (--fit-on "
+                         f"{args.fit_on}): use a smaller --k")
+    gpu = use_gpu(args.device)
+    if not gpu and world > 1:                    # the ranks share the node's cores
+        import faiss
+        faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    # checkpoints of other settings or other inputs are discarded, never mixed in
+    key = {k: getattr(args, k) for k in ("k", "fit_on", "mode", "init", "iters", "refine_iters", "seed",
+                                         "max_points_per_centre", "image_statuses")}
+    key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
+    workdir.barrier()                            # every rank has read the old manifest before rank 0 clears
+    if rank == 0:
+        if args.force and done:
+            os.remove(os.path.join(folder, "manifest.json"))
+        key_file = os.path.join(ckpt_dir, "key.json")
+        if not os.path.exists(key_file) or read_json(key_file) != key:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.makedirs(ckpt_dir, exist_ok=True)
+        workdir.write_json(key_file, key)
+    workdir.barrier()
+    t0 = time.time()
+
+    # the training sample, drawn from the seed; each rank loads a contiguous shard of it
+    sample = sample_indices(population, n_train, args.seed)
+    lo, hi = n_train * rank // world, n_train * (rank + 1) // world
+    x = load_rows(inp, args.fit_on, sample[lo:hi])
+    del sample
+    workdir.say(f"clustering {n_train} points ({args.fit_on}) of dim {inp['C']} into K = {args.k} "
+                f"({args.mode}, {'GPU' if gpu else 'CPU'}, {world} process{'es' if world > 1 else ''})")
+
+    def log(phase, it, iters, obj, reseeded, dt):
+        workdir.say(f"{phase} k-means {it + 1}/{iters}: objective {obj:.5f}, {reseeded} empty re-seeded, {dt:.1f} s")
+
+    info = {}
+    if args.mode == "flat":
+        centres, st = spherical_kmeans(x, args.k, args.iters, args.seed, (PHASES.index("flat"),), n_train, lo,
+                                       args.init, args.assign_chunk, gpu, (ckpt_dir, "flat"), log)
+        stats = {"flat": st}
+    else:
+        centres, stats, info = two_level(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
+                                         args.init, args.assign_chunk, gpu, ckpt_dir, log)
+    del x
+    if world > 1:                                # the same bytes on every rank, whatever the all-reduce did
+        import torch
+        import torch.distributed as dist
+        dist.broadcast(torch.from_numpy(centres), 0)
+    if rank == 0:
+        workdir.write_npy(os.path.join(folder, "centres.npy"), centres)
+    t_fit = time.time() - t0
+    label_all(folder, inp, centres, args, gpu)
+
+    manifest = None
+    if rank == 0:
+        sizes, n_img, cosine = summarise(folder, inp, args.k)
+        workdir.write_npy(os.path.join(folder, "cluster_sizes.npy"), sizes)
+        # objective[phase][t]: mean cosine of the training points to their nearest centre at iteration t
+        objective = {p: [o / max(st["points"], 1) for o in st["objective_sum"]] for p, st in stats.items()}
+        final = [v[-1] for v in objective.values() if v]
+        manifest = workdir.finish_stage(folder, {
+            "stage": "clusters", "config": {k: v for k, v in vars(args).items() if k != "force"},
+            "k": args.k, "dim": inp["C"], "image_topl": args.image_topl, "mode": args.mode,
+            "device": "gpu" if gpu else "cpu", "world": world,
+            "rows": {"regions": inp["R"], "images": inp["n"], "images_labelled": n_img, "train_points": n_train},
+            "objective": objective, "reseeded": {p: st["reseeded"] for p, st in stats.items()},
+            "final_objective": final[-1] if final else None, "mean_cosine": cosine,
+            "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
+                              "dead": int((sizes == 0).sum()),
+                              "counts": "regions labelled c + labelled images whose top-1 is c"},
+            **({"two_level": {"k1": info["k1"], "cell_centres_min": min(info["cell_centres"]),
+                              "cell_centres_max": max(info["cell_centres"])}} if info else {}),
+            "elapsed_s": {"fit": round(t_fit, 2), "total": round(time.time() - t0, 2)},
+            "inputs": {"regions": inp["fingerprint"]}})
+        for sub in ("assign_regions", "assign_images", "ckpt"):
+            shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
+        cs = manifest["cluster_sizes"]
+        print(f"clusters: K = {args.k} ({args.mode}) from {n_train} training points: objective "
+              f"{manifest['final_objective'] or 0:.4f} (mean cosine to the centre), "
+              f"{sum(map(sum, manifest['reseeded'].values()))} empty clusters re-seeded; labelled {inp['R']} "
+              f"regions (mean cosine {cosine['regions']:.4f}) and {n_img} of {inp['n']} images (top-"
+              f"{args.image_topl}); cluster size min {cs['min']} / median {cs['median']:g} / max {cs['max']}, "
+              f"{cs['dead']} dead; {time.time() - t0:.1f} s", flush=True)
+    workdir.barrier()
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

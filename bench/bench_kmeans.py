@@ -1,0 +1,194 @@
+"""Benchmark 03_cluster.py's spherical k-means against scikit-learn's MiniBatchKMeans on the same data.
+
+    .venv/bin/python bench/bench_kmeans.py                                # 1M x 256 -> K = 16,384, 20 iterations
+    .venv/bin/python bench/bench_kmeans.py --n 100000 --k 2048            # quick check
+    .venv/bin/python bench/bench_kmeans.py --json-out kmeans.json         # also write the summary
+    python bench/bench_kmeans.py --device cuda                            # 10M x 768 -> 1M, two-level, one GPU
+                                                                          # (needs faiss-gpu; not run yet)
+
+Data: --mix random unit centres (default K) in --dim, each point one of them (uniformly) plus Gaussian noise of
+--noise per coordinate, L2-normalised, float32, from --seed. Both methods get the same array and the same
+budget: --iters full passes over the n points (ours: Lloyd iterations; MiniBatchKMeans: max_iter epochs of
+n / --batch mini-batch steps, tol = 0 and max_no_improvement = None so neither stops early). Initialisation:
+ours is 03's `--init auto` (greedy k-means++ on 8 x K points up to K = 4096, else K random points); sklearn
+gets "k-means++" or "random" to match (its own k-means++ runs on init_size = max(3 x batch, 3 x K) points).
+MiniBatchKMeans is Euclidean; on unit vectors Euclidean nearest = cosine nearest, so the objective is
+comparable: for both, each point's centre is its Euclidean-nearest centre (faiss IndexFlatL2), and the score
+is the mean cosine between the point and that centre (the centre normalised), over --eval-points points.
+Wall time is the fit alone (init included), on all cores of this machine (faiss and sklearn both use OpenMP).
+
+--device cuda: 03's two-level mode on a GPU (faiss GpuIndexFlatIP) with the defaults 10M x 768 -> 1M;
+reports wall time and the peak GPU memory in use (device-wide, sampled every 50 ms; faiss allocates outside
+torch's allocator). No sklearn run at that size.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+spec = importlib.util.spec_from_file_location("cluster", os.path.join(ROOT, "03_cluster.py"))
+cl = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cl)
+
+CPU = dict(n=1_000_000, dim=256, k=16_384)
+GPU = dict(n=10_000_000, dim=768, k=1_000_000)
+ITERS, NOISE, BATCH, SEED, EVAL_POINTS = 20, 0.05, 4096, 0, 1_000_000
+
+
+def make_data(n, dim, mix, noise, seed, chunk=1 << 18):
+    rng = np.random.default_rng(seed)
+    centres = cl.unit(rng.standard_normal((mix, dim), dtype=np.float32))
+    x = np.empty((n, dim), np.float32)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x[s: s + m] = cl.unit(centres[rng.integers(0, mix, m)] + noise * rng.standard_normal((m, dim), np.float32))
+    return x
+
+
+def mean_cosine(x, centres, gpu=False, chunk=1 << 16):
+    """Each point to its Euclidean-nearest centre; the mean cosine between the two."""
+    import faiss
+    c = np.ascontiguousarray(centres, np.float32)
+    index = faiss.IndexFlatL2(c.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(c)
+    cu = cl.unit(c)
+    total = 0.0
+    for s in range(0, len(x), chunk):
+        _, lab = index.search(x[s: s + chunk], 1)
+        total += float(np.einsum("ij,ij->i", x[s: s + chunk], cu[lab[:, 0]]).sum(dtype=np.float64))
+    return total / len(x)
+
+
+class GpuMemoryPeak:
+    """Device-wide GPU memory in use (total - free), sampled in a thread: faiss allocates outside torch."""
+
+    def __enter__(self):
+        import torch
+        self.torch, self.peak, self.stop = torch, 0, False
+        free, total = torch.cuda.mem_get_info()
+        self.base = total - free
+
+        def poll():
+            while not self.stop:
+                free, total = self.torch.cuda.mem_get_info()
+                self.peak = max(self.peak, total - free)
+                time.sleep(0.05)
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def log(phase, it, iters, obj, reseeded, dt):
+    print(f"  {phase} iteration {it + 1}/{iters}: objective {obj:.4f}, {reseeded} re-seeded, {dt:.1f} s", flush=True)
+
+
+def run_ours(x, args, gpu=False):
+    t0 = time.perf_counter()
+    if args.mode == "flat":
+        centres, stats = cl.spherical_kmeans(x, args.k, args.iters, args.seed, init=args.init, gpu=gpu, log=log)
+        reseeded = sum(stats["reseeded"])
+    else:
+        centres, stats, _ = cl.two_level(x, args.k, args.iters, args.seed, init=args.init, gpu=gpu, log=log)
+        reseeded = sum(sum(st["reseeded"]) for st in stats.values())
+    return centres, time.perf_counter() - t0, reseeded
+
+
+def run_sklearn(x, args, pp):
+    from sklearn.cluster import MiniBatchKMeans
+    km = MiniBatchKMeans(n_clusters=args.k, init="k-means++" if pp else "random", batch_size=args.batch,
+                         n_init=1, max_iter=args.iters, tol=0.0, max_no_improvement=None, compute_labels=False,
+                         random_state=args.seed)
+    t0 = time.perf_counter()
+    km.fit(x)
+    return km.cluster_centers_, time.perf_counter() - t0, int(km.n_steps_)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--n", type=int, help=f"points (cpu {CPU['n']:,}, cuda {GPU['n']:,})")
+    p.add_argument("--dim", type=int, help=f"dimension (cpu {CPU['dim']}, cuda {GPU['dim']})")
+    p.add_argument("--k", type=int, help=f"centres (cpu {CPU['k']:,}, cuda {GPU['k']:,})")
+    p.add_argument("--mix", type=int, help="mixture components of the data (default: K)")
+    p.add_argument("--iters", type=int, default=ITERS)
+    p.add_argument("--mode", choices=["flat", "two-level"], help="ours: flat on cpu, two-level on cuda")
+    p.add_argument("--init", default="auto", choices=["auto", "random", "kmeans++"])
+    p.add_argument("--noise", type=float, default=NOISE)
+    p.add_argument("--batch", type=int, default=BATCH, help="MiniBatchKMeans batch size")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--eval-points", type=int, default=EVAL_POINTS, help="points scored for the objective")
+    p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--json-out")
+    args = p.parse_args(argv)
+    defaults = GPU if args.device == "cuda" else CPU
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mix = args.mix or args.k
+    args.mode = args.mode or ("two-level" if args.device == "cuda" else "flat")
+    import faiss
+    if args.device == "cuda" and not faiss.get_num_gpus():
+        raise SystemExit("error: --device cuda needs faiss with GPU support (faiss-gpu) and a GPU")
+    pp = args.init == "kmeans++" or (args.init == "auto" and args.k <= cl.KMEANSPP_MAX_K)
+    print(f"data: {args.n:,} x {args.dim} float32 from {args.mix:,} unit centres + noise {args.noise}; "
+          f"K = {args.k:,}, {args.iters} iterations, init {'k-means++' if pp else 'random'}; "
+          f"{os.cpu_count()} cores, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)", flush=True)
+    t0 = time.perf_counter()
+    x = make_data(args.n, args.dim, args.mix, args.noise, args.seed)
+    print(f"generated in {time.perf_counter() - t0:.1f} s", flush=True)
+    ev = x[np.random.default_rng(args.seed + 1).choice(args.n, args.eval_points, replace=False)] \
+        if args.eval_points < args.n else x
+    flop = 2 * args.n * args.k * args.dim if args.mode == "flat" else \
+        2 * args.n * args.dim * (round(args.k ** 0.5) + args.k / round(args.k ** 0.5))
+    rows = []
+    if args.device == "cuda":
+        with GpuMemoryPeak() as mem:
+            centres, wall, reseeded = run_ours(x, args, gpu=True)
+        rows.append(dict(method=f"03 spherical k-means, {args.mode}, GPU", wall_s=wall, iters=args.iters,
+                         reseeded=reseeded, gpu_peak_gib=(mem.peak - mem.base) / 2 ** 30,
+                         objective=mean_cosine(ev, centres, gpu=True)))
+    else:
+        centres, wall, reseeded = run_ours(x, args)
+        rows.append(dict(method=f"03 spherical k-means, {args.mode}", wall_s=wall, iters=args.iters,
+                         reseeded=reseeded, objective=mean_cosine(ev, centres)))
+        print(f"ours: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
+        if not args.skip_sklearn:
+            centres, wall, steps = run_sklearn(x, args, pp)
+            rows.append(dict(method=f"sklearn MiniBatchKMeans, batch {args.batch}", wall_s=wall, iters=args.iters,
+                             steps=steps, objective=mean_cosine(ev, centres)))
+            print(f"sklearn: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
+    base = rows[0]
+    print(f"\n{args.n:,} x {args.dim} -> K = {args.k:,}, {args.iters} iterations / epochs; objective = mean cosine "
+          f"of the points to their nearest centre ({len(ev):,} points)\n")
+    print("| method | wall s | s / iteration | objective | time vs 03 | objective - 03 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['wall_s']:.1f} | {r['wall_s'] / max(r['iters'], 1):.2f} | {r['objective']:.4f} | "
+              f"{r['wall_s'] / base['wall_s']:.2f}x | {r['objective'] - base['objective']:+.4f} |")
+    if "gpu_peak_gib" in base:
+        print(f"\nGPU memory in use, peak above the start: {base['gpu_peak_gib']:.2f} GiB")
+    print(f"\nours: {flop:.2e} FLOP per iteration ({args.mode}), {flop * args.iters / base['wall_s'] / 1e9:.1f} "
+          "GFLOP/s over the fit")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
