@@ -19,6 +19,8 @@ import workdir  # noqa: E402
 
 
 def load_script(name, file):
+    if name in sys.modules:                      # one module object per script, shared with other test files
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, file))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module                   # so worker processes can find its functions by name
