@@ -394,3 +394,63 @@ def fingerprint(root: str, paths: list[str]) -> str:
     for p in paths:
         h.update(b"\0" + p.encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the encoder's input: resize, crop, boxes moved with the pixels, normalisation (04 trains, 05 evaluates and
+# 06 exports a CLIPImageProcessor with exactly these settings)
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)     # CLIP's (OpenAI) mean and std, as the released MLCD/RICE
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)     # preprocessor configs use
+
+
+def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None):
+    """PIL RGB image -> (uint8 array (size, size, 3), boxes (n, 4) float32 in output pixels, visible (n,)).
+
+    crop "center": resize the short side to `size` (bicubic), cut the centre square (CLIPImageProcessor);
+    "random": the same resize, the square cut at a uniform random offset (rng: np.random.Generator);
+    "squash": resize both sides to `size` (aspect ratio changes; nothing is cut).
+    Boxes (x0 y0 x1 y1, input pixels) get the same scale and shift and are clipped to the output; `visible`
+    is the share of each box's (scaled) area that is left inside the output."""
+    from PIL import Image
+    w, h = img.size
+    if crop == "squash":
+        sx, sy, nw, nh = size / w, size / h, size, size
+    elif crop in ("center", "random"):
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        sx, sy = nw / w, nh / h
+    else:
+        raise ValueError(f"crop must be center, random or squash, got {crop!r}")
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    if crop == "random":
+        if rng is None:
+            raise ValueError("crop='random' needs rng")
+        left, top = int(rng.integers(0, nw - size + 1)), int(rng.integers(0, nh - size + 1))
+    elif crop == "center":
+        left, top = (nw - size) // 2, (nh - size) // 2
+    else:
+        left = top = 0
+    if (left, top, nw, nh) != (0, 0, size, size):
+        img = img.crop((left, top, left + size, top + size))
+    pixels = np.asarray(img, dtype=np.uint8)
+    if boxes is None:
+        return pixels, np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4) * [sx, sy, sx, sy] - [left, top, left, top]
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    c = np.clip(b, 0, size)
+    kept = np.clip(c[:, 2] - c[:, 0], 0, None) * np.clip(c[:, 3] - c[:, 1], 0, None)
+    visible = np.where(area > 0, kept / np.maximum(area, 1e-12), 0.0)
+    return pixels, c.astype(np.float32), visible.astype(np.float32)
+
+
+def normalize(pixels):
+    """uint8 (B, H, W, 3) or (B, 3, H, W) torch tensor -> float (B, 3, H, W) with CLIP's mean and std.
+    Done on the training device, so the loader ships uint8 (a quarter of the bytes of float32)."""
+    import torch
+    if pixels.shape[-1] == 3 and pixels.shape[1] != 3:
+        pixels = pixels.permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGE_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGE_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels.float() - mean) / std
