@@ -41,14 +41,15 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_dist() -> tuple[int, int]:
-    """A gloo group for coordination (barriers) when launched by torchrun; nothing otherwise."""
+def init_dist(backend: str = "gloo", timeout_hours: float = 48) -> tuple[int, int]:
+    """A process group when launched by torchrun (gloo for coordination; 04 asks for nccl on GPUs); nothing
+    for a plain `python` run."""
     rank, world = dist_info()
     if world > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
-            # long timeout: ranks that finish their chunks wait at the barrier for the slowest one
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+            # long default timeout: ranks that finish their chunks wait at the barrier for the slowest one
+            dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours))
     return rank, world
 
 
@@ -417,8 +418,9 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None):
     if crop == "squash":
         sx, sy, nw, nh = size / w, size / h, size, size
     elif crop in ("center", "random"):
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        # the short side becomes `size`, the long side floor(size * long / short): CLIPImageProcessor's and
+        # torchvision's Resize(int) arithmetic, so 06's exported preprocessor gives the same pixels
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         sx, sy = nw / w, nh / h
     else:
         raise ValueError(f"crop must be center, random or squash, got {crop!r}")

@@ -1,0 +1,353 @@
+"""04_train.py on a tiny generated world (00 -> 01 -> 03, OCR lines from the world's text boxes): the loss falls
+(RICE and MLCD), two gloo processes equal one (and resume one's checkpoint), a run killed with SIGKILL and
+rerun follows the uninterrupted loss curve exactly, a NaN stops the run and leaves the last checkpoint intact,
+boxes move with the pixels, the dataset keeps the region-sampling rules, a corrupt image is logged and
+skipped, checkpoints load with weights_only=True, and bad stage outputs are refused at start-up."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from test_cluster import ROOT, free_port, load_script
+
+import workdir  # noqa: E402
+import model as model_py  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "04_train.py")
+tr = load_script("train", "04_train.py")
+K = 16
+TINY = ["--model", "tiny", "--image-size", "64", "--workers", "0", "--warmup", "2", "--lr", "2e-3"]
+
+
+def write_ocr_from_coco(work, data):
+    """An ocr/ folder as 02 writes it, from the world's text annotations (02 has its own tests; RapidOCR is
+    too slow for this suite's budget). Token ids: a few per word, from its letters."""
+    table = workdir.read_image_table(work)
+    with open(os.path.join(data, "coco.json")) as f:
+        coco = json.load(f)
+    by_name = {im["file_name"]: im["id"] for im in coco["images"]}
+    anns = {}
+    for a in coco["annotations"]:
+        if "text" in a:
+            anns.setdefault(a["image_id"], []).append(a)
+    counts, boxes, tok_counts, tokens = [], [], [], []
+    for i in range(len(table)):
+        lines = anns.get(by_name[os.path.basename(table.path(i))], [])
+        counts.append(len(lines))
+        for a in lines:
+            x, y, w, h = a["bbox"]
+            boxes.append([x, y, x + w, y + h])
+            ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:10]
+            tok_counts.append(len(ids))
+            tokens += ids
+    folder = os.path.join(work, "ocr")
+    os.makedirs(folder, exist_ok=True)
+    workdir.write_npy(os.path.join(folder, "line_offsets.npy"), workdir.offsets_from_counts(counts))
+    workdir.write_npy(os.path.join(folder, "boxes.npy"), np.asarray(boxes, np.float32).reshape(-1, 4))
+    workdir.write_npy(os.path.join(folder, "token_offsets.npy"), workdir.offsets_from_counts(tok_counts))
+    workdir.write_npy(os.path.join(folder, "tokens.npy"), np.asarray(tokens, np.int32))
+    workdir.write_npy(os.path.join(folder, "status.npy"), np.zeros(len(table), np.uint8))
+    img_m = workdir.read_manifest(os.path.join(work, "images"))
+    workdir.finish_stage(folder, {"stage": "ocr", "image_table": img_m["fingerprint"],
+                                  "tokenizer": {"vocab_size": 49408, "max_tokens": 10},
+                                  "rows": {"images": len(table), "lines": len(boxes)}})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_world")
+    data, work = str(base / "data"), str(base / "work")
+    load_script("make_demo_data", "00_make_demo_data.py").main(["--out", data, "--num-images", "48", "--size", "128"])
+    load_script("mine_regions", "01_mine_regions.py").main(
+        ["--images", os.path.join(data, "images"), "--work", work, "--boxes", os.path.join(data, "coco.json"),
+         "--features", "pixels", "--min-box-side", "12", "--min-image-side", "64"])
+    write_ocr_from_coco(work, data)
+    load_script("cluster", "03_cluster.py").main(["--work", work, "--k", str(K)])
+    return data, work
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def copy_work(work, dest):
+    """The stage outputs without any run folder, so tests can break them."""
+    shutil.copytree(work, dest, ignore=shutil.ignore_patterns("train*"))
+    return str(dest)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rice", "mlcd"])
+def test_loss_falls(world, tmp_path, method):
+    data, work = world
+    run = str(tmp_path / "run")
+    m = tr.main(["--work", work, "--run-dir", run, "--method", method, *TINY, "--batch-size", "16", "--steps", "30",
+                 "--log-every", "1", "--save-every", "30"])
+    log = read_log(run)
+    first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-5:]])
+    print(f"{method}: loss {first:.3f} -> {last:.3f} over 30 steps")
+    assert m["complete"] and m["steps"] == 30 and len(log) == 30
+    assert last < 0.85 * first
+    keys = ["object_loss", "ocr_loss"] if method == "rice" else ["image_loss"]
+    for k in keys + ["lr", "grad_norm", "samples_per_s", "samples_per_s_per_device", "data_wait_frac", "eta_s",
+                     "tflops_per_device"]:
+        assert all(np.isfinite(r[k]) for r in log), k
+    if method == "rice":        # both region terms train: each falls on its own
+        assert np.mean([r["object_loss"] for r in log[-5:]]) < log[0]["object_loss"]
+        assert np.mean([r["ocr_loss"] for r in log[-5:]]) < log[0]["ocr_loss"]
+    assert log[0]["mfu"] is None                       # no known peak on a CPU
+    assert log[-1]["lr"] < log[2]["lr"]                # cosine decay after warm-up
+
+    ckpt = torch.load(os.path.join(run, "ckpt", "latest.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["banks"]["object"]["weight"].shape == (K, 64)
+    if method == "rice":
+        assert ckpt["banks"]["ocr"]["weight"].shape == (49408, 64)
+    enc = model_py.load_encoder(os.path.join(run, "ckpt", "latest.pt"))
+    assert torch.equal(enc.state_dict()["conv1.weight"], ckpt["encoder"]["conv1.weight"])
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           SCRIPT, *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def test_two_processes_equal_one(world, tmp_path):
+    # rho = 1: every centre takes part, so the negative sample does not depend on the sharding
+    data, work = world
+    flags = ["--work", work, *TINY, "--batch-size", "8", "--steps", "4", "--log-every", "1", "--rho", "1",
+             "--save-every", "4", "--keep-every", "2"]
+    one, two, mixed = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "mixed")
+    tr.main(flags + ["--run-dir", one])
+    torchrun(flags + ["--run-dir", two])
+    # a two-process run resuming the one-process checkpoint of step 2 (banks saved whole, re-sharded)
+    os.makedirs(os.path.join(mixed, "ckpt"))
+    shutil.copyfile(os.path.join(one, "ckpt", "step_00000002.pt"), os.path.join(mixed, "ckpt", "latest.pt"))
+    torchrun(flags + ["--run-dir", mixed])
+    a, b, c = read_log(one), read_log(two), read_log(mixed)
+    la, lb = np.array([r["loss"] for r in a]), np.array([r["loss"] for r in b])
+    print(f"two processes vs one: losses {la.round(4)} vs {lb.round(4)}")
+    np.testing.assert_allclose(lb, la, rtol=1e-4)
+    np.testing.assert_allclose([r["loss"] for r in c], la[2:], rtol=1e-4)
+    for k in ("object_loss", "ocr_loss", "grad_norm"):
+        np.testing.assert_allclose([r[k] for r in b], [r[k] for r in a], rtol=1e-3)
+    wa = torch.load(os.path.join(one, "ckpt", "latest.pt"), weights_only=True)
+    wb = torch.load(os.path.join(two, "ckpt", "latest.pt"), weights_only=True)
+    assert wb["config"]["world"] == 2
+    for k, v in wa["encoder"].items():
+        torch.testing.assert_close(wb["encoder"][k], v, atol=2e-4, rtol=1e-3)
+    for name in ("object", "ocr"):
+        torch.testing.assert_close(wb["banks"][name]["weight"], wa["banks"][name]["weight"], atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(wb["banks"][name]["exp_avg_sq"], wa["banks"][name]["exp_avg_sq"], atol=1e-6, rtol=1e-2)
+
+
+def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
+    # default rho = 0.1: negatives are sampled, so this also checks that the random streams are restored;
+    # two DataLoader workers, so it checks that the data position does not depend on prefetching
+    data, work = world
+    flags = ["--work", work, *TINY[:-4], "--workers", "2", "--warmup", "2", "--batch-size", "16", "--steps", "14",
+             "--log-every", "1", "--save-every", "3"]
+    ref = str(tmp_path / "ref")
+    tr.main(flags + ["--run-dir", ref])
+    run = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *flags, "--run-dir", run], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = os.path.join(run, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(log_path) and len(read_log(run)) >= 5:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)                 # the trainer and its loader workers
+    proc.wait()
+    killed_at = len(read_log(run))
+    assert not os.path.exists(os.path.join(run, "manifest.json")) and killed_at < 14, "the run ended before the kill"
+    ckpt_step = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)["step"]
+    res = subprocess.run([sys.executable, SCRIPT, *flags, "--run-dir", run], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from" in res.stdout and f"at step {ckpt_step}" in res.stdout
+    a, b = read_log(ref), read_log(run)
+    print(f"killed after {killed_at} logged steps, resumed from the checkpoint of step {ckpt_step}")
+    assert [r["step"] for r in b] == list(range(1, 15))
+    for k in ("loss", "object_loss", "ocr_loss", "grad_norm", "lr"):
+        np.testing.assert_allclose([r[k] for r in b], [r[k] for r in a], rtol=1e-6, atol=1e-7, err_msg=k)
+    wa = torch.load(os.path.join(ref, "ckpt", "latest.pt"), weights_only=True)
+    wb = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)
+    for k, v in wa["encoder"].items():
+        torch.testing.assert_close(wb["encoder"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_nan_stops_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
+    data, work = world
+    run = str(tmp_path / "run")
+    real, calls = tr.compute_losses, {"n": 0}
+
+    def poisoned(*a, **kw):
+        loss, terms = real(*a, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), terms
+
+    monkeypatch.setattr(tr, "compute_losses", poisoned)
+    latest = os.path.join(run, "ckpt", "latest.pt")
+    with pytest.raises(SystemExit) as e:
+        tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--steps", "10", "--save-every", "2",
+                 "--log-every", "1"])
+    msg = str(e.value)
+    print(msg)
+    assert "loss is nan at step 5" in msg and latest in msg
+    ckpt = torch.load(latest, weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
+    assert not os.path.exists(os.path.join(run, "manifest.json"))
+
+
+def test_boxes_move_with_the_pixels():
+    """resize_crop on a non-square image with a painted rectangle: the painted pixels of the output lie
+    exactly in the moved box, for every crop policy and many random crops."""
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        w, h = int(rng.integers(80, 300)), int(rng.integers(80, 300))
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        x1, y1 = int(rng.integers(x0 + 30, min(w, x0 + 120) + 1)), int(rng.integers(y0 + 30, min(h, y0 + 120) + 1))
+        im = Image.new("RGB", (w, h), (0, 0, 0))
+        ImageDraw.Draw(im).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+        for crop in ("center", "random", "squash"):
+            S = 64
+            pixels, boxes, visible = workdir.resize_crop(im, S, [[x0, y0, x1, y1]], crop, np.random.default_rng(trial))
+            assert pixels.shape == (S, S, 3)
+            bx0, by0, bx1, by1 = boxes[0]
+            ys, xs = np.nonzero(pixels[..., 0] > 127)
+            if visible[0] == 0:
+                assert len(xs) == 0 or min(bx1 - bx0, by1 - by0) == 0
+                continue
+            # bicubic blurs edges by about one pixel
+            assert abs(xs.min() - bx0) <= 1.01 and abs(xs.max() + 1 - bx1) <= 1.01, (crop, trial)
+            assert abs(ys.min() - by0) <= 1.01 and abs(ys.max() + 1 - by1) <= 1.01, (crop, trial)
+            if crop == "squash":
+                assert visible[0] == pytest.approx(1.0)
+
+
+def test_dataset_samples_regions_by_the_rules(world, tmp_path):
+    data, work = world
+    args = tr.parse_args(["--work", work, *TINY, "--num-regions", "3"])
+    info = tr.load_stage_outputs(args)
+    rows_path = str(tmp_path / "rows.npy")
+    np.save(rows_path, info["rows"])
+    ds = tr.RegionDataset(work, rows_path, 64, 3, 10, 8, "random", 0.5, 0, True, True, False)
+    reg_off = np.load(os.path.join(work, "regions", "region_offsets.npy"))
+    labels = np.load(os.path.join(work, "clusters", "region_labels.npy"))
+    line_off = np.load(os.path.join(work, "ocr", "line_offsets.npy"))
+    tok_off, toks = np.load(os.path.join(work, "ocr", "token_offsets.npy")), np.load(os.path.join(work, "ocr", "tokens.npy"))
+    seen_padding, seen_subset = False, False
+    for pos in range(len(info["rows"])):
+        item = ds[(0, pos)]
+        again = ds[(0, pos)]
+        assert all(np.array_equal(item[k], again[k]) for k in item if k != "status")   # seeded per sample
+        row = item["row"]
+        assert item["ok"] and item["pixels"].shape == (64, 64, 3)
+        kind, n_obj = item["kind"], reg_off[row + 1] - reg_off[row]
+        n_text = line_off[row + 1] - line_off[row]
+        valid = kind > 0
+        assert (item["boxes"][valid] >= 0).all() and (item["boxes"][valid] <= 64).all()
+        if valid.any():
+            assert valid.all()                                  # fewer than N: padded by resampling to N
+        obj_labels = set(labels[reg_off[row]: reg_off[row + 1]].tolist())
+        assert set(item["object_label"][kind == 1].tolist()) <= obj_labels
+        assert (item["object_label"][kind != 1] == -1).all() and (item["ocr_tokens"][kind != 2] == -1).all()
+        line_tokens = [set(toks[tok_off[k]: tok_off[k + 1]].tolist()) for k in range(line_off[row], line_off[row + 1])]
+        for t in item["ocr_tokens"][kind == 2]:
+            assert set(t[t >= 0].tolist()) in line_tokens
+        if n_obj + n_text > 3 and valid.all():
+            seen_subset = pos
+            rows_of = [tuple(b) for b in item["boxes"]]
+            assert len(set(rows_of)) == 3                       # more than N: N distinct regions
+        if 0 < n_obj + n_text < 3 and valid.all():
+            seen_padding = True
+    assert seen_padding and seen_subset is not False
+    # a new draw of N out of the image's regions every epoch
+    assert len({tuple(ds[(e, seen_subset)]["boxes"].ravel()) for e in range(6)}) > 1
+
+
+def test_corrupt_image_is_logged_and_skipped(world, tmp_path):
+    data, work = world
+    work2 = copy_work(work, tmp_path / "work")
+    table = workdir.read_image_table(work2)
+    victim = table.path(3)
+    backup = victim + ".bak"
+    shutil.copyfile(victim, backup)
+    try:
+        with open(victim, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n broken")
+        run = str(tmp_path / "run")
+        m = tr.main(["--work", work2, "--run-dir", run, *TINY, "--batch-size", "16", "--steps", "6", "--log-every", "3"])
+    finally:
+        shutil.move(backup, victim)
+    assert m["complete"]
+    with open(os.path.join(run, "skipped_images.jsonl")) as f:
+        skipped = [json.loads(line) for line in f]
+    assert skipped and all(s["path"] == victim and s["status"] in ("truncated", "unreadable", "not_image") for s in skipped)
+    assert read_log(run)[-1]["skipped_images"] == 2                # 6 steps x 16 of 48 images: two epochs
+
+
+def test_init_from_hugging_face_dir(world, tmp_path):
+    data, work = world
+    torch.manual_seed(5)
+    src = model_py.VisionEncoder(model_py.preset("tiny", image_size=64))
+    hf = str(tmp_path / "hf")
+    model_py.save_hf(src, hf)
+    run = str(tmp_path / "run")
+    tr.main(["--work", work, "--run-dir", run, "--init-from", hf, "--image-size", "64", "--workers", "0",
+             "--batch-size", "8", "--steps", "1", "--lr", "0", "--warmup", "1"])
+    got = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)["encoder"]
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(got[k], v)                   # lr 0: the released weights, unchanged
+
+
+def test_bad_input_is_refused_at_start(world, tmp_path):
+    data, work = world
+
+    def refused(work_dir, *extra):
+        with pytest.raises(SystemExit) as e:
+            tr.main(["--work", work_dir, "--run-dir", str(tmp_path / "r"), *TINY, "--batch-size", "8", "--steps", "2", *extra])
+        return str(e.value)
+
+    assert "images/ is missing or unfinished: run 01_mine_regions.py" in refused(str(tmp_path / "nowhere"))
+    w = copy_work(work, tmp_path / "w1")
+    shutil.rmtree(os.path.join(w, "clusters"))
+    assert "run 03_cluster.py" in refused(w)
+    w = copy_work(work, tmp_path / "w2")           # 01 rerun after 03: the clusters belong to other features
+    m = workdir.read_manifest(os.path.join(w, "regions"))
+    workdir.write_json(os.path.join(w, "regions", "manifest.json"), {**m, "finished": "2030-01-01T00:00:00+00:00"})
+    assert "rerun 03_cluster.py --force" in refused(w)
+    w = copy_work(work, tmp_path / "w3")           # a label beyond K
+    labels = np.load(os.path.join(w, "clusters", "region_labels.npy"))
+    labels[7] = K
+    workdir.write_npy(os.path.join(w, "clusters", "region_labels.npy"), labels)
+    assert "region labels must be in [0, 16)" in refused(w)
+    w = copy_work(work, tmp_path / "w4")           # an array of the wrong length
+    boxes = np.load(os.path.join(w, "regions", "boxes.npy"))
+    workdir.write_npy(os.path.join(w, "regions", "boxes.npy"), boxes[:-1])
+    assert "do not belong together" in refused(w)
+    w = copy_work(work, tmp_path / "w5")
+    shutil.rmtree(os.path.join(w, "ocr"))
+    assert "run 02_extract_ocr.py (or pass --ocr-weight 0)" in refused(w)
+    assert "larger than the" in refused(work, "--batch-size", "4096")
+    assert "not divisible" in refused(work, "--batch-size", "9", "--accum", "2")
+    # a resume with other settings
+    run = str(tmp_path / "resume")
+    tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--steps", "1"])
+    with pytest.raises(SystemExit, match="other settings"):
+        tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "16", "--steps", "2"])
