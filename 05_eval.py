@@ -1,0 +1,1185 @@
+r"""Stage 05: probes on frozen features, one protocol for every encoder: linear probes and k-NN on image, object
+and text-region features, a dense patch probe, and a t-SNE of region features as in the papers' figures.
+
+One process (GPU if there is one, else CPU):
+    python 05_eval.py --images runs/demo/eval_data/images --coco runs/demo/eval_data/coco.json \
+        --masks runs/demo/eval_data/masks \
+        --encoder trained=runs/demo/train/ckpt/latest.pt --encoder random=random:runs/demo/train/ckpt/latest.pt
+    python 05_eval.py --images /data/coco/val2017 --coco /data/coco/annotations/instances_val2017.json \
+        --encoder rice=/models/rice-vit-large-patch14-560 --encoder clip=openclip:ViT-L-14-336:openai
+    python 05_eval.py --image-folder /data/imagenet-subset --encoder rice=/models/rice-vit-large-patch14-560
+torchrun (feature extraction is sharded over the ranks; rank 0 merges and runs the probes):
+    torchrun --nproc_per_node=8 05_eval.py --images ... --coco ... --encoder ...
+
+Encoders (`--encoder NAME=SPEC`, repeatable; a bare SPEC gets a name derived from it):
+    path/to/ckpt.pt              a kit checkpoint (04's training checkpoints, model.encoder_checkpoint files)
+    path/to/hf_dir               a Hugging Face MLCD / RICE folder (config.json + safetensors)
+    random:<ckpt or hf_dir>      the same architecture at random initialisation (torch.manual_seed(--seed))
+    openclip:<arch>:<pretrained> an open_clip model; <pretrained> is a tag, a local weights file, or `none`
+                                 (`--clip-config` registers a model-config JSON, as in 01)
+Kit / HF encoders: image feature = class_embedding (ln_post(CLS), then the loss head if the checkpoint has
+one), patch tokens = patch_tokens (the last hidden state, row-major over the grid), region feature = the
+RICE region path's region_embeddings for the box (only when region_blocks > 0). open_clip: image feature =
+the image tower's pooled, projected output; patch tokens = its ln_post'ed patch tokens (output_tokens).
+
+Input: workdir.resize_crop(crop="center") (short side to --image-size, centre square; the boxes move with the
+pixels), then CLIP's mean and std (workdir.normalize; open_clip models use their own configured mean and
+std, the same numbers for OpenAI weights). --image-size defaults to the kit encoder's image_size; open_clip
+models always run at their configured size (their position embeddings are fixed). Unreadable images get a
+status (as in the image table) and are left out of every probe; they never stop a run.
+
+Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images). Annotations of the category
+named --text-category ("text") are text boxes, with the word in their "text" field; the others are objects
+(iscrowd boxes are groups, not objects: left out of the probes).
+Optional --masks DIR: per image a uint8 PNG of the same name, 0 = background, k = the image's k-th annotation
+in the COCO file's order (00_make_demo_data.py writes these). Or --image-folder ROOT: one class per
+sub-folder, image-level probe only. The images are split into probe-train and probe-test by --seed
+(--test-fraction 0.3), and a validation part (--val-fraction 0.2 of probe-train) is carved from probe-train
+for the regularisation search; the split depends only on the image list, so every encoder gets the same one.
+
+Probes (frozen features, each L2-normalised):
+    image      label = category of the image's largest object annotation (images without objects are left
+               out), or the --image-folder class; linear probe and k-NN, top-1 accuracy
+    objects    object boxes, two feature kinds: "region" (the region path; kit/HF encoders with region_blocks
+               > 0) and "pooled" (the mean of the patch tokens whose centre lies in the box, else the patch
+               holding the box centre: model.box_patch_mask's rule, for every encoder alike); linear probe
+               and k-NN over the object classes. Boxes with less than --min-visible (0.5) of their area
+               inside the centre crop are left out (counted).
+    ocr        text boxes, the same two kinds: labels = the word's CLIP BPE token ids exactly as 02 makes them
+               (unique, at most --max-tokens 10); a multi-label linear probe (one BCE output per token id seen
+               in probe-train) -> recall@5 (share of a box's token ids among its 5 highest scores, averaged
+               over probe-test boxes), and word k-NN accuracy (exact word, case-insensitive)
+    dense      (with --masks) the semantic class of each patch = the majority of its pixels' classes after the
+               same resize and crop (background and text are classes too); a linear classifier on the patch
+               tokens -> mIoU over the classes present in the probe-test patches, and patch accuracy
+Linear probes follow CLIP's protocol (Radford et al. 2021, App. A.3): L2-regularised logistic regression
+(sklearn's objective 0.5 |W|^2 + C sum(loss), full-batch L-BFGS in torch from zero, stopped as sklearn stops
+at a max-abs gradient of 1e-4, at most --probe-iters 1000 iterations) fitted on probe-train minus validation
+for C in 10^-2 .. 10^6 (one per decade), then --c-refine rounds of a halving step around the best validation
+score, then refitted on all of probe-train with the best C (the smallest C among ties) and scored once on
+probe-test. The dense probe trains on a seeded subsample of --dense-max-patches (5,000) probe-train patches
+and keeps the searched model (no refit): full-batch fits over every patch are what costs on a CPU. k-NN:
+cosine similarity, the --knn-k (10) nearest probe-train samples vote with weight exp(cos / --knn-temperature)
+(DINO's weighted k-NN). Each probe also reports the majority-class (OCR: most frequent tokens) baseline.
+
+Writes --out (default runs/demo/eval):
+    report.json          per encoder and probe: metrics, counts, settings, C search, timings; data counts
+    report.md            a Markdown table, one row per encoder (also printed at the end)
+    tsne_<encoder>.png   t-SNE of the probe-test objects' region features ("pooled" without a region path),
+                         coloured by class, or, with more than --tsne-max-colours classes, one panel per
+                         category field (the demo's shape, colour, texture); at most --tsne-max points
+    features/<encoder>/  the extracted features (resumable chunks, then merged .npy and a manifest): a rerun
+                         with the same encoder, data and settings reuses them, and when the report too was
+                         made from them with the same settings it is only printed again (--force recomputes)
+Feature arrays: image_features (n, D) float32, ann_offsets (CSR over the COCO annotations of each image, in
+file order; zero rows for unreadable images), pooled / region (A, D) float32, with --masks patch_offsets,
+dense_tokens (fp16) and dense_labels (category id, 0 background, -1 unknown). Memory for the dense probe:
+images x patches x width x 2 bytes (400 demo images at 112 px: 10 MB; 5,000 images at 560 px, ViT-L: 16 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workdir  # noqa: E402
+
+# defaults -------------------------------------------------------------------------------------------------
+OUT = "runs/demo/eval"
+TEST_FRACTION = 0.3          # share of the images in probe-test
+VAL_FRACTION = 0.2           # share of probe-train held out for the regularisation search
+SEED = 0
+BATCH_SIZE = 32
+CHUNK_SIZE = 256             # images per resumable chunk of feature extraction
+KNN_K = 10
+KNN_TEMPERATURE = 0.07       # DINO's weighted k-NN
+C_GRID = [10.0 ** e for e in range(-2, 7)]     # CLIP searched 1e-6..1e6; below 1e-2 nothing is learnt on unit features
+C_REFINE = 2                 # halving rounds around the best C (half, then quarter decade)
+PROBE_ITERS = 1000           # L-BFGS iterations per fit at most (CLIP's max_iter)
+TOL_GRAD = 1e-4              # L-BFGS stops at this max-abs gradient of the mean loss (sklearn's tol)
+MIN_VISIBLE = 0.5            # boxes with less of their area inside the centre crop are left out
+MAX_TOKENS = 10              # as 02_extract_ocr.py: unique CLIP BPE ids per word, at most M = 10
+RECALL_AT = 5
+DENSE_MAX_PATCHES = 5_000    # training patches of the dense probe (a seeded subsample; raise it on a GPU)
+TSNE_MAX = 2000
+TSNE_MAX_COLOURS = 20
+TEXT_CATEGORY = "text"
+
+EVAL_STATUS = workdir.IMAGE_STATUS[:-1] + ["missing", "error"]   # ok, not_image, ..., too_large, missing, error
+MASK_STATUS = ["ok", "missing", "unreadable", "wrong_size", "none"]
+GENERIC_NAMES = {"latest", "last", "final", "best", "model", "checkpoint", "ckpt", "checkpoints", "export"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", action="append", default=[], metavar="NAME=SPEC",
+                   help="repeatable: a kit .pt, an HF folder, random:<ckpt|dir>, openclip:<arch>:<pretrained>")
+    p.add_argument("--images", help="image folder; COCO file_name entries are relative to it")
+    p.add_argument("--coco", help="COCO detection JSON with the boxes and categories")
+    p.add_argument("--masks", help="folder of per-image instance-id PNGs (00_make_demo_data.py's masks/)")
+    p.add_argument("--image-folder", help="instead of --images/--coco: ROOT/<class>/<image> (image probe only)")
+    p.add_argument("--text-category", default=TEXT_CATEGORY, help="COCO category name of the text boxes")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--image-size", type=int, help="input size for kit / HF encoders (default: their image_size)")
+    p.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    p.add_argument("--seed", type=int, default=SEED, help="the split, random: encoders, subsamples, t-SNE")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--knn-k", type=int, default=KNN_K)
+    p.add_argument("--knn-temperature", type=float, default=KNN_TEMPERATURE)
+    p.add_argument("--c-refine", type=int, default=C_REFINE, help="halving rounds of the C search")
+    p.add_argument("--probe-iters", type=int, default=PROBE_ITERS, help="L-BFGS iterations per fit")
+    p.add_argument("--min-visible", type=float, default=MIN_VISIBLE)
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--dense-max-patches", type=int, default=DENSE_MAX_PATCHES)
+    p.add_argument("--tsne-max", type=int, default=TSNE_MAX, help="t-SNE points (0: no t-SNE figure)")
+    p.add_argument("--tsne-max-colours", type=int, default=TSNE_MAX_COLOURS)
+    p.add_argument("--tsne-color-by", default="auto", help="auto, class, or one category field such as shape")
+    p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="encoder forward precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--force", action="store_true", help="recompute features even if a finished set matches")
+    args = p.parse_args(argv)
+    if not args.encoder:
+        raise SystemExit("error: pass at least one --encoder NAME=SPEC (a kit .pt, an HF folder, random:<...>, "
+                         "openclip:<arch>:<pretrained>)")
+    if args.image_folder:
+        if args.coco or args.masks:
+            raise SystemExit("error: --image-folder replaces --images/--coco/--masks; pass one or the other")
+    elif not (args.images and args.coco):
+        raise SystemExit("error: pass --images DIR and --coco FILE (or --image-folder ROOT)")
+    for flag in ("images", "image_folder", "masks"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(path):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {path}: no such folder")
+    if args.coco and not os.path.isfile(args.coco):
+        raise SystemExit(f"error: --coco {args.coco}: no such file")
+    if not 0 < args.test_fraction < 1 or not 0 < args.val_fraction < 1:
+        raise SystemExit("error: --test-fraction and --val-fraction must be in (0, 1)")
+    if min(args.batch_size, args.chunk_size, args.knn_k, args.max_tokens, args.probe_iters) < 1:
+        raise SystemExit("error: --batch-size, --chunk-size, --knn-k, --max-tokens and --probe-iters must be >= 1")
+    if not 0 <= args.min_visible <= 1 or args.c_refine < 0 or args.knn_temperature <= 0:
+        raise SystemExit("error: --min-visible must be in [0, 1], --c-refine >= 0, --knn-temperature > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Data:
+    root: str
+    files: list                 # image paths relative to root, item order
+    ann_offsets: np.ndarray     # CSR: annotations of item i are rows ann_offsets[i]:ann_offsets[i+1]
+    boxes: np.ndarray           # float32 (A, 4) x0 y0 x1 y1, original pixels
+    category: np.ndarray        # int64 (A,) COCO category id
+    is_text: np.ndarray         # bool (A,)
+    words: list                 # str or None per annotation (text boxes)
+    area: np.ndarray            # float64 (A,)
+    crowd: np.ndarray           # bool (A,): COCO iscrowd boxes (groups, not objects): left out of the probes
+    image_label: np.ndarray     # int64 (n,): category id of the largest object / folder class index, -1 none
+    class_names: dict           # label id -> name
+    categories: dict            # category id -> COCO category dict
+    masks: str | None
+    fingerprint: str
+    source: dict
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_coco(images: str, coco_path: str, masks: str | None, text_category: str) -> Data:
+    try:
+        with open(coco_path) as f:
+            coco = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --coco {coco_path}: not readable JSON ({e})")
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
+        raise SystemExit(f"error: --coco {coco_path} is not a COCO detection file (needs images, annotations, "
+                         "categories)")
+    if not coco["images"]:
+        raise SystemExit(f"error: --coco {coco_path} lists no images")
+    categories = {c["id"]: c for c in coco["categories"]}
+    text_ids = {c["id"] for c in coco["categories"] if c.get("name") == text_category}
+    by_image = {}
+    for a in coco["annotations"]:                 # file order within each image: the masks' instance ids
+        by_image.setdefault(a["image_id"], []).append(a)
+    files, counts, boxes, cats, words, areas, crowd, labels = [], [], [], [], [], [], [], []
+    for im in coco["images"]:
+        files.append(im["file_name"])
+        anns = by_image.get(im["id"], [])
+        counts.append(len(anns))
+        best, best_area = -1, -1.0
+        for a in anns:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            boxes.append([x, y, x + w, y + h])
+            cats.append(a["category_id"])
+            text = a["category_id"] in text_ids
+            words.append(str(a.get("text")) if text and a.get("text") else None)
+            area = float(a.get("area") or w * h)
+            areas.append(area)
+            crowd.append(bool(a.get("iscrowd", 0)))
+            if not text and not crowd[-1] and area > best_area:
+                best, best_area = a["category_id"], area
+        labels.append(best)
+    unknown = sorted({c for c in cats if c not in categories})
+    if unknown:
+        raise SystemExit(f"error: --coco {coco_path}: annotations use category ids {unknown[:5]} that are not in "
+                         "its categories")
+    fp = hashlib.sha1(f"{os.path.abspath(images)}\0{file_digest(coco_path)}\0{os.path.abspath(masks or '')}".encode())
+    return Data(root=os.path.abspath(images), files=files, ann_offsets=workdir.offsets_from_counts(counts),
+                boxes=np.asarray(boxes, np.float32).reshape(-1, 4), category=np.asarray(cats, np.int64),
+                is_text=np.array([c in text_ids for c in cats], bool), words=words,
+                area=np.asarray(areas, np.float64), crowd=np.asarray(crowd, bool),
+                image_label=np.asarray(labels, np.int64),
+                class_names={i: c.get("name", str(i)) for i, c in categories.items()}, categories=categories,
+                masks=masks, fingerprint=fp.hexdigest(),
+                source={"images": os.path.abspath(images), "coco": os.path.abspath(coco_path),
+                        "masks": os.path.abspath(masks) if masks else None})
+
+
+def read_image_folder(root: str) -> Data:
+    root_abs, paths = workdir.list_inputs(root)        # SystemExit when the folder is empty
+    files = [p for p in paths if os.sep in p]
+    classes = sorted({p.split(os.sep)[0] for p in files})
+    if len(classes) < 2:
+        raise SystemExit(f"error: --image-folder {root}: needs images in at least two class sub-folders, found "
+                         f"{len(classes)} ({len(paths)} files)")
+    if len(files) < len(paths):
+        workdir.say(f"warning: {len(paths) - len(files)} files directly in {root} belong to no class: left out")
+    labels = np.array([classes.index(p.split(os.sep)[0]) for p in files], np.int64)
+    fp = hashlib.sha1(("\0".join([root_abs] + files)).encode()).hexdigest()
+    return Data(root=root_abs, files=files, ann_offsets=np.zeros(len(files) + 1, np.int64),
+                boxes=np.zeros((0, 4), np.float32), category=np.zeros(0, np.int64), is_text=np.zeros(0, bool),
+                words=[], area=np.zeros(0), crowd=np.zeros(0, bool), image_label=labels,
+                class_names=dict(enumerate(classes)),
+                categories={}, masks=None, fingerprint=fp, source={"image_folder": root_abs})
+
+
+def split_images(n: int, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
+    """Per image 0 = probe-train, 1 = validation (part of probe-train), 2 = probe-test; from the seed only."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round((n - n_test) * val_fraction))
+    split = np.zeros(n, np.int8)
+    split[perm[:n_test]] = 2
+    split[perm[n_test: n_test + n_val]] = 1
+    return split
+
+
+def crop_geometry(w: int, h: int, size: int):
+    """(resized width, height, left, top) of workdir.resize_crop(crop="center"): the same arithmetic."""
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
+def visible_share(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Share of each box's area inside the centre square crop, on the original image (no resampling): the
+    same for every encoder and input size, so all encoders see the same boxes."""
+    s = min(w, h)
+    _, _, left, top = crop_geometry(w, h, s)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    c = np.clip(b - [left, top, left, top], 0, s)
+    kept = np.clip(c[:, 2] - c[:, 0], 0, None) * np.clip(c[:, 3] - c[:, 1], 0, None)
+    return np.where(area > 0, kept / np.maximum(area, 1e-12), 0.0)
+
+
+def patch_labels(inst: np.ndarray, sem_of_inst: np.ndarray, size: int, patch: int) -> np.ndarray:
+    """Instance-id mask (h, w) -> the semantic class of each patch of the centre crop (row-major), by majority of
+    its pixels after the same resize and crop as the image (nearest neighbour for labels). sem_of_inst maps an
+    instance id to its category id (0 background, -1 unknown); a tie goes to the smaller class id."""
+    from PIL import Image
+    h, w = inst.shape
+    nw, nh, left, top = crop_geometry(w, h, size)
+    m = np.asarray(Image.fromarray(inst).resize((nw, nh), Image.NEAREST))[top: top + size, left: left + size]
+    sem = sem_of_inst[m]
+    g = size // patch
+    blocks = sem[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    values, inv = np.unique(blocks, return_inverse=True)
+    counts = np.zeros((g * g, len(values)), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(g * g), blocks.shape[1]), inv.ravel()), 1)
+    return values[counts.argmax(1)].astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encoders
+
+
+def parse_encoder(text: str) -> tuple[str, str]:
+    """'NAME=SPEC' or 'SPEC' -> (name, spec); names are file-safe."""
+    name, spec = None, text
+    if "=" in text:
+        left, right = text.split("=", 1)
+        if re.fullmatch(r"[\w.-]+", left):
+            name, spec = left, right
+    if name is None:
+        if spec.startswith("openclip:"):
+            name = "openclip-" + spec.split(":")[1]
+        else:
+            body = spec[len("random:"):] if spec.startswith("random:") else spec
+            parts = [p for p in os.path.normpath(body).split(os.sep) if p not in ("", ".", "..")]
+            stem = os.path.splitext(parts[-1])[0] if parts else "encoder"
+            ancestors = [p for p in parts[:-1] if p.lower() not in GENERIC_NAMES]
+            if stem.lower() in GENERIC_NAMES and ancestors:
+                stem = f"{ancestors[-1]}-{stem}"
+            name = ("random-" if spec.startswith("random:") else "") + stem
+    return re.sub(r"[^\w.-]+", "-", name), spec
+
+
+def checkpoint_config(path: str):
+    """The kit ViTConfig of a kit checkpoint or an HF folder, without building the model."""
+    import torch
+    import model as kit
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise SystemExit(f"error: {path} is a folder without config.json: not an MLCD Hugging Face folder")
+        with open(cfg_file) as f:
+            return kit.hf_config_to_kit(json.load(f))
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no encoder at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "encoder_config" not in ckpt:
+        raise SystemExit(f"error: {path} is not a kit checkpoint (no encoder_config)")
+    return kit.ViTConfig(**ckpt["encoder_config"])
+
+
+def encoder_identity(spec: str) -> dict:
+    """What the features depend on besides the settings: a changed checkpoint file must not reuse old ones."""
+    if spec.startswith("openclip:"):
+        parts = spec.split(":", 2)
+        pre = parts[2] if len(parts) > 2 else ""
+        paths = [pre] if os.path.exists(pre) else []
+    else:
+        paths = [spec[len("random:"):] if spec.startswith("random:") else spec]
+    ident = {"spec": spec}
+    for p in paths:
+        files = [p] if os.path.isfile(p) else sorted(os.path.join(p, f) for f in os.listdir(p))
+        ident[os.path.abspath(p)] = [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))]
+                                     for f in files if os.path.isfile(f)]
+    return ident
+
+
+class KitEncoder:
+    """model.VisionEncoder (kit checkpoint, HF folder, or random init)."""
+
+    def __init__(self, spec: str, args, device):
+        import torch
+        import model as kit
+        if spec.startswith("random:"):
+            cfg = checkpoint_config(spec[len("random:"):])
+            torch.manual_seed(args.seed)
+            self.model, self.kind = kit.VisionEncoder(cfg), "random"
+        else:
+            try:
+                self.model, self.kind = kit.load_encoder(spec), "kit"
+            except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+                raise SystemExit(f"error: --encoder {spec}: {e}")
+        cfg = self.model.cfg
+        self.size = args.image_size or cfg.image_size
+        if self.size % cfg.patch_size:
+            raise SystemExit(f"error: --image-size {self.size} is not a multiple of the patch size {cfg.patch_size} "
+                             f"of {spec}")
+        self.patch, self.has_region = cfg.patch_size, cfg.region_blocks > 0
+        self.image_dim = self.region_dim = cfg.embed_dim or cfg.width
+        self.token_dim = cfg.width
+        self.params = self.model.num_params()
+        self.model.to(device).eval()
+        self.device, self.torch = device, torch
+
+    def __call__(self, pixels, boxes, valid):
+        """uint8 (B, S, S, 3) -> image (B, Di), patch tokens (B, P, Dt), regions (B, N, Dr) or None."""
+        out = self.model(workdir.normalize(pixels.to(self.device)), boxes, valid)
+        return out.class_embedding, out.patch_tokens, out.region_embeddings
+
+    def info(self):
+        return {"kind": self.kind, "image_size": self.size, "patch_size": self.patch, "region_path": self.has_region,
+                "image_dim": self.image_dim, "token_dim": self.token_dim, "params": self.params,
+                "config": {k: v for k, v in vars(self.model.cfg).items()}}
+
+
+class OpenClipEncoder:
+    """An open_clip model's image tower: pooled (projected) output and its patch tokens."""
+
+    def __init__(self, spec: str, args, device):
+        import torch
+        import open_clip
+        rest = spec[len("openclip:"):]
+        if rest.startswith("hf-hub:") and rest.count(":") == 1:
+            arch, pretrained = rest, None
+        elif ":" in rest:
+            arch, pretrained = rest.rsplit(":", 1)
+        else:
+            arch, pretrained = rest, None
+        if pretrained and pretrained.lower() in ("none", "random"):
+            pretrained = None
+        if args.clip_config:
+            open_clip.add_model_config(args.clip_config)
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        except Exception as e:            # unknown model name or tag, bad weights file: the user must fix it
+            raise SystemExit(f"error: --encoder {spec}: open_clip could not build it: {type(e).__name__}: {e}")
+        visual = model.visual
+        if not hasattr(visual, "output_tokens") or not hasattr(visual, "patch_size"):
+            raise SystemExit(f"error: --encoder {spec}: the image tower ({type(visual).__name__}) gives no patch "
+                             "tokens; 05 needs an open_clip VisionTransformer")
+        visual.output_tokens = True                  # forward -> (pooled, tokens)
+        self.model, self.kind = visual.eval(), "openclip"
+        size = visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.patch = int(visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size)
+        if args.image_size and args.image_size != self.size:
+            workdir.say(f"note: {spec} runs at its configured {self.size} px, not --image-size {args.image_size} "
+                        "(fixed position embeddings)")
+        pp = getattr(visual, "preprocess_cfg", {}) or {}
+        mean, std = pp.get("mean", workdir.IMAGE_MEAN), pp.get("std", workdir.IMAGE_STD)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.has_region = False
+        self.image_dim = int(visual.output_dim)
+        self.token_dim = int(visual.transformer.width)
+        self.params = sum(p.numel() for p in visual.parameters())
+        self.device, self.spec = device, spec
+
+    def __call__(self, pixels, boxes, valid):
+        x = pixels.to(self.device).permute(0, 3, 1, 2).float()
+        pooled, tokens = self.model((x - self.mean) / self.std)
+        g = self.size // self.patch
+        if tokens.shape[1] != g * g:
+            raise SystemExit(f"error: --encoder {self.spec}: {tokens.shape[1]} output tokens, not a {g}x{g} grid "
+                             "(attention-pooled towers are not supported)")
+        return pooled, tokens, None
+
+    def info(self):
+        return {"kind": self.kind, "image_size": self.size, "patch_size": self.patch, "region_path": False,
+                "image_dim": self.image_dim, "token_dim": self.token_dim, "params": self.params,
+                "mean": (self.mean.flatten() / 255).tolist(), "std": (self.std.flatten() / 255).tolist()}
+
+
+def build_encoder(spec: str, args, device):
+    return OpenClipEncoder(spec, args, device) if spec.startswith("openclip:") else KitEncoder(spec, args, device)
+
+
+def pool_in_boxes(tokens, boxes, grid: int, patch: int):
+    """Mean patch token inside each box: patches whose centre lies in the closed box, else the patch holding
+    the box centre (model.box_patch_mask). tokens (B, P, D), boxes (B, N, 4) input pixels -> (B, N, D)."""
+    import model as kit
+    mask = kit.box_patch_mask(boxes, grid, grid, patch).to(tokens.dtype)
+    return (mask @ tokens) / mask.sum(-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# feature extraction (sharded over ranks, resumable)
+
+
+def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]:
+    """Features of every image for one encoder into <out>/features/<name>/; returns (arrays, encoder info)."""
+    rank, world = workdir.dist_info()
+    folder = os.path.join(args.out, "features", name)
+    key = {"encoder": encoder_identity(spec), "image_size": args.image_size, "seed": args.seed,
+           "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "version": 1}
+    key = json.loads(json.dumps(key))
+    done = workdir.read_manifest(folder)
+    workdir.barrier()                       # every rank has read the manifest before rank 0 may remove it
+    reuse = bool(done and done.get("complete") and done.get("key") == key and not args.force)
+    t0 = time.time()
+    if reuse:
+        workdir.say(f"{name}: reusing the features in {folder} (--force recomputes)")
+        info = done["encoder"]
+    else:
+        if rank == 0 and done:
+            os.remove(os.path.join(folder, "manifest.json"))
+        os.makedirs(folder, exist_ok=True)
+        enc = build_encoder(spec, args, device)
+        info = enc.info()
+        amp = (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"))
+        process = make_process(enc, data, args, amp)
+        num_chunks, _ = workdir.run_chunks(folder, len(data.files), args.chunk_size, process,
+                                           f"features {name}", {**key, "chunk_size": args.chunk_size})
+        workdir.barrier()
+        if rank == 0:
+            per_row = {"pooled": "ann_counts"}
+            if enc.has_region:
+                per_row["region"] = "ann_counts"
+            if data.masks:
+                per_row.update({"dense_tokens": "patch_counts", "dense_labels": "patch_counts"})
+            per_image = ["status", "size", "image_features"] + (["mask_status"] if data.masks else [])
+            workdir.merge_chunks(folder, num_chunks, per_image, per_row)
+            workdir.finish_stage(folder, {"stage": "eval_features", "name": name, "key": key, "encoder": info,
+                                          "extract_s": round(time.time() - t0, 2)})
+        workdir.barrier()
+        del enc
+    if rank != 0:
+        return {}, info
+    names = ["status", "size", "image_features", "ann_offsets", "pooled"] + \
+        (["region"] if info["region_path"] else []) + \
+        (["mask_status", "patch_offsets", "dense_tokens", "dense_labels"] if data.masks else [])
+    arrays = {n: workdir.load(folder, n) for n in names}
+    info = {**info, "extract_s": None if reuse else round(time.time() - t0, 2), "reused": reuse, "key": key}
+    return arrays, info
+
+
+def make_process(enc, data: Data, args, amp: bool):
+    """The per-chunk work for workdir.run_chunks: decode, resize/crop, batch, encode, pool in boxes."""
+    import torch
+    S, p = enc.size, enc.patch
+    grid = S // p
+    category_lut = data.category
+
+    def process(start, end):
+        n = end - start
+        status = np.zeros(n, np.uint8)
+        size = np.zeros((n, 2), np.int32)
+        image_feats = np.zeros((n, enc.image_dim), np.float32)
+        counts = np.diff(data.ann_offsets[start: end + 1]).astype(np.int64)
+        A0 = data.ann_offsets[start]
+        pooled = np.zeros((int(counts.sum()), enc.token_dim), np.float32)
+        region = np.zeros((int(counts.sum()), enc.region_dim), np.float32) if enc.has_region else None
+        mask_status = np.full(n, MASK_STATUS.index("none"), np.uint8)
+        dense_tok, dense_lab = [None] * n, [None] * n
+        ready = []                                    # (j, pixels, boxes) of the readable images
+        for j, i in enumerate(range(start, end)):
+            path = os.path.join(data.root, data.files[i])
+            if not os.path.isfile(path):
+                status[j] = EVAL_STATUS.index("missing")
+                continue
+            img, st = workdir.open_image(path)
+            if img is None:
+                status[j] = EVAL_STATUS.index(st)
+                continue
+            try:
+                a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
+                pixels, boxes, _ = workdir.resize_crop(img, S, data.boxes[a:b], crop="center")
+                size[j] = img.size
+                if data.masks:
+                    dense_lab[j] = read_patch_labels(data, i, img.size, S, p, mask_status, j, category_lut)
+                ready.append((j, pixels, boxes))
+            except Exception as e:                   # one odd image must not stop the run: record it
+                status[j] = EVAL_STATUS.index("error")
+                print(f"error on {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        for s in range(0, len(ready), args.batch_size):
+            batch = ready[s: s + args.batch_size]
+            B, N = len(batch), max(len(bx) for _, _, bx in batch)
+            pixels = torch.from_numpy(np.stack([px for _, px, _ in batch]))
+            boxes = torch.zeros(B, N, 4)
+            valid = torch.zeros(B, N, dtype=torch.bool)
+            for k, (_, _, bx) in enumerate(batch):
+                boxes[k, :len(bx)] = torch.from_numpy(bx)
+                valid[k, :len(bx)] = True
+            with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=amp):
+                img_f, tokens, regions = enc(pixels, boxes.to(enc.device) if N else None,
+                                             valid.to(enc.device) if N else None)
+                tokens = tokens.float()
+                pool = pool_in_boxes(tokens, boxes.to(tokens.device), grid, p) if N else None
+            img_f = img_f.float().cpu().numpy()
+            tokens_np = tokens.cpu().numpy()
+            for k, (j, _, bx) in enumerate(batch):
+                image_feats[j] = img_f[k]
+                lo = data.ann_offsets[start + j] - A0
+                if len(bx):
+                    pooled[lo: lo + len(bx)] = pool[k, :len(bx)].cpu().numpy()
+                    if region is not None:
+                        region[lo: lo + len(bx)] = regions[k, :len(bx)].float().cpu().numpy()
+                if data.masks and dense_lab[j] is not None:
+                    dense_tok[j] = tokens_np[k].astype(np.float16)
+        out = {"status": status, "size": size, "image_features": image_feats, "ann_counts": counts,
+               "pooled": pooled}
+        if region is not None:
+            out["region"] = region
+        if data.masks:
+            have = [j for j in range(n) if dense_tok[j] is not None]
+            out["mask_status"] = mask_status
+            out["patch_counts"] = np.array([grid * grid if dense_tok[j] is not None else 0 for j in range(n)],
+                                           np.int64)
+            out["dense_tokens"] = (np.concatenate([dense_tok[j] for j in have]) if have
+                                   else np.zeros((0, enc.token_dim), np.float16))
+            out["dense_labels"] = (np.concatenate([dense_lab[j] for j in have]) if have else np.zeros(0, np.int32))
+        return out
+
+    return process
+
+
+def read_patch_labels(data: Data, i: int, image_size, S: int, p: int, mask_status, j: int, category_lut):
+    """The patch classes of item i from its mask PNG, or None (with a mask status) when it is unusable."""
+    from PIL import Image
+    path = os.path.join(data.masks, data.files[i])
+    if not os.path.isfile(path):
+        mask_status[j] = MASK_STATUS.index("missing")
+        return None
+    try:
+        with Image.open(path) as m:
+            inst = np.asarray(m.convert("L") if m.mode not in ("L", "P") else m, np.uint8)
+    except Exception:
+        mask_status[j] = MASK_STATUS.index("unreadable")
+        return None
+    if inst.shape != (image_size[1], image_size[0]):
+        mask_status[j] = MASK_STATUS.index("wrong_size")
+        return None
+    a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
+    lut = np.full(256, -1, np.int64)               # instance id -> category id; ids past the annotations: unknown
+    lut[0] = 0
+    lut[1: 1 + min(b - a, 255)] = category_lut[a: a + min(b - a, 255)]
+    mask_status[j] = MASK_STATUS.index("ok")
+    return patch_labels(inst, lut, S, p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probes
+
+
+def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(train_x, train_y, test_x, k: int, temperature: float, device="cpu", block: int = 4096):
+    """Weighted k-NN on cosine similarity: the k most similar training rows vote with exp(cos / T).
+    Labels are ints 0..C-1; returns predicted labels. Rows must be L2-normalised."""
+    import torch
+    tr = torch.as_tensor(train_x, device=device)
+    ty = torch.as_tensor(train_y, device=device, dtype=torch.long)
+    C = int(ty.max()) + 1
+    k = min(k, len(tr))
+    out = []
+    for s in range(0, len(test_x), block):
+        sims = torch.as_tensor(test_x[s: s + block], device=device) @ tr.T
+        top, idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(sims), C, device=device, dtype=torch.float64)
+        votes.scatter_add_(1, ty[idx], torch.exp(top.double() / temperature))
+        out.append(votes.argmax(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+@dataclass
+class Linear:
+    W: object                    # (d, K) torch tensor
+    b: object                    # (K,)
+    iters: int                   # L-BFGS iterations used (the cap: stopped before the tolerance was met)
+
+
+def fit_linear(x, y, C: float, num_outputs: int, multilabel: bool = False, iters: int = PROBE_ITERS,
+               tol: float = TOL_GRAD, device="cpu") -> Linear:
+    """L2-regularised logistic regression with sklearn's objective 0.5 |W|^2 + C sum_i loss_i (bias not
+    penalised), divided by C n: mean loss + |W|^2 / (2 C n). Softmax cross-entropy over num_outputs classes
+    (y int, -1 = no class: left out) or, multilabel, the sum of per-output BCE (y multi-hot (n, num_outputs)).
+    Full-batch L-BFGS (strong-Wolfe line search) from zero, stopped as sklearn stops: max-abs gradient below
+    `tol` (sklearn's default 1e-4), or after `iters` iterations (CLIP: 1000)."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.as_tensor(x, device=device, dtype=torch.float32)
+    y = torch.as_tensor(y, device=device)
+    if not multilabel:
+        keep = y >= 0
+        x, y = x[keep], y[keep].long()
+    n, d = x.shape
+    # centred features: the same optimum (the unpenalised bias absorbs the mean, folded back below), but the
+    # bias no longer couples to W along the mean direction, which L-BFGS otherwise crawls along on nearly
+    # collinear features (untrained encoders)
+    mu = x.mean(0) if n else torch.zeros(d, device=device)
+    x = x - mu
+    W = torch.zeros(d, num_outputs, device=device, requires_grad=True)
+    b = torch.zeros(num_outputs, device=device, requires_grad=True)
+    lam = 1.0 / (C * max(n, 1))
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=2 * iters, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ W + b
+        if multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum") / n
+        else:
+            loss = F.cross_entropy(logits, y)
+        loss = loss + 0.5 * lam * (W * W).sum()
+        loss.backward()
+        return loss
+
+    if n:
+        with torch.enable_grad():
+            opt.step(closure)
+    used = int(opt.state[W].get("n_iter", 0)) if n else 0
+    W, b = W.detach(), b.detach()
+    return Linear(W, b - mu @ W, used)
+
+
+def linear_scores(x, m: Linear, device="cpu"):
+    import torch
+    return (torch.as_tensor(x, device=device, dtype=torch.float32) @ m.W + m.b).cpu().numpy()
+
+
+def search_c(fit, score, grid=C_GRID, refine: int = C_REFINE) -> tuple[float, list, Linear]:
+    """CLIP's search: every decade of `grid`, then `refine` rounds that halve the step around the best.
+    fit(C) -> model, score(model) -> validation score (higher is better). Returns (best C, [(C, score)] in the
+    order tried, the best C's model); among equal scores the smallest C (the strongest regularisation) wins."""
+    tried, models = {}, {}
+    for C in grid:
+        models[C] = fit(C)
+        tried[C] = score(models[C])
+
+    def best():
+        top = max(tried.values())
+        return min(c for c, v in tried.items() if v == top)
+
+    step = 1.0
+    for _ in range(refine):
+        step /= 2
+        c0 = best()
+        for C in (c0 / 10 ** step, c0 * 10 ** step):
+            if C not in tried:
+                models[C] = fit(C)
+                tried[C] = score(models[C])
+    c = best()
+    return c, [(float(k), float(v)) for k, v in tried.items()], models[c]
+
+
+def encode_labels(*arrays):
+    """Labels (any hashable) -> ints 0..C-1 over the classes of arrays[0] (probe-train), -1 for a class it does
+    not have (a probe-test sample of such a class always counts as wrong)."""
+    classes = sorted(set(arrays[0].tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [np.array([index.get(v, -1) for v in a.tolist()], np.int64) for a in arrays]
+
+
+def classification_probe(x, labels, split, args, device) -> dict:
+    """Linear probe (CLIP protocol) and weighted k-NN, top-1 accuracy. x: L2-normalised rows; labels: ints or
+    strings; split per row: 0 train, 1 validation (part of probe-train), 2 probe-test."""
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
+    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
+    counts["classes"] = len(classes)
+    counts["test_of_unseen_classes"] = int((y_te < 0).sum())
+    if counts["test"] == 0 or len(classes) < 2:
+        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 classes in probe-train",
+                "counts": counts}
+    res = {"counts": counts, "majority_top1": float((y_te == np.bincount(y_full).argmax()).mean())}
+    # linear: C searched train -> validation, refitted on train + validation, scored once on probe-test
+    if counts["val"] and len(set(y_tr.tolist())) >= 2:
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=args.probe_iters, device=device),
+            lambda m: float((linear_scores(x[va], m, device).argmax(1) == y_va).mean()), refine=args.c_refine)
+    else:                                               # too few images for a validation part
+        C, search = 1.0, []
+    final = fit_linear(x[full], y_full, C, len(classes), iters=args.probe_iters, device=device)
+    res["linear"] = {"top1": float((linear_scores(x[te], final, device).argmax(1) == y_te).mean()), "C": C,
+                     "iters": final.iters, "search": search, "val_metric": "top1"}
+    pred = knn_predict(x[full], y_full, x[te], args.knn_k, args.knn_temperature, device)
+    res["knn"] = {"top1": float((pred == y_te).mean()), "k": min(args.knn_k, int(full.sum())),
+                  "temperature": args.knn_temperature}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def recall_at(scores, targets: list, k: int) -> float:
+    """Mean over rows of |top-k outputs by score  intersect  targets| / |targets| (rows without targets left out)."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    r = [len(set(t.tolist()) & set(row.tolist())) / len(t) for row, t in zip(top, targets) if len(t)]
+    return float(np.mean(r)) if r else float("nan")
+
+
+def ocr_probe(x, tokens: list, words: np.ndarray, split, args, device) -> dict:
+    """Multi-label linear probe over the token ids of probe-train -> recall@5; word k-NN accuracy."""
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
+    vocab = sorted({t for i in np.flatnonzero(full) for t in tokens[i]})
+    index = {t: k for k, t in enumerate(vocab)}
+    counts["token_ids"] = len(vocab)
+    if counts["test"] == 0 or len(vocab) < 2:
+        return {"skipped": "no probe-test text boxes" if counts["test"] == 0 else "fewer than 2 token ids",
+                "counts": counts}
+    # targets as output positions; ids never seen in probe-train become -1: they can never be recalled
+    targets = [np.array([index.get(t, -1) for t in tokens[i]], np.int64) for i in range(len(tokens))]
+    Y = np.zeros((len(tokens), len(vocab)), np.float32)
+    for i, t in enumerate(targets):
+        Y[i, t[t >= 0]] = 1
+    te_targets = [targets[i] for i in np.flatnonzero(te)]
+    freq = Y[full].sum(0)                              # baseline: probe-train's most frequent token ids
+    res = {"counts": counts, f"frequency_recall@{RECALL_AT}": recall_at(
+        np.broadcast_to(freq, (int(te.sum()), len(vocab))), te_targets, RECALL_AT)}
+    if counts["val"]:
+        va_targets = [targets[i] for i in np.flatnonzero(va)]
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device),
+            lambda m: recall_at(linear_scores(x[va], m, device), va_targets, RECALL_AT), refine=args.c_refine)
+    else:
+        C, search = 1.0, []
+    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device)
+    res["linear"] = {f"recall@{RECALL_AT}": recall_at(linear_scores(x[te], final, device), te_targets, RECALL_AT),
+                     "C": C, "iters": final.iters, "search": search, "val_metric": f"recall@{RECALL_AT}"}
+    words_seen, (y_full, y_te) = encode_labels(words[full], words[te])
+    pred = knn_predict(x[full], y_full, x[te], args.knn_k, args.knn_temperature, device)
+    res["knn"] = {"word_top1": float((pred == y_te).mean()), "k": min(args.knn_k, int(full.sum())),
+                  "words_in_probe_train": len(words_seen), "test_words_unseen": int((y_te < 0).sum())}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def miou(pred, truth, num_classes: int) -> tuple[float, int]:
+    """(mean IoU over the classes present in `truth`, their number); ints in 0..num_classes-1."""
+    conf = np.bincount(truth * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    present = conf.sum(1) > 0
+    return float((tp[present] / union[present]).mean()), int(present.sum())
+
+
+def dense_probe(tokens, labels, split, args, device) -> dict:
+    """A linear classifier (the same logistic regression and C search) on L2-normalised patch tokens -> mIoU
+    and patch accuracy on the probe-test patches. Training patches: a seeded subsample of at most
+    --dense-max-patches of probe-train minus validation (full-batch L-BFGS over every patch is the cost);
+    validation and probe-test patches: all."""
+    t0 = time.time()
+    keep = labels >= 0
+    tr, va, te = keep & (split == 0), keep & (split == 1), keep & (split == 2)
+    if tr.sum() > args.dense_max_patches:
+        sub = np.zeros_like(tr)
+        sub[np.random.default_rng(args.seed).choice(np.flatnonzero(tr), args.dense_max_patches, replace=False)] = True
+        tr = sub
+    counts = {"train_patches": int(tr.sum()), "val_patches": int(va.sum()), "test_patches": int(te.sum()),
+              "unknown_patches": int((~keep).sum())}
+    full = tr | va
+    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
+    counts["classes"] = len(classes)
+    if counts["test_patches"] == 0 or len(classes) < 2:
+        return {"skipped": "no probe-test patches" if not counts["test_patches"] else "fewer than 2 classes",
+                "counts": counts}
+    K = len(classes) + 1                               # one more slot: classes that probe-train never shows
+    y_va, y_te = np.where(y_va < 0, K - 1, y_va), np.where(y_te < 0, K - 1, y_te)
+    x = unit(tokens)
+    # the searched model is kept (no refit on train + validation): the training patches are a subsample
+    # anyway, and a refit on every validation patch would cost as much as the whole search
+    if counts["val_patches"] and len(set(y_tr.tolist())) >= 2:
+        C, search, final = search_c(
+            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=args.probe_iters, device=device),
+            lambda m: miou(linear_scores(x[va], m, device).argmax(1), y_va, K)[0], refine=args.c_refine)
+    else:
+        C, search = 1.0, []
+        final = fit_linear(x[full], y_full, C, len(classes), iters=args.probe_iters, device=device)
+    pred = linear_scores(x[te], final, device).argmax(1)
+    m, present = miou(pred, y_te, K)
+    return {"counts": {**counts, "test_classes_present": present},
+            "linear": {"miou": m, "patch_accuracy": float((pred == y_te).mean()), "C": C, "iters": final.iters,
+                       "search": search, "val_metric": "miou"},
+            "majority_miou": miou(np.full_like(y_te, np.bincount(y_full).argmax()), y_te, K)[0],
+            "time_s": round(time.time() - t0, 3)}
+
+
+def clip_tokenizer(max_tokens: int):
+    """02_extract_ocr.py's ClipTokens: the same token ids as the OCR labels the encoders were trained on."""
+    mod = sys.modules.get("extract_ocr")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            "extract_ocr", os.path.join(os.path.dirname(os.path.abspath(__file__)), "02_extract_ocr.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["extract_ocr"] = mod
+        spec.loader.exec_module(mod)
+    return mod.ClipTokens(max_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# t-SNE figure and the report
+
+
+def tsne_figure(path: str, name: str, kind: str, x, class_ids, data: Data, args) -> dict | None:
+    """t-SNE of region features of probe-test objects, one panel per colouring: by class when there are at
+    most --tsne-max-colours classes, else one panel per category field with few values (the demo's shape,
+    colour and texture: which factor the features separate is what the figure shows), or the one field
+    --tsne-color-by names. The same embedding in every panel."""
+    n = len(x)
+    if n < 10 or args.tsne_max <= 0:
+        return None
+    from sklearn.manifold import TSNE
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(n, min(n, args.tsne_max), replace=False))
+    x, class_ids = x[idx], class_ids[idx]
+
+    def values_of(field):
+        if field == "class":
+            return np.array([data.class_names.get(int(c), str(c)) for c in class_ids])
+        return np.array([str(data.categories.get(int(c), {}).get(field, "?")) for c in class_ids])
+
+    if args.tsne_color_by != "auto":
+        panels = [args.tsne_color_by]
+    elif len(set(class_ids.tolist())) <= args.tsne_max_colours:
+        panels = ["class"]
+    else:
+        fields = dict.fromkeys(k for c in data.categories.values() for k in c
+                               if k not in ("id", "name", "supercategory"))
+        panels = [k for k in fields if len(set(values_of(k).tolist())) <= args.tsne_max_colours][:3] or ["class"]
+    perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+    emb = TSNE(2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(x)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.2, 5.2), dpi=110, squeeze=False)
+    for ax, field in zip(axes[0], panels):
+        groups = values_of(field)
+        values, counts = np.unique(groups, return_counts=True)
+        shown = values[np.argsort(-counts, kind="stable")][: args.tsne_max_colours]
+        cmap = plt.get_cmap("tab20" if len(shown) > 10 else "tab10")
+        named = all(matplotlib.colors.is_color_like(g) for g in shown)      # a colour field: draw its colours
+        for k, g in enumerate(shown):
+            sel = groups == g
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=8, color=g if named else cmap(k % cmap.N),
+                       label=f"{g} ({int(sel.sum())})")
+        rest = ~np.isin(groups, shown)
+        if rest.any():
+            ax.scatter(emb[rest, 0], emb[rest, 1], s=5, color="lightgrey", label=f"other ({int(rest.sum())})")
+        ax.set_title(f"coloured by {field}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=7, markerscale=1.5, loc="upper center", bbox_to_anchor=(0.5, -0.02), frameon=False,
+                  ncol=min(3, len(shown) + int(rest.any())))
+    fig.suptitle(f"{name}: t-SNE of {kind} features of {len(x)} probe-test objects", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return {"file": os.path.basename(path), "points": int(len(x)), "kind": kind, "coloured_by": panels,
+            "perplexity": perplexity}
+
+
+COLUMNS = [  # (header, probe key, metric path)
+    ("image linear", "image", ("linear", "top1")), ("image k-NN", "image", ("knn", "top1")),
+    ("obj linear (region)", "objects_region", ("linear", "top1")),
+    ("obj k-NN (region)", "objects_region", ("knn", "top1")),
+    ("obj linear (pooled)", "objects_pooled", ("linear", "top1")),
+    ("obj k-NN (pooled)", "objects_pooled", ("knn", "top1")),
+    ("OCR R@5 (region)", "ocr_region", ("linear", "recall@5")),
+    ("word k-NN (region)", "ocr_region", ("knn", "word_top1")),
+    ("OCR R@5 (pooled)", "ocr_pooled", ("linear", "recall@5")),
+    ("word k-NN (pooled)", "ocr_pooled", ("knn", "word_top1")),
+    ("dense mIoU", "dense", ("linear", "miou")),
+]
+
+
+def metric(probes: dict, key: str, path) -> float | None:
+    v = probes.get(key)
+    for p in path:
+        v = v.get(p) if isinstance(v, dict) else None
+    return v
+
+
+def markdown(report: dict) -> str:
+    cols = [c for c in COLUMNS if any(metric(e["probes"], c[1], c[2]) is not None for e in report["encoders"].values())]
+    lines = ["| encoder | input | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for name, e in report["encoders"].items():
+        cells = []
+        for _, key, path in cols:
+            v = metric(e["probes"], key, path)
+            cells.append("-" if v is None or v != v else f"{100 * v:.1f}")
+        enc = e["encoder"]
+        lines.append(f"| {name} | {enc['kind']}, {enc['image_size']} px / {enc['patch_size']} | "
+                     + " | ".join(cells) + " |")
+    base = next(iter(report["encoders"].values()))["probes"]
+    chance = []
+    for key, label, field in (("image", "image", "majority_top1"), ("objects_pooled", "objects", "majority_top1"),
+                              ("ocr_pooled", "OCR R@5", "frequency_recall@5"),
+                              ("dense", "dense mIoU", "majority_miou")):
+        if isinstance(base.get(key), dict) and base[key].get(field) is not None:
+            chance.append(f"{label} {100 * base[key][field]:.1f}")
+    d = report["data"]
+    text = "\n".join(lines) + "\n\n"
+    text += (f"Top-1 accuracy, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of {d['images']['total']} "
+             f"images; {d['images']['ok']} readable). Majority / frequency baselines: "
+             f"{', '.join(chance) or 'n/a'}.\n")
+    if any("dense" in e["probes"] for e in report["encoders"].values()):
+        text += ("Dense mIoU is over the classes present in each encoder's own patch grid (input / patch): compare "
+                 "encoders with the same grid.\n")
+    if "objects" in d:
+        o, t = d["objects"], d["text_boxes"]
+        text += (f"Objects: {o['kept']} of {o['annotations']} boxes kept ({o['dropped_crop']} less than "
+                 f"{100 * report['settings']['min_visible']:.0f}% visible after the centre crop, "
+                 f"{o['on_unreadable']} on unreadable images{', %d crowd' % o['crowd'] if o['crowd'] else ''}); "
+                 f"text boxes: {t['kept']} of {t['annotations']}.\n")
+    return text
+
+
+def jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, float) and o != o:
+        return None
+    return o
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = workdir.init_dist()
+    import torch
+    t_start = time.time()
+    if args.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    encoders = [parse_encoder(e) for e in args.encoder]
+    names = [n for n, _ in encoders]
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise SystemExit(f"error: two encoders named {dup[0]}: name them with --encoder NAME=SPEC")
+    for name, spec in encoders:                     # a missing path is the user's to fix, before any work
+        body = spec[len("random:"):] if spec.startswith("random:") else spec
+        if not spec.startswith("openclip:") and not os.path.exists(body):
+            raise SystemExit(f"error: --encoder {name}={spec}: no such file or folder {body}")
+    data = read_image_folder(args.image_folder) if args.image_folder else \
+        read_coco(args.images, args.coco, args.masks, args.text_category)
+    n = len(data.files)
+    split = split_images(n, args.test_fraction, args.val_fraction, args.seed)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    workdir.barrier()
+
+    features, infos = {}, {}
+    for name, spec in encoders:
+        features[name], infos[name] = extract(name, spec, data, args, device)
+    if rank != 0:
+        workdir.barrier()
+        return None
+    # the same features and settings as the finished report: nothing to recompute, print it again
+    key = jsonable({"settings": {k: v for k, v in vars(args).items() if k != "force"},
+                    "features": {nm: infos[nm]["key"] for nm in names}})
+    old = os.path.join(args.out, "report.json")
+    if all(infos[nm]["reused"] for nm in names) and os.path.exists(old):
+        with open(old) as fh:
+            previous = json.load(fh)
+        if previous.get("key") == key:
+            with open(os.path.join(args.out, "report.md")) as fh:
+                print(f"{args.out}: report complete for these features and settings (--force recomputes)\n\n"
+                      + fh.read(), flush=True)
+            workdir.barrier()
+            return previous
+
+    # images readable for every encoder (the same set unless files changed between extractions)
+    status = np.stack([features[nm]["status"] for nm in names])
+    ok = (status == 0).all(0)
+    sizes = features[names[0]]["size"]
+    A = len(data.category)
+    ann_image = np.repeat(np.arange(n), np.diff(data.ann_offsets))
+    visible = np.zeros(A)
+    for i in np.flatnonzero(ok):
+        a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
+        visible[a:b] = visible_share(data.boxes[a:b], *sizes[i])
+    kept = ok[ann_image] & (visible >= args.min_visible) & ~data.crowd
+    status_counts = {s: int((status[0] == k).sum()) for k, s in enumerate(EVAL_STATUS)}
+    data_report = {
+        "source": data.source,
+        "images": {"total": n, "ok": int(ok.sum()), "status": {k: v for k, v in status_counts.items() if v}},
+        "split": {"train": int(((split == 0) & ok).sum()), "val": int(((split == 1) & ok).sum()),
+                  "test": int(((split == 2) & ok).sum()), "seed": args.seed, "test_fraction": args.test_fraction,
+                  "val_fraction": args.val_fraction},
+    }
+    if not args.image_folder:
+        obj, txt = ~data.is_text, data.is_text
+        data_report["objects"] = {"annotations": int(obj.sum()), "kept": int((obj & kept).sum()),
+                                  "crowd": int((obj & ok[ann_image] & data.crowd).sum()),
+                                  "dropped_crop": int((obj & ok[ann_image] & ~kept & ~data.crowd).sum()),
+                                  "on_unreadable": int((obj & ~ok[ann_image]).sum()),
+                                  "classes": int(len(set(data.category[obj].tolist())))}
+        has_word = np.array([w is not None for w in data.words], bool)
+        data_report["text_boxes"] = {"annotations": int(txt.sum()), "kept": int((txt & kept & has_word).sum()),
+                                     "dropped_crop": int((txt & ok[ann_image] & ~kept & ~data.crowd).sum()),
+                                     "on_unreadable": int((txt & ~ok[ann_image]).sum()),
+                                     "without_word": int((txt & ~has_word).sum())}
+        if data.masks:
+            ms = features[names[0]]["mask_status"]
+            data_report["masks"] = {s: int((ms[ok] == k).sum()) for k, s in enumerate(MASK_STATUS)
+                                    if (ms[ok] == k).any()}
+    if data_report["images"]["ok"] == 0:
+        raise SystemExit("error: no readable image among the inputs: nothing to probe "
+                         f"({data_report['images']['status']})")
+    bad = {k: v for k, v in status_counts.items() if v and k != "ok"}
+    if bad:
+        print(f"note: {sum(bad.values())} unreadable images left out: {bad}", flush=True)
+
+    tokenizer = clip_tokenizer(args.max_tokens) if not args.image_folder and data.is_text.any() else None
+    token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
+    report = {"settings": jsonable({**vars(args), "c_grid": C_GRID, "recall_at": RECALL_AT,
+                                    "tokenizer": tokenizer.name if tokenizer else None, "world": world}),
+              "key": key, "data": data_report, "encoders": {}}
+    for name in names:
+        f, t_enc = features[name], time.time()
+        probes = {}
+        img_sel = ok & (data.image_label >= 0)
+        probes["image"] = classification_probe(unit(f["image_features"][img_sel]), data.image_label[img_sel],
+                                               split[img_sel], args, device)
+        tsne = None
+        if not args.image_folder:
+            obj = kept & ~data.is_text
+            txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
+            kinds = (["region"] if "region" in f else []) + ["pooled"]
+            for kind in kinds:
+                feats = f[kind]
+                probes[f"objects_{kind}"] = classification_probe(unit(feats[obj]), data.category[obj],
+                                                                 split[ann_image[obj]], args, device)
+                sel = np.flatnonzero(txt)
+                if not len(sel):                    # no text category in these annotations: no OCR probe
+                    continue
+                probes[f"ocr_{kind}"] = ocr_probe(unit(feats[txt]), [token_lists[i] for i in sel],
+                                                  np.array([data.words[i].lower() for i in sel], dtype=object),
+                                                  split[ann_image[txt]], args, device)
+            tsne_sel = obj & (split[ann_image] == 2)
+            if args.tsne_max > 0:
+                tsne = tsne_figure(os.path.join(args.out, f"tsne_{name}.png"), name, kinds[0],
+                                   unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
+            if data.masks:
+                po = f["patch_offsets"]
+                patch_image = np.repeat(np.arange(n), np.diff(po))
+                use = ok[patch_image]
+                probes["dense"] = dense_probe(np.asarray(f["dense_tokens"], np.float32)[use],
+                                              np.asarray(f["dense_labels"])[use], split[patch_image[use]], args, device)
+        info = {k: v for k, v in infos[name].items() if k != "key"}
+        report["encoders"][name] = {"spec": dict(encoders)[name], "encoder": info, "probes": probes,
+                                    "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
+    report["elapsed_s"] = round(time.time() - t_start, 2)
+    report = jsonable(report)
+    workdir.write_json(os.path.join(args.out, "report.json"), report)
+    md = markdown(report)
+    with open(os.path.join(args.out, "report.md.tmp"), "w") as fh:
+        fh.write(f"# Probes on frozen features\n\n{md}")
+    os.replace(os.path.join(args.out, "report.md.tmp"), os.path.join(args.out, "report.md"))
+    timing = ", ".join(f"{nm}: features " + ("reused" if infos[nm].get("reused") else f"{infos[nm]['extract_s']} s")
+                       + f", probes {report['encoders'][nm]['probe_s']} s" for nm in names)
+    print(f"\n{md}\n{args.out}/report.json, report.md" +
+          "".join(f", {e['tsne']['file']}" for e in report["encoders"].values() if e.get("tsne")) +
+          f"; {timing}; total {report['elapsed_s']} s", flush=True)
+    workdir.barrier()
+    return report
+
+
+if __name__ == "__main__":
+    main()

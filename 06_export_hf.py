@@ -1,0 +1,198 @@
+r"""Stage 06: export a trained encoder as a Hugging Face `MLCDVisionModel` folder with its `CLIPImageProcessor`.
+
+    python 06_export_hf.py --checkpoint runs/demo/train/ckpt/latest.pt --out runs/demo/export
+    python 06_export_hf.py --checkpoint runs/big/train336/ckpt/latest.pt --out exports/rice-l14-336 --image-size 336
+
+The folder then stands alone: with transformers >= 4.51.3 and nothing of this kit,
+    from transformers import CLIPImageProcessor, MLCDVisionModel
+    model = MLCDVisionModel.from_pretrained("runs/demo/export")
+    processor = CLIPImageProcessor.from_pretrained("runs/demo/export")
+which is how LLaVA-NeXT's MLCD vision tower loads a tower and its processor from one `vision_tower` path.
+
+Reads a kit checkpoint (.pt with `encoder` and `encoder_config`: 04's training checkpoints, or files written with
+model.encoder_checkpoint) or an MLCD Hugging Face folder, through model.load_encoder. Writes --out:
+    model.safetensors         the weights under the released checkpoints' key names (`vision_model.` prefix)
+    config.json               MLCDVisionConfig (model_type mlcd_vision_model); image_size = --image-size
+    preprocessor_config.json  CLIPImageProcessor: resize the short side to S (bicubic), centre-crop S x S,
+                              rescale 1/255, normalise with CLIP's mean and std, convert to RGB: the settings
+                              of workdir.resize_crop(crop="center") + workdir.normalize, the kit's own input
+Each file is written atomically. --out must be empty, missing or a previous export (re-exporting over it is
+fine); anything else is refused unless --force, which writes the three files and leaves other files alone.
+--image-size S defaults to the checkpoint's image_size; any multiple of the patch size works (2-D RoPE).
+
+Not exported: the optional loss head (`embed_dim` > 0: a linear layer after ln_post that only the losses use;
+the released checkpoints have none), said in the output when the checkpoint has one. The RICE region path
+has no weights of its own (it reuses the last blocks), so nothing of it is lost; `MLCDVisionModel` simply
+runs the global path.
+
+Verification, in the same run: the folder is loaded back with MLCDVisionModel.from_pretrained and
+CLIPImageProcessor.from_pretrained; a random input goes through the kit encoder and the loaded model, and the
+max abs difference of last_hidden_state and pooler_output must be <= 1e-4 (fp32, CPU; a larger one is an error).
+The processor's pixel_values on a non-square test image are compared with resize_crop + normalize and the
+difference is reported: PIL's bicubic (the kit) and torchvision's antialiased bicubic (transformers' fast
+CLIPImageProcessor) differ by about one uint8 level on most pixels that differ at all.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model as kit  # noqa: E402
+import workdir  # noqa: E402
+
+# defaults -------------------------------------------------------------------------------------------------
+OUT = "runs/demo/export"
+TOLERANCE = 1e-4            # max abs difference allowed between the kit encoder and the exported model (fp32)
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+SEED = 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="kit checkpoint (.pt) or an MLCD Hugging Face folder")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--image-size", type=int, help="input size S of the processor and config (default: the "
+                                                  "checkpoint's image_size)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an export")
+    return p.parse_args(argv)
+
+
+def preprocessor_config(size: int) -> dict:
+    """CLIPImageProcessor settings equal to workdir.resize_crop(crop="center") + workdir.normalize."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,          # 3 = PIL bicubic
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(workdir.IMAGE_MEAN), "image_std": list(workdir.IMAGE_STD),
+        "do_convert_rgb": True,
+    }
+
+
+def is_previous_export(folder: str) -> bool:
+    """Only this script's files (or their tmp leftovers from a killed run), and an MLCD config."""
+    names = [f for f in os.listdir(folder) if not f.endswith(".tmp") and ".tmp." not in f]
+    if not set(names) <= set(EXPORT_FILES) or "config.json" not in names:
+        return False
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type") == "mlcd_vision_model"
+    except (OSError, ValueError):
+        return False
+
+
+def test_image(seed: int = SEED):
+    """A non-square RGB image with smooth shading and sharp edges, for the preprocessing comparison."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = 157, 101
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    a = np.stack([200 * xx + 30, 180 * yy + 40, 120 * (xx + yy) / 2 + 60], -1)
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
+        d.ellipse([x0, y0, x0 + int(rng.integers(10, 30)), y0 + int(rng.integers(10, 30))],
+                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+def verify(encoder, out: str, size: int) -> dict:
+    """Load `out` with transformers alone and compare it with the kit encoder on the same input."""
+    import torch
+    from transformers import CLIPImageProcessor, MLCDVisionModel
+    hf = MLCDVisionModel.from_pretrained(out).eval()
+    processor = CLIPImageProcessor.from_pretrained(out)
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 3, size, size, generator=g)
+    with torch.no_grad():
+        ours = encoder.eval()(x)
+        theirs = hf(pixel_values=x)
+        # HF's pooler_output is ln_post(CLS); the kit's class_embedding adds the loss head when there is one
+        pooled = encoder.ln_post(ours.last_hidden_state[:, 0])
+    diff_hidden = (ours.last_hidden_state - theirs.last_hidden_state).abs().max().item()
+    diff_pooled = (pooled - theirs.pooler_output).abs().max().item()
+
+    img = test_image()
+    pv = processor(img, return_tensors="pt")["pixel_values"]
+    pixels, _, _ = workdir.resize_crop(img, size, crop="center")
+    ref = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+    if tuple(pv.shape) != tuple(ref.shape):
+        raise SystemExit(f"error: CLIPImageProcessor from {out} gives pixel_values {tuple(pv.shape)}, expected "
+                         f"{tuple(ref.shape)}")
+    d = (pv - ref).abs()
+    levels = (d * torch.tensor(workdir.IMAGE_STD).view(1, 3, 1, 1) * 255).round()   # in uint8 steps
+    return {"max_abs_diff_last_hidden_state": diff_hidden, "max_abs_diff_pooler_output": diff_pooled,
+            "tolerance": TOLERANCE, "hf_class": type(hf).__name__, "processor_class": type(processor).__name__,
+            "preprocess_test_image": list(img.size),
+            "preprocess_max_abs_diff": d.max().item(), "preprocess_mean_abs_diff": d.mean().item(),
+            "preprocess_max_uint8_levels": int(levels.max().item()),
+            "preprocess_share_of_values_differing": float((levels > 0).float().mean().item())}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or folder")
+    try:
+        encoder = kit.load_encoder(args.checkpoint)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot load an encoder from {args.checkpoint}: {e}")
+    cfg = encoder.cfg
+    size = args.image_size or cfg.image_size
+    if size < cfg.patch_size or size % cfg.patch_size:
+        raise SystemExit(f"error: --image-size {size} must be a positive multiple of the patch size {cfg.patch_size}")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not is_previous_export(args.out) and not args.force:
+        found = sorted(os.listdir(args.out))
+        raise SystemExit(f"error: {args.out} is not empty and holds no previous export (it has "
+                         f"{', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); use another --out, or --force "
+                         "to write the export's files into it")
+    os.makedirs(args.out, exist_ok=True)
+    others = sorted(set(os.listdir(args.out)) - set(EXPORT_FILES))
+
+    # the config carries the export size: LLaVA-style towers read image_size (and patch_size) from it
+    encoder.cfg = dataclasses.replace(cfg, image_size=size)
+    kit.save_hf(encoder, args.out)                                   # model.safetensors + config.json, atomic
+    workdir.write_json(os.path.join(args.out, "preprocessor_config.json"), preprocessor_config(size))
+    t_write = time.time() - t0
+
+    check = verify(encoder, args.out, size)
+    worst = max(check["max_abs_diff_last_hidden_state"], check["max_abs_diff_pooler_output"])
+    if not worst <= TOLERANCE:
+        raise SystemExit(f"error: the exported model disagrees with the kit encoder: max abs difference "
+                         f"{worst:.3g} > {TOLERANCE:g} (last_hidden_state "
+                         f"{check['max_abs_diff_last_hidden_state']:.3g}, pooler_output "
+                         f"{check['max_abs_diff_pooler_output']:.3g})")
+    params = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("head."))
+    print(f"exported {args.checkpoint} -> {args.out}: MLCDVisionModel, {params / 1e6:.2f}M parameters, width "
+          f"{cfg.width}, {cfg.layers} layers, patch {cfg.patch_size}, image size {size}; "
+          f"{', '.join(EXPORT_FILES)}")
+    if cfg.embed_dim:
+        print(f"note: the checkpoint's loss head (linear {cfg.width} -> {cfg.embed_dim}) is not part of "
+              "MLCDVisionModel and was not exported; pooler_output is ln_post(CLS), width "
+              f"{cfg.width}")
+    if others:
+        print(f"note: {args.out} also holds files this export did not write: {', '.join(others[:8])}")
+    print(f"verified with transformers: {check['hf_class']}.from_pretrained and {check['processor_class']}"
+          f".from_pretrained; max abs difference to the kit encoder: last_hidden_state "
+          f"{check['max_abs_diff_last_hidden_state']:.2e}, pooler_output {check['max_abs_diff_pooler_output']:.2e} "
+          f"(tolerance {TOLERANCE:g}); preprocessing vs resize_crop + normalize on a "
+          f"{check['preprocess_test_image'][0]}x{check['preprocess_test_image'][1]} image: max "
+          f"{check['preprocess_max_abs_diff']:.4f} ({check['preprocess_max_uint8_levels']} uint8 levels), "
+          f"{100 * check['preprocess_share_of_values_differing']:.2f}% of values differ; "
+          f"{time.time() - t0:.1f} s")
+    return {"checkpoint": args.checkpoint, "out": args.out, "image_size": size, "files": list(EXPORT_FILES),
+            "head_dropped": bool(cfg.embed_dim), "other_files": others, "write_s": round(t_write, 2),
+            "elapsed_s": round(time.time() - t0, 2), **check}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""05_eval.py on a tiny generated world (00 -> 05) with three encoders (a random kit checkpoint, `random:` of it,
+a tiny open_clip ViT from a local file): outputs and counts against the COCO file, features against plain
+references (the model run by hand, a loop over patches, open_clip's own preprocessing), k-NN against
+scikit-learn, the linear probe against scikit-learn's LogisticRegression and its C search, probes that must
+succeed or fail, broken inputs, and a two-process torchrun run equal to one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_cluster import ROOT, free_port, load_script
+
+import model as model_py  # noqa: E402
+import workdir  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "05_eval.py")
+ev = load_script("eval_probes", "05_eval.py")
+demo = load_script("make_demo_data", "00_make_demo_data.py")
+FAST = ["--c-refine", "0", "--dense-max-patches", "1000"]     # the suite's time budget (defaults: 2, 5000)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """60 demo images of 128 px, a tiny random kit checkpoint and a tiny random open_clip ViT saved to a file."""
+    import open_clip
+    d = tmp_path_factory.mktemp("evalworld")
+    demo.main(["--out", str(d / "data"), "--num-images", "60", "--size", "128", "--workers", "1"])
+    torch.manual_seed(1)
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny"))), d / "tiny.pt")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "kit-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(d / "kit-tiny-clip.json"))
+    torch.manual_seed(0)
+    clip, _, _ = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)
+    torch.save(clip.state_dict(), d / "tiny_clip.pt")
+    return d
+
+
+def data_flags(d, masks=True):
+    return ["--images", str(d / "data" / "images"), "--coco", str(d / "data" / "coco.json")] + \
+        (["--masks", str(d / "data" / "masks")] if masks else [])
+
+
+def encoder_flags(d):
+    return ["--encoder", f"kit={d / 'tiny.pt'}", "--encoder", f"random=random:{d / 'tiny.pt'}",
+            "--encoder", f"clip=openclip:kit-tiny-clip:{d / 'tiny_clip.pt'}", "--clip-config",
+            str(d / "kit-tiny-clip.json")]
+
+
+@pytest.fixture(scope="module")
+def report(world):
+    out = world / "eval"
+    return ev.main([*data_flags(world), *encoder_flags(world), "--out", str(out), *FAST]), out
+
+
+def coco(world):
+    return json.loads((world / "data" / "coco.json").read_text())
+
+
+def metrics(probe):
+    for part in ("linear", "knn"):
+        for k, v in probe.get(part, {}).items():
+            if k in ("top1", "recall@5", "word_top1", "miou", "patch_accuracy"):
+                yield f"{part}.{k}", v
+
+
+def test_outputs_values_and_counts(report, world):
+    rep, out = report
+    assert json.loads((out / "report.json").read_text()) == rep
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in ("kit", "random", "clip"))
+    for name in ("kit", "random", "clip"):
+        png = out / f"tsne_{name}.png"
+        assert png.exists() and Image.open(png).size[0] > 300
+        assert rep["encoders"][name]["tsne"]["coloured_by"] == ["shape", "colour", "texture"]   # 108 classes
+    c = coco(world)
+    text_id = next(k["id"] for k in c["categories"] if k["name"] == "text")
+    n_text = sum(a["category_id"] == text_id for a in c["annotations"])
+    n_obj = len(c["annotations"]) - n_text
+    d = rep["data"]
+    assert d["images"] == {"total": 60, "ok": 60, "status": {"ok": 60}}
+    assert d["split"]["train"] + d["split"]["val"] + d["split"]["test"] == 60 and d["split"]["test"] == 18
+    assert d["objects"]["annotations"] == d["objects"]["kept"] == n_obj       # square images: nothing cut
+    assert d["text_boxes"]["annotations"] == d["text_boxes"]["kept"] == n_text
+    assert d["masks"] == {"ok": 60}
+    images_with_objects = len({a["image_id"] for a in c["annotations"] if a["category_id"] != text_id})
+    for name, e in rep["encoders"].items():
+        p = e["probes"]
+        assert ("objects_region" in p) == (name != "clip")                    # region path: kit encoders only
+        for key, probe in p.items():
+            assert "skipped" not in probe, (name, key, probe)
+            vals = dict(metrics(probe))
+            assert vals and all(0 <= v <= 1 for v in vals.values()), (name, key, vals)
+            cnt = probe["counts"]
+            if key == "image":
+                assert cnt["train"] + cnt["val"] + cnt["test"] == images_with_objects
+            elif key.startswith("objects"):
+                assert cnt["train"] + cnt["val"] + cnt["test"] == n_obj
+            elif key.startswith("ocr"):
+                assert cnt["train"] + cnt["val"] + cnt["test"] == n_text       # every demo word has tokens
+            elif key == "dense":
+                grid = (e["encoder"]["image_size"] // e["encoder"]["patch_size"]) ** 2
+                assert cnt["test_patches"] == d["split"]["test"] * grid
+        assert e["encoder"]["image_size"] == (32 if name == "clip" else 64)
+    assert rep["encoders"]["random"]["encoder"]["kind"] == "random"
+    # the random baseline really is another network than the checkpoint
+    f_kit = np.load(out / "features" / "kit" / "image_features.npy")
+    f_rnd = np.load(out / "features" / "random" / "image_features.npy")
+    assert not np.allclose(f_kit, f_rnd)
+
+
+def test_features_equal_plain_references(report, world):
+    """Image, region and pooled features of the kit encoder recomputed by hand for a few images; pooled-in-box
+    against a loop over patches; open_clip's image feature against open_clip's own preprocessing; the patch
+    labels against a loop over the nearest-resized mask."""
+    import open_clip
+    _, out = report
+    c = coco(world)
+    feats = {k: np.load(out / "features" / "kit" / f"{k}.npy") for k in
+             ("image_features", "ann_offsets", "pooled", "region", "dense_labels", "patch_offsets")}
+    enc = model_py.load_encoder(str(world / "tiny.pt")).eval()
+    cats = [a["category_id"] for a in c["annotations"]]
+    anns_of = {}
+    for a in c["annotations"]:
+        anns_of.setdefault(a["image_id"], []).append(a)
+    S, p, g = 64, 8, 8
+    for i in (0, 7, 31):
+        im = c["images"][i]
+        img, _ = workdir.open_image(str(world / "data" / "images" / im["file_name"]))
+        anns = anns_of.get(im["id"], [])
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        pixels, bx, _ = workdir.resize_crop(img, S, boxes, crop="center")
+        x = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+        with torch.no_grad():
+            o = enc(x)
+        np.testing.assert_allclose(feats["image_features"][i], o.class_embedding[0].numpy(), atol=1e-5)
+        tokens = o.patch_tokens[0].numpy()
+        a0 = feats["ann_offsets"][i]
+        assert feats["ann_offsets"][i + 1] - a0 == len(anns)
+        for k, b in enumerate(bx):
+            # the rule, written as a loop: patch centres in the closed box, else the patch holding the box centre
+            inside = [r * g + q for r in range(g) for q in range(g)
+                      if b[0] <= (q + 0.5) * p <= b[2] and b[1] <= (r + 0.5) * p <= b[3]]
+            if not inside:
+                inside = [min(int((b[1] + b[3]) / 2 // p), g - 1) * g + min(int((b[0] + b[2]) / 2 // p), g - 1)]
+            np.testing.assert_allclose(feats["pooled"][a0 + k], tokens[inside].mean(0), atol=1e-5)
+            with torch.no_grad():         # one box alone: a region's output does not depend on the other boxes
+                r = enc(x, torch.tensor(b)[None, None], torch.ones(1, 1, dtype=torch.bool)).region_embeddings
+            np.testing.assert_allclose(feats["region"][a0 + k], r[0, 0].numpy(), atol=1e-4)
+        # dense labels: majority of the pixel classes per patch of the nearest-resized, cropped mask
+        inst = np.asarray(Image.open(world / "data" / "masks" / im["file_name"]))
+        sem = np.array([0] + [cats[c["annotations"].index(a)] for a in anns])[inst]
+        nw, nh, left, top = ev.crop_geometry(img.width, img.height, S)
+        sem_img = Image.fromarray(sem.astype(np.int32)).resize((nw, nh), Image.NEAREST)
+        sem = np.asarray(sem_img)[top: top + S, left: left + S]
+        ref = []
+        for r in range(g):
+            for q in range(g):
+                vals, cnt = np.unique(sem[r * p:(r + 1) * p, q * p:(q + 1) * p], return_counts=True)
+                ref.append(vals[cnt.argmax()])
+        po = feats["patch_offsets"]
+        np.testing.assert_array_equal(feats["dense_labels"][po[i]: po[i + 1]], ref)
+
+    # open_clip: the same pixels as open_clip's own transforms, so the same image feature
+    open_clip.add_model_config(str(world / "kit-tiny-clip.json"))
+    clip, _, preprocess = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=str(world / "tiny_clip.pt"))
+    img, _ = workdir.open_image(str(world / "data" / "images" / c["images"][3]["file_name"]))
+    with torch.no_grad():
+        ref = clip.eval().encode_image(preprocess(img)[None])[0].numpy()
+    np.testing.assert_allclose(np.load(out / "features" / "clip" / "image_features.npy")[3], ref, atol=1e-5)
+
+
+def test_crop_geometry_and_visible_share():
+    """05's crop arithmetic equals workdir.resize_crop's box mapping; the visible share is measured on the
+    original image, so every encoder and input size leaves out the same boxes."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w, h, S = int(rng.integers(40, 300)), int(rng.integers(40, 300)), int(rng.choice([32, 64, 96]))
+        box = np.array([[w / 2 - 3, h / 2 - 2, w / 2 + 4, h / 2 + 5]])           # the centre is always kept
+        _, moved, _ = workdir.resize_crop(Image.new("RGB", (w, h)), S, box, crop="center")
+        nw, nh, left, top = ev.crop_geometry(w, h, S)
+        np.testing.assert_allclose(moved[0], box[0] * [nw / w, nh / h, nw / w, nh / h] - [left, top, left, top],
+                                   atol=1e-4)
+    # 200 x 100: the centre square is x in [50, 150]; a box [30, 10, 70, 20] is half inside
+    np.testing.assert_allclose(ev.visible_share(np.array([[30, 10, 70, 20], [60, 0, 80, 100], [0, 0, 40, 50],
+                                                          [5, 5, 5, 9]]), 200, 100), [0.5, 1.0, 0.0, 0.0])
+
+
+def test_knn_equals_sklearn():
+    from sklearn.neighbors import KNeighborsClassifier
+    rng = np.random.default_rng(0)
+    train, test = ev.unit(rng.standard_normal((300, 16))), ev.unit(rng.standard_normal((120, 16)))
+    y = rng.integers(0, 7, 300)
+    for k, T in [(10, 0.07), (1, 0.07), (25, 0.5)]:
+        ours = ev.knn_predict(train, y, test, k, T)
+        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
+                                   weights=lambda dist, T=T: np.exp((1 - dist) / T)).fit(train, y).predict(test)
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_linear_probe_matches_sklearn_and_picks_best_c(report):
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((5, 12))
+    y = rng.integers(0, 5, 400)
+    x = ev.unit(centres[y] + 1.5 * rng.standard_normal((400, 12)))
+    X = torch.tensor(x, dtype=torch.float64)
+
+    def objective(W, b, C):            # sklearn's, divided by C n
+        W, b = torch.as_tensor(W, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        return (torch.nn.functional.cross_entropy(X @ W + b, torch.tensor(y)) + (W * W).sum() / (2 * C * len(y))).item()
+
+    for C in (0.1, 10.0, 1000.0):
+        # the same objective: solved tightly, a minimum as low as sklearn's (to float32 precision) and the same
+        # probabilities; at the default tolerance (sklearn's) the same predictions
+        ref = LogisticRegression(C=C, max_iter=1000, tol=1e-8).fit(x, y)
+        tight = ev.fit_linear(x, y, C, 5, iters=1000, tol=1e-7)
+        assert objective(tight.W, tight.b, C) <= objective(ref.coef_.T, ref.intercept_, C) + 1e-6
+        p_tight = torch.softmax(torch.from_numpy(ev.linear_scores(x, tight)), 1).numpy()
+        np.testing.assert_allclose(p_tight, ref.predict_proba(x), atol=1e-3)
+        default = ev.linear_scores(x, ev.fit_linear(x, y, C, 5)).argmax(1)
+        assert (default == ref.predict(x)).mean() >= 0.99
+    # the search keeps the C with the best validation score (the smallest among ties), in every report probe
+    split = np.where(np.arange(400) < 280, 0, np.where(np.arange(400) < 330, 1, 2))
+    res = ev.classification_probe(x, y, split, ev.parse_args(["--image-folder", ".", "--encoder", "x"]), "cpu")
+    rep, _ = report
+    searched = [res["linear"]] + [p["linear"] for e in rep["encoders"].values() for p in e["probes"].values()]
+    for lin in searched:
+        scores = dict(lin["search"])
+        best = max(scores.values())
+        assert scores[lin["C"]] == best and lin["C"] == min(c for c, v in scores.items() if v == best)
+    assert len(res["linear"]["search"]) == len(ev.C_GRID) + 2 * ev.C_REFINE
+
+
+def test_probes_succeed_on_informative_features_and_fail_on_noise():
+    args = ev.parse_args(["--image-folder", ".", "--encoder", "x"])
+    rng = np.random.default_rng(0)
+    n, K = 600, 12
+    y = rng.integers(0, K, n)
+    split = rng.choice(3, n, p=[0.55, 0.15, 0.3])
+    informative = ev.unit(np.eye(32)[y] + 0.05 * rng.standard_normal((n, 32)))
+    noise = ev.unit(rng.standard_normal((n, 32)))
+    good = ev.classification_probe(informative, y, split, args, "cpu")
+    bad = ev.classification_probe(noise, y, split, args, "cpu")
+    assert good["linear"]["top1"] > 0.98 and good["knn"]["top1"] > 0.98
+    assert bad["linear"]["top1"] < 3 / K and bad["knn"]["top1"] < 3 / K              # chance is 1/12
+    # OCR: features that encode the word's tokens recall them; noise does not
+    vocab = [[i, i + 1] for i in range(0, 40, 2)]
+    w = rng.integers(0, len(vocab), n)
+    tokens = [vocab[i] for i in w]
+    words = np.array([f"w{i}" for i in w], dtype=object)
+    feats = ev.unit(np.eye(len(vocab))[w] + 0.05 * rng.standard_normal((n, len(vocab))))
+    ocr_good = ev.ocr_probe(feats, tokens, words, split, args, "cpu")
+    ocr_bad = ev.ocr_probe(ev.unit(rng.standard_normal((n, 20))), tokens, words, split, args, "cpu")
+    assert ocr_good["linear"]["recall@5"] > 0.98 and ocr_good["knn"]["word_top1"] > 0.98
+    assert ocr_bad["linear"]["recall@5"] < 0.5 and ocr_bad["knn"]["word_top1"] < 0.2  # 5 of 40 ids: 0.125
+    # dense: patch tokens that encode the class give mIoU ~1
+    labels = rng.choice([0, 3, 9], n * 4)
+    dense = ev.dense_probe(np.eye(16)[labels] + 0.05 * rng.standard_normal((n * 4, 16)), labels,
+                           np.repeat(split, 4), args, "cpu")
+    assert dense["linear"]["miou"] > 0.98
+
+
+def test_bad_input(world, tmp_path, capsys):
+    base = [*data_flags(world, masks=False), "--encoder", str(world / "tiny.pt"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--coco .*: no such file"):
+        ev.main([*base, "--coco", str(tmp_path / "missing.json")])
+    (tmp_path / "notjson.json").write_text("{")
+    with pytest.raises(SystemExit, match="not readable JSON"):
+        ev.main([*base, "--coco", str(tmp_path / "notjson.json")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no files"):
+        ev.main(["--image-folder", str(tmp_path / "empty"), "--encoder", str(world / "tiny.pt")])
+    (tmp_path / "oneclass" / "cats").mkdir(parents=True)
+    shutil.copy(world / "data" / "images" / "00000.png", tmp_path / "oneclass" / "cats")
+    with pytest.raises(SystemExit, match="at least two class sub-folders"):
+        ev.main(["--image-folder", str(tmp_path / "oneclass"), "--encoder", str(world / "tiny.pt")])
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        ev.main([*data_flags(world), "--encoder", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit, match="two encoders named"):
+        ev.main([*data_flags(world), "--encoder", f"a={world / 'tiny.pt'}", "--encoder", f"a={world / 'tiny.pt'}"])
+    with pytest.raises(SystemExit, match="at least one --encoder"):
+        ev.main(data_flags(world))
+
+    # a corrupt image and a missing one get a status and are left out; a non-square image (its mask now the
+    # wrong size) loses the boxes that the centre crop cuts; a crowd box is left out; an HF folder as encoder
+    images = tmp_path / "images"
+    shutil.copytree(world / "data" / "images", images)
+    (images / "00004.png").write_bytes((images / "00004.png").read_bytes()[:300])      # cut short
+    os.remove(images / "00009.png")
+    c = coco(world)
+    text_id = next(k["id"] for k in c["categories"] if k["name"] == "text")
+    wide = next(im for im in c["images"] if im["id"] not in (4, 9) and
+                sum(a["image_id"] == im["id"] and a["category_id"] != text_id for a in c["annotations"]) >= 2)
+    Image.open(images / wide["file_name"]).crop((0, 0, 128, 60)).save(images / wide["file_name"])
+    crowd = next(a for a in c["annotations"] if a["image_id"] not in (4, 9, wide["id"]) and a["category_id"] != text_id)
+    crowd["iscrowd"] = 1
+    (tmp_path / "coco.json").write_text(json.dumps(c))
+    hf_dir = tmp_path / "hf"
+    model_py.save_hf(model_py.load_encoder(str(world / "tiny.pt")), str(hf_dir))
+    rep = ev.main(["--images", str(images), "--coco", str(tmp_path / "coco.json"), "--masks",
+                   str(world / "data" / "masks"), "--encoder", f"hf={hf_dir}", "--out", str(tmp_path / "o2"),
+                   "--tsne-max", "0", *FAST])
+    assert "2 unreadable images left out" in capsys.readouterr().out
+    d = rep["data"]
+    assert d["images"]["ok"] == 58 and d["images"]["status"] == {"ok": 58, "truncated": 1, "missing": 1}
+    assert d["masks"] == {"ok": 57, "wrong_size": 1}
+    objs = [a for a in c["annotations"] if a["category_id"] != text_id]
+    lost = sum(a["image_id"] in (4, 9) for a in objs)
+    # the 128 x 60 image keeps x in [34, 94]: boxes with less than half their area there are cut
+    cut = 0
+    for a in objs:
+        if a["image_id"] == wide["id"]:
+            x, y, w, h = a["bbox"]
+            inside = max(0, min(x + w, 94) - max(x, 34)) * max(0, min(y + h, 60) - max(y, 0))
+            cut += inside < 0.5 * w * h
+    o = d["objects"]
+    assert (o["on_unreadable"], o["dropped_crop"], o["crowd"]) == (lost, cut, 1) and lost > 0 and cut > 0
+    assert o["kept"] + o["on_unreadable"] + o["dropped_crop"] + o["crowd"] == o["annotations"] == len(objs)
+    probes = rep["encoders"]["hf"]["probes"]
+    assert sum(probes["objects_pooled"]["counts"][k] for k in ("train", "val", "test")) == o["kept"]
+    assert rep["encoders"]["hf"]["encoder"]["kind"] == "kit"
+    # the HF folder is the same network as the kit checkpoint: the same image features where the image is
+    keep = [i for i in range(60) if i not in (4, 9, wide["id"])]
+    hf_f = np.load(tmp_path / "o2" / "features" / "hf" / "image_features.npy")
+    np.testing.assert_allclose(hf_f[keep], np.load(world / "eval" / "features" / "kit" / "image_features.npy")[keep],
+                               atol=1e-5)
+    assert not hf_f[[4, 9]].any()
+
+
+def test_image_folder_mode(world, tmp_path, capsys):
+    """--image-folder: one class per sub-folder (here the demo image kinds), the image probe only."""
+    gt = json.loads((world / "data" / "ground_truth.json").read_text())
+    for im in gt["images"][:36]:
+        kind = "both" if im["objects"] and im["texts"] else "objects" if im["objects"] else "text"
+        (tmp_path / "folder" / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copy(world / "data" / "images" / im["file_name"], tmp_path / "folder" / kind)
+    shutil.copy(world / "tiny.pt", tmp_path / "tiny.pt")
+    flags = ["--image-folder", str(tmp_path / "folder"), "--encoder", str(tmp_path / "tiny.pt"),
+             "--out", str(tmp_path / "o"), "--tsne-max", "0", *FAST]
+    rep = ev.main(flags)
+    probes = rep["encoders"]["tiny"]["probes"]
+    assert list(probes) == ["image"] and probes["image"]["counts"]["classes"] == 3
+    c = probes["image"]["counts"]
+    assert c["train"] + c["val"] + c["test"] == 36 and 0 <= probes["image"]["linear"]["top1"] <= 1
+    assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
+    # a rerun only prints the finished report; other probe settings reuse the features; a changed checkpoint
+    # file recomputes them
+    assert ev.main(flags) == rep and "report complete" in capsys.readouterr().out
+    other = ev.main([*flags, "--knn-k", "3"])
+    tiny = other["encoders"]["tiny"]
+    assert tiny["encoder"]["reused"] and tiny["probes"]["image"]["knn"]["k"] == 3
+    os.utime(tmp_path / "tiny.pt", (1, 1))
+    assert not ev.main(flags)["encoders"]["tiny"]["encoder"]["reused"]
+
+
+def test_two_process_torchrun_equals_one(report, world, tmp_path):
+    """Feature extraction sharded over two gloo processes (chunks of 8 images, one rank takes chunks 0, 2, ...):
+    the same features as the one-process run of the report fixture (one chunk of 256), and rank 0 alone
+    writes the same probe results."""
+    rep, out = report
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           SCRIPT, *data_flags(world), "--encoder", f"kit={world / 'tiny.pt'}", "--chunk-size", "8",
+           "--tsne-max", "0", *FAST, "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("status", "size", "image_features", "ann_offsets", "pooled", "region", "patch_offsets",
+                 "dense_tokens", "dense_labels"):
+        a = np.load(out / "features" / "kit" / f"{name}.npy")
+        b = np.load(tmp_path / "two" / "features" / "kit" / f"{name}.npy")
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), atol=1e-5, err_msg=name)
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["settings"]["world"] == 2 and two["data"] == rep["data"]
+    assert list(two["encoders"]) == ["kit"] and not os.path.exists(tmp_path / "two" / "features" / "kit" / "chunks")
+    for key, probe in rep["encoders"]["kit"]["probes"].items():
+        for m, v in metrics(probe):
+            assert dict(metrics(two["encoders"]["kit"]["probes"][key]))[m] == pytest.approx(v, abs=1e-6), (key, m)

@@ -1,0 +1,118 @@
+"""06_export_hf.py: a tiny kit checkpoint exported and loaded back with transformers alone (MLCDVisionModel and
+CLIPImageProcessor, as LLaVA-NeXT's MLCD tower loads them), outputs equal to the kit's, the processor's pixels
+equal to the kit's own preprocessing, the export size in the config, and refusal to write into an unrelated
+folder."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from test_cluster import load_script
+
+import model as model_py  # noqa: E402
+import workdir  # noqa: E402
+
+ex = load_script("export_hf", "06_export_hf.py")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    enc = model_py.VisionEncoder(model_py.preset("tiny", embed_dim=16))    # with a loss head: not exported
+    path = d / "tiny.pt"
+    torch.save({**model_py.encoder_checkpoint(enc), "step": 7, "optimizer": {}}, path)   # as 04 saves, plus extras
+    return path, enc.eval()
+
+
+def photo(w=150, h=97, seed=0):
+    """A non-square image with smooth shading, hard-edged shapes and a word: what photos and the demo world have."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([110 + 100 * np.sin(xx / 23), 90 + 80 * np.cos(yy / 17), 60 + 0.8 * (xx + yy)], -1)
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(5):
+        x0, y0 = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
+        d.rectangle([x0, y0, x0 + 25, y0 + 20], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    d.text((10, h // 2), "export", fill=(255, 255, 255))
+    return img
+
+
+def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path, capsys):
+    from transformers import CLIPImageProcessor, MLCDVisionModel
+    path, enc = checkpoint
+    out = tmp_path / "export"
+    res = ex.main(["--checkpoint", str(path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert "loss head" in printed and res["head_dropped"]            # embed_dim 16: said, not exported
+    assert res["max_abs_diff_last_hidden_state"] <= 1e-4 and res["max_abs_diff_pooler_output"] <= 1e-4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mlcd_vision_model" and cfg["image_size"] == 64 and cfg["patch_size"] == 8
+
+    # the folder alone, as LLaVA-NeXT's MLCD tower loads it
+    hf = MLCDVisionModel.from_pretrained(str(out)).eval()
+    processor = CLIPImageProcessor.from_pretrained(str(out))
+    assert processor.crop_size == {"height": 64, "width": 64} and processor.size == {"shortest_edge": 64}
+    for h, w in [(64, 64), (48, 80)]:                 # non-square too: 2-D RoPE, no position embedding
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            ours, theirs = enc(x), hf(pixel_values=x)
+            pooled = enc.ln_post(ours.last_hidden_state[:, 0])
+        assert (ours.last_hidden_state - theirs.last_hidden_state).abs().max() <= 1e-4
+        assert (pooled - theirs.pooler_output).abs().max() <= 1e-4
+
+    # the processor gives the kit's own input: workdir.resize_crop(center) + workdir.normalize. The geometry is
+    # identical (short side to S, long side floored, centre crop); only the bicubic kernels differ: PIL's
+    # (a = -0.5) in the kit, torchvision's antialiased one (a = -0.75) in transformers' CLIPImageProcessor.
+    # Measured here: at most 1 uint8 level on about 0.1% of the values; on photos (skimage's astronaut,
+    # chelsea, coffee crops) at most 4 levels, mean < 4e-4; on white noise, downscaled, up to ~20 levels.
+    for img in (photo(), photo(97, 150, 1)):
+        pv = processor(img, return_tensors="pt")["pixel_values"]
+        pixels, _, _ = workdir.resize_crop(img, 64, crop="center")
+        ref = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+        assert pv.shape == ref.shape == (1, 3, 64, 64)
+        diff = (pv - ref).abs()
+        one_level = 1 / 255 / min(workdir.IMAGE_STD)                      # 0.0150 in normalised units
+        assert diff.max() <= 2 * one_level + 1e-6, diff.max()
+        assert diff.mean() <= 1e-3 and (diff > 1e-6).float().mean() <= 0.01
+
+
+def test_export_size_and_reexport(checkpoint, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "export"
+    ex.main(["--checkpoint", str(path), "--out", str(out), "--image-size", "48"])
+    cfg = json.loads((out / "config.json").read_text())
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert cfg["image_size"] == 48
+    assert pre["size"] == {"shortest_edge": 48} and pre["crop_size"] == {"height": 48, "width": 48}
+    assert pre["resample"] == 3 and pre["do_center_crop"] and pre["do_convert_rgb"]
+    assert pre["image_mean"] == list(workdir.IMAGE_MEAN) and pre["image_std"] == list(workdir.IMAGE_STD)
+    assert pre["rescale_factor"] == pytest.approx(1 / 255) and pre["image_processor_type"] == "CLIPImageProcessor"
+    # a previous export is overwritten without --force
+    res = ex.main(["--checkpoint", str(path), "--out", str(out)])
+    assert res["image_size"] == 64 and json.loads((out / "config.json").read_text())["image_size"] == 64
+    with pytest.raises(SystemExit, match="multiple of the patch size"):
+        ex.main(["--checkpoint", str(path), "--out", str(out), "--image-size", "50"])
+
+
+def test_refuses_unrelated_folder_and_bad_checkpoint(checkpoint, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty"):
+        ex.main(["--checkpoint", str(path), "--out", str(out)])
+    assert os.listdir(out) == ["notes.txt"]
+    res = ex.main(["--checkpoint", str(path), "--out", str(out), "--force"])
+    assert (out / "notes.txt").read_text() == "mine" and res["other_files"] == ["notes.txt"]
+    with pytest.raises(SystemExit, match="no such file"):
+        ex.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "e1")])
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(SystemExit, match="not a kit checkpoint"):
+        ex.main(["--checkpoint", str(bad), "--out", str(tmp_path / "e2")])
