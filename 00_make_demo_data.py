@@ -9,8 +9,9 @@ shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named
 Colours are saturated and backgrounds muted (half grey), so the three factors stay visually separable.
 Objects are 40-120 px at --size 224 (scaled with --size), drawn without anti-aliasing so the instance mask is
 exactly the painted pixels; a later object may hide at most 15% of an earlier one. Words come from a built-in
-vocabulary of 200 common English words (lower, Title or UPPER case), in DejaVu Sans (regular or bold),
-18-40 px at 224, dark on a light patch or light on a dark one; patches never touch objects.
+vocabulary of 200 common English words (--vocab-size N: its first N), lower, Title or UPPER case, in DejaVu
+Sans (regular or bold), 18-40 px at 224, dark on a light patch or light on a dark one; patches never touch
+objects.
 
 Outputs under --out:
     images/00000.png ...   the RGB images (COCO image id = the number in the name)
@@ -157,9 +158,9 @@ def texture(rng, colour: str, tex: str, s: int) -> np.ndarray:
     return fill
 
 
-def plan_word(rng, size: int, reserved: np.ndarray):
-    """Choose a word, font and patch; None when no free place was found."""
-    word = VOCAB[rng.integers(len(VOCAB))]
+def plan_word(rng, size: int, reserved: np.ndarray, vocab_size: int = len(VOCAB)):
+    """Choose a word (from the first vocab_size words), font and patch; None when no free place was found."""
+    word = VOCAB[rng.integers(vocab_size)]
     text = [word, word.title(), word.upper()][rng.choice(3, p=[0.4, 0.3, 0.3])]
     path = FONTS[rng.integers(len(FONTS))]
     px = max(14, round(rng.uniform(*FONT_SIZE) * size / 224))
@@ -198,7 +199,7 @@ def draw_word(rng, img: np.ndarray, w: dict) -> None:
     img[y0: y0 + ph, x0: x0 + pw] = region
 
 
-def make_image(index: int, seed: int, size: int):
+def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB)):
     """-> (RGB uint8 (size, size, 3), instance ids uint8 (size, size), annotations in mask-id order)."""
     rng = np.random.default_rng(seed * 1_000_003 + index)
     kind = list(MIX)[rng.choice(len(MIX), p=list(MIX.values()))]
@@ -208,7 +209,7 @@ def make_image(index: int, seed: int, size: int):
     # words are placed first so they always find room; objects then keep out of their patches
     words = []
     if kind != "objects":
-        words = [w for w in (plan_word(rng, size, reserved) for _ in range(rng.integers(1, 4))) if w]
+        words = [w for w in (plan_word(rng, size, reserved, vocab_size) for _ in range(rng.integers(1, 4))) if w]
     n_obj = 0 if kind == "text" else int(rng.integers(2, 6) if kind == "objects" else rng.integers(1, 4))
     objects, areas = [], []
     for _ in range(n_obj):
@@ -252,10 +253,10 @@ def save_png(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def render(index: int, out: str, seed: int, size: int) -> list[dict]:
+def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOCAB)) -> list[dict]:
     """Draw image `index`, write its PNGs unless already there, return its annotations."""
     name = f"{index:05d}.png"
-    img, inst, anns = make_image(index, seed, size)      # redrawn even when kept: it gives the boxes
+    img, inst, anns = make_image(index, seed, size, vocab_size)      # redrawn even when kept: it gives the boxes
     for sub, array in (("images", img), ("masks", inst)):
         path = os.path.join(out, sub, name)
         if not os.path.exists(path):
@@ -270,12 +271,18 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=SIZE, help="image side in px (at least 128)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--workers", type=int, default=WORKERS, help="processes (the output does not depend on it)")
+    ap.add_argument("--vocab-size", type=int, default=len(VOCAB),
+                    help="words drawn from the first N of the vocabulary (fewer words: more examples of each)")
     args = ap.parse_args(argv)
     if args.size < 128:
         raise SystemExit("error: --size must be at least 128 (the largest words need the width)")
     from tqdm import tqdm
     check_fonts()
+    if not 1 <= args.vocab_size <= len(VOCAB):
+        raise SystemExit(f"error: --vocab-size must be in [1, {len(VOCAB)}]")
     config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=MIX, version=VERSION)
+    if args.vocab_size != len(VOCAB):
+        config["vocab_size"] = args.vocab_size
     m = read_manifest(args.out)
     if m and m.get("config") != config:
         raise SystemExit(f"error: {args.out} holds a demo world with another config ({m.get('config')}); "
@@ -292,7 +299,7 @@ def main(argv=None):
                   for i, (s, c, t) in enumerate(CLASSES)]
     categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
     images, annotations, gt_images, kinds = [], [], [], Counter()
-    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size)
+    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size)
     # each image has its own seed, so workers change nothing but the speed; imap keeps the order
     with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))
@@ -318,7 +325,7 @@ def main(argv=None):
                dict(images=images, annotations=annotations, categories=categories))
     classes = [{k: c[k] for k in ("id", "name", "shape", "colour", "texture")} for c in categories[:-1]]
     write_json(os.path.join(args.out, "ground_truth.json"),
-               dict(classes=classes, vocabulary=VOCAB, images=gt_images))
+               dict(classes=classes, vocabulary=VOCAB[: args.vocab_size], images=gt_images))
     per_class = Counter(a["category_id"] for a in annotations)
     counts = dict(images=len(images), objects=sum(len(g["objects"]) for g in gt_images),
                   text_boxes=sum(len(g["texts"]) for g in gt_images), image_kinds=dict(sorted(kinds.items())),
