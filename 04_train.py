@@ -116,7 +116,7 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them
 RESUME_KEYS = ["method", "model", "image_size", "region_blocks", "embed_dim", "num_regions", "batch_size",
-               "seed", "crop", "min_box_visible", "image_topl", "object_weight", "ocr_weight", "image_weight"]
+               "seed", "crop", "min_box_visible", "min_crop_scale", "image_topl", "object_weight", "ocr_weight", "image_weight"]
 
 
 def parse_args(argv=None):
@@ -135,6 +135,8 @@ def parse_args(argv=None):
     a("--image-topl", type=int, default=IMAGE_TOPL, help="labels per image for the image term (MLCD l)")
     a("--crop", default="random", choices=["random", "center", "squash"])
     a("--min-box-visible", type=float, default=0.5, help="share of a box that must stay inside the crop")
+    a("--min-crop-scale", type=float, default=1.0,
+      help="--crop random: the square covers a random share in [this, 1] of the image's (scale augmentation)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per rank")
     # loss
     a("--object-weight", type=float, default=None, help="weight of L_obj (default 1 for rice, 0 for mlcd)")
@@ -183,6 +185,8 @@ def parse_args(argv=None):
         raise SystemExit("error: every loss weight is 0: nothing to train")
     if not rice and (args.object_weight or args.ocr_weight):
         raise SystemExit("error: --method mlcd trains the image term only; use --method rice for region terms")
+    if not 0 < args.min_crop_scale <= 1:
+        raise SystemExit("error: --min-crop-scale must be in (0, 1]")
     if args.num_regions < 1 or args.image_topl < 1 or args.accum < 1 or args.batch_size < 1:
         raise SystemExit("error: --num-regions, --image-topl, --accum and --batch-size must be >= 1")
     return args
@@ -303,10 +307,11 @@ class RegionDataset(torch.utils.data.Dataset):
     """Items are (epoch, position in train_images). Memmaps are opened lazily in each worker process."""
 
     def __init__(self, work, train_rows_path, size, num_regions, max_tokens, image_topl, crop, min_visible,
-                 seed, use_objects, use_ocr, use_image):
+                 seed, use_objects, use_ocr, use_image, min_crop_scale=1.0):
         self.work, self.train_rows_path, self.size, self.N, self.M = work, train_rows_path, size, num_regions, max_tokens
         self.l, self.crop, self.min_visible, self.seed = image_topl, crop, min_visible, seed
         self.use_objects, self.use_ocr, self.use_image = use_objects, use_ocr, use_image
+        self.min_crop_scale = min_crop_scale
         self._a = None
 
     def __getstate__(self):                      # workers open their own memmaps
@@ -367,7 +372,7 @@ class RegionDataset(torch.utils.data.Dataset):
             obj.append(np.full(int(has.sum()), -1, np.int64))
             toks.append(t[has])
         boxes = np.concatenate(cand_boxes) if cand_boxes else np.zeros((0, 4), np.float32)
-        pixels, boxes, visible = workdir.resize_crop(img, S, boxes, self.crop, rng)
+        pixels, boxes, visible = workdir.resize_crop(img, S, boxes, self.crop, rng, self.min_crop_scale)
         keep = np.flatnonzero(visible >= self.min_visible)
         # RICE Sec. 3.2: N regions per image; more -> a random N; fewer -> all, padded by resampling
         if len(keep) > N:
@@ -667,7 +672,8 @@ def main(argv=None):
     sampler = StepSampler(n_train, args.batch_size, args.accum, rank, world, args.seed, start_step, total)
     dataset = RegionDataset(args.work, rows_path, S, args.num_regions, 10 if not data["ocr"] else
                             _max_tokens(data), args.image_topl, args.crop, args.min_box_visible, args.seed,
-                            bool(args.object_weight), bool(args.ocr_weight), bool(args.image_weight))
+                            bool(args.object_weight), bool(args.ocr_weight), bool(args.image_weight),
+                            args.min_crop_scale)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=use_cuda,
                                          prefetch_factor=4 if args.workers else None,

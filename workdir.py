@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -405,16 +406,26 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)     # CLIP's (OpenAI) mean and 
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)     # preprocessor configs use
 
 
-def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None):
+def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_scale: float = 1.0):
     """PIL RGB image -> (uint8 array (size, size, 3), boxes (n, 4) float32 in output pixels, visible (n,)).
 
     crop "center": resize the short side to `size` (bicubic), cut the centre square (CLIPImageProcessor);
-    "random": the same resize, the square cut at a uniform random offset (rng: np.random.Generator);
+    "random": the same resize, the square cut at a uniform random offset (rng: np.random.Generator); with
+    min_scale < 1 the square first covers a random share in [min_scale, 1] of the short side's square area
+    (scale augmentation, as RandomResizedCrop with a fixed aspect ratio), cut and resized in one step;
     "squash": resize both sides to `size` (aspect ratio changes; nothing is cut).
     Boxes (x0 y0 x1 y1, input pixels) get the same scale and shift and are clipped to the output; `visible`
     is the share of each box's (scaled) area that is left inside the output."""
     from PIL import Image
     w, h = img.size
+    if crop == "random" and min_scale < 1:
+        if rng is None:
+            raise ValueError("crop='random' needs rng")
+        side = min(w, h) * math.sqrt(rng.uniform(min_scale, 1.0))
+        x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        pixels = np.asarray(img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side)), np.uint8)
+        s = size / side
+        return pixels, *_move_boxes(boxes, s, s, x0 * s, y0 * s, size)
     if crop == "squash":
         sx, sy, nw, nh = size / w, size / h, size, size
     elif crop in ("center", "random"):
@@ -437,14 +448,19 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None):
     if (left, top, nw, nh) != (0, 0, size, size):
         img = img.crop((left, top, left + size, top + size))
     pixels = np.asarray(img, dtype=np.uint8)
+    return pixels, *_move_boxes(boxes, sx, sy, left, top, size)
+
+
+def _move_boxes(boxes, sx, sy, left, top, size):
+    """Boxes scaled by (sx, sy), shifted by (-left, -top), clipped to [0, size]; the visible share of each."""
     if boxes is None:
-        return pixels, np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     b = np.asarray(boxes, np.float64).reshape(-1, 4) * [sx, sy, sx, sy] - [left, top, left, top]
     area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     c = np.clip(b, 0, size)
     kept = np.clip(c[:, 2] - c[:, 0], 0, None) * np.clip(c[:, 3] - c[:, 1], 0, None)
     visible = np.where(area > 0, kept / np.maximum(area, 1e-12), 0.0)
-    return pixels, c.astype(np.float32), visible.astype(np.float32)
+    return c.astype(np.float32), visible.astype(np.float32)
 
 
 def normalize(pixels):

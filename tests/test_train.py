@@ -224,18 +224,21 @@ def test_boxes_move_with_the_pixels():
         x1, y1 = int(rng.integers(x0 + 30, min(w, x0 + 120) + 1)), int(rng.integers(y0 + 30, min(h, y0 + 120) + 1))
         im = Image.new("RGB", (w, h), (0, 0, 0))
         ImageDraw.Draw(im).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
-        for crop in ("center", "random", "squash"):
+        for crop, min_scale in (("center", 1), ("random", 1), ("random", 0.3), ("squash", 1)):
             S = 64
-            pixels, boxes, visible = workdir.resize_crop(im, S, [[x0, y0, x1, y1]], crop, np.random.default_rng(trial))
+            pixels, boxes, visible = workdir.resize_crop(im, S, [[x0, y0, x1, y1]], crop, np.random.default_rng(trial),
+                                                         min_scale)
             assert pixels.shape == (S, S, 3)
             bx0, by0, bx1, by1 = boxes[0]
             ys, xs = np.nonzero(pixels[..., 0] > 127)
             if visible[0] == 0:
                 assert len(xs) == 0 or min(bx1 - bx0, by1 - by0) == 0
                 continue
+            if min(bx1 - bx0, by1 - by0) < 2:           # a sliver at the edge: blurred below the threshold
+                continue
             # bicubic blurs edges by about one pixel
-            assert abs(xs.min() - bx0) <= 1.01 and abs(xs.max() + 1 - bx1) <= 1.01, (crop, trial)
-            assert abs(ys.min() - by0) <= 1.01 and abs(ys.max() + 1 - by1) <= 1.01, (crop, trial)
+            assert abs(xs.min() - bx0) <= 1.01 and abs(xs.max() + 1 - bx1) <= 1.01, (crop, min_scale, trial)
+            assert abs(ys.min() - by0) <= 1.01 and abs(ys.max() + 1 - by1) <= 1.01, (crop, min_scale, trial)
             if crop == "squash":
                 assert visible[0] == pytest.approx(1.0)
 
