@@ -79,6 +79,7 @@ left as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -93,7 +94,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import workdir
-from losses import CentreBank
+from losses import CentreBank, all_gather_rows
 from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ def load_stage_outputs(args) -> dict:
         check_ids(tokens, 0, vocab, os.path.join(ocr_folder, "tokens.npy"), "OCR token ids")
         labelled = np.concatenate([[0], np.cumsum(np.diff(np.asarray(tok_off)) > 0)])   # lines with a token
         text_count = labelled[np.asarray(line_off[1:])] - labelled[np.asarray(line_off[:-1])]
-        ocr = dict(folder=ocr_folder, vocab=vocab, lines=L)
+        ocr = dict(folder=ocr_folder, vocab=vocab, lines=L,
+                   max_tokens=int(ocr_m.get("tokenizer", {}).get("max_tokens", 10)))
     has_image_label = np.asarray(image_labels[:, 0]) >= 0 if image_labels.shape[1] else np.zeros(n, bool)
 
     trains = np.zeros(n, bool)
@@ -506,16 +508,11 @@ def gather_bank_state(bank, opt):
     st = opt.state.get(bank.weight, {})
     whole = {"weight": bank.full_weight().cpu()}
     for k in ("exp_avg", "exp_avg_sq"):
-        if k in st:
-            whole[k] = workdir_gather(st[k], bank).cpu()
+        if k in st:          # sharded like the weight
+            whole[k] = all_gather_rows(st[k].detach(), bank.group)[0].cpu()
     if "step" in st:
         whole["step"] = st["step"].detach().cpu().reshape(())
     return whole
-
-
-def workdir_gather(t, bank):
-    from losses import all_gather_rows
-    return all_gather_rows(t.detach(), bank.group)[0]
 
 
 def restore_bank_state(bank, opt, whole):
@@ -670,8 +667,8 @@ def main(argv=None):
         os.remove(os.path.join(run, "manifest.json"))          # the run is not complete until it ends again
 
     sampler = StepSampler(n_train, args.batch_size, args.accum, rank, world, args.seed, start_step, total)
-    dataset = RegionDataset(args.work, rows_path, S, args.num_regions, 10 if not data["ocr"] else
-                            _max_tokens(data), args.image_topl, args.crop, args.min_box_visible, args.seed,
+    dataset = RegionDataset(args.work, rows_path, S, args.num_regions, data["ocr"]["max_tokens"] if data["ocr"]
+                            else 10, args.image_topl, args.crop, args.min_box_visible, args.seed,
                             bool(args.object_weight), bool(args.ocr_weight), bool(args.image_weight),
                             args.min_crop_scale)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
@@ -737,7 +734,7 @@ def main(argv=None):
             torch.manual_seed(step_seed(args.seed, step, micro, rank))   # negative sampling of this micro-step
             pixels = workdir.normalize(batch["pixels"])
             sync = world > 1 and micro < args.accum - 1
-            with (model.no_sync() if sync and hasattr(model, "no_sync") else _null()):
+            with (model.no_sync() if sync and hasattr(model, "no_sync") else contextlib.nullcontext()):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     if N:
                         out = model(pixels, batch["boxes"], batch["kind"] > 0)
@@ -841,19 +838,6 @@ def main(argv=None):
     if tb is not None:
         tb.close()
     return finish(args, run, step, total, skipped, t_start, rank)
-
-
-def _max_tokens(data):
-    m = workdir.read_manifest(data["ocr"]["folder"]) or {}
-    return int(m.get("tokenizer", {}).get("max_tokens", 10))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finish(args, run, step, total, skipped, t_start, rank):
