@@ -4,14 +4,15 @@
     python 00_make_demo_data.py --out /tmp/tiny --num-images 24 --size 160 --seed 1
 
 Each image has a background (flat colour, gradient or low-frequency noise) and either 2-5 objects (60%),
-1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room). An object class is
+1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room); --mix changes the shares. An object class is
 shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named e.g. "red_star_stripes".
 Colours are saturated and backgrounds muted (half grey), so the three factors stay visually separable.
 Objects are 40-120 px at --size 224 (scaled with --size), drawn without anti-aliasing so the instance mask is
 exactly the painted pixels; a later object may hide at most 15% of an earlier one. Words come from a built-in
 vocabulary of 200 common English words (--vocab-size N: its first N), lower, Title or UPPER case, in DejaVu
 Sans (regular or bold), 18-40 px at 224, dark on a light patch or light on a dark one; patches never touch
-objects.
+objects. --plain-words prints every word lower case in the regular face at 30 px (at 224): fewer ways for a
+word to look, which a small encoder learns to read in minutes (make demo uses it with a word-heavy --mix).
 
 Outputs under --out:
     images/00000.png ...   the RGB images (COCO image id = the number in the name)
@@ -56,6 +57,7 @@ TEXT_CATEGORY = len(CLASSES) + 1
 
 OBJ_SIZE = (40, 120)          # object box side in px at SIZE 224
 FONT_SIZE = (18, 40)          # font size in px at SIZE 224
+PLAIN_FONT_SIZE = 30          # --plain-words: one size, lower case, regular face
 MAX_HIDDEN = 0.15             # most of an object's area a later object may cover
 FONTS = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
          "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"]
@@ -158,12 +160,14 @@ def texture(rng, colour: str, tex: str, s: int) -> np.ndarray:
     return fill
 
 
-def plan_word(rng, size: int, reserved: np.ndarray, vocab_size: int = len(VOCAB)):
+def plan_word(rng, size: int, reserved: np.ndarray, vocab_size: int = len(VOCAB), plain: bool = False):
     """Choose a word (from the first vocab_size words), font and patch; None when no free place was found."""
     word = VOCAB[rng.integers(vocab_size)]
     text = [word, word.title(), word.upper()][rng.choice(3, p=[0.4, 0.3, 0.3])]
     path = FONTS[rng.integers(len(FONTS))]
     px = max(14, round(rng.uniform(*FONT_SIZE) * size / 224))
+    if plain:
+        text, path, px = word, FONTS[0], max(14, round(PLAIN_FONT_SIZE * size / 224))
     while True:                                      # shrink until the patch fits the image
         l, t, r, b = font(path, px).getbbox(text)
         pad, margin = 2, max(3, round(0.3 * px))
@@ -199,17 +203,18 @@ def draw_word(rng, img: np.ndarray, w: dict) -> None:
     img[y0: y0 + ph, x0: x0 + pw] = region
 
 
-def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB)):
+def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB), mix: dict = MIX,
+               plain: bool = False):
     """-> (RGB uint8 (size, size, 3), instance ids uint8 (size, size), annotations in mask-id order)."""
     rng = np.random.default_rng(seed * 1_000_003 + index)
-    kind = list(MIX)[rng.choice(len(MIX), p=list(MIX.values()))]
+    kind = list(mix)[rng.choice(len(mix), p=list(mix.values()))]
     img = background(rng, size)
     inst = np.zeros((size, size), np.uint8)
     reserved = np.zeros((size, size), bool)
     # words are placed first so they always find room; objects then keep out of their patches
     words = []
     if kind != "objects":
-        words = [w for w in (plan_word(rng, size, reserved, vocab_size) for _ in range(rng.integers(1, 4))) if w]
+        words = [w for w in (plan_word(rng, size, reserved, vocab_size, plain) for _ in range(rng.integers(1, 4))) if w]
     n_obj = 0 if kind == "text" else int(rng.integers(2, 6) if kind == "objects" else rng.integers(1, 4))
     objects, areas = [], []
     for _ in range(n_obj):
@@ -253,10 +258,11 @@ def save_png(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOCAB)) -> list[dict]:
+def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOCAB), mix: dict = MIX,
+           plain: bool = False) -> list[dict]:
     """Draw image `index`, write its PNGs unless already there, return its annotations."""
     name = f"{index:05d}.png"
-    img, inst, anns = make_image(index, seed, size, vocab_size)      # redrawn even when kept: it gives the boxes
+    img, inst, anns = make_image(index, seed, size, vocab_size, mix, plain)   # redrawn even when kept: the boxes
     for sub, array in (("images", img), ("masks", inst)):
         path = os.path.join(out, sub, name)
         if not os.path.exists(path):
@@ -273,16 +279,29 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=WORKERS, help="processes (the output does not depend on it)")
     ap.add_argument("--vocab-size", type=int, default=len(VOCAB),
                     help="words drawn from the first N of the vocabulary (fewer words: more examples of each)")
+    ap.add_argument("--mix", default=",".join(str(v) for v in MIX.values()), metavar="OBJECTS,TEXT,BOTH",
+                    help="shares of images with objects only, words only, and both (default %(default)s)")
+    ap.add_argument("--plain-words", action="store_true",
+                    help=f"every word lower case, regular face, {PLAIN_FONT_SIZE} px at 224")
     args = ap.parse_args(argv)
+    try:
+        shares = [float(v) for v in args.mix.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise SystemExit(f"error: --mix takes three shares OBJECTS,TEXT,BOTH that sum to 1, got {args.mix!r}")
+    mix = dict(zip(MIX, shares))
     if args.size < 128:
         raise SystemExit("error: --size must be at least 128 (the largest words need the width)")
     from tqdm import tqdm
     check_fonts()
     if not 1 <= args.vocab_size <= len(VOCAB):
         raise SystemExit(f"error: --vocab-size must be in [1, {len(VOCAB)}]")
-    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=MIX, version=VERSION)
+    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=mix, version=VERSION)
     if args.vocab_size != len(VOCAB):
         config["vocab_size"] = args.vocab_size
+    if args.plain_words:
+        config["plain_words"] = True
     m = read_manifest(args.out)
     if m and m.get("config") != config:
         raise SystemExit(f"error: {args.out} holds a demo world with another config ({m.get('config')}); "
@@ -299,7 +318,8 @@ def main(argv=None):
                   for i, (s, c, t) in enumerate(CLASSES)]
     categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
     images, annotations, gt_images, kinds = [], [], [], Counter()
-    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size)
+    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size,
+                            mix=mix, plain=args.plain_words)
     # each image has its own seed, so workers change nothing but the speed; imap keeps the order
     with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))

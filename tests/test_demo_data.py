@@ -150,3 +150,23 @@ def test_rerun_and_resume(world, tmp_path, capsys):
                and p != "images/00017.png")
     with pytest.raises(SystemExit):                 # another config never mixes into this folder
         make(out, seed=5)
+
+
+def test_mix_and_plain_words(world, tmp_path):
+    """--mix sets the image kinds; --plain-words prints each word in lower case, the regular face and one size
+    (a word's box then depends on the word only); a bad --mix is refused."""
+    out = tmp_path / "plain"
+    demo.main(["--out", str(out), "--num-images", str(N), "--size", str(SIZE), "--workers", "1",
+               "--mix", "0,0.5,0.5", "--plain-words"])
+    gt, plain = load(out, "ground_truth.json"), load(out, "coco.json")
+    assert all(g["texts"] for g in gt["images"])                         # no objects-only image
+    assert load(out, "manifest.json")["config"]["plain_words"] is True
+    texts = [a for a in plain["annotations"] if "text" in a]
+    assert texts and all(a["text"] == a["text"].lower() for a in texts)
+    size = {}                                                            # one font and size: box = f(word)
+    for a in texts:
+        assert size.setdefault(a["text"], a["bbox"][2:]) == a["bbox"][2:]
+    assert len(size) < len(texts)
+    for bad in ("0.5,0.5", "0.5,0.6,0.1", "a,b,c"):
+        with pytest.raises(SystemExit, match="--mix"):
+            demo.main(["--out", str(tmp_path / "bad"), "--num-images", "2", "--mix", bad])
