@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 # skips itself when its output is complete, so a second `make demo` only prints the table again.
 DEMO := runs/demo
 # words on 80% of the images, printed plainly, 30 of them: a 0.2M-parameter encoder learns to read them in
-# 600 CPU steps (README, "The demo"); --scale 16 for the same reason (README, Choices and deviations)
+# 900 CPU steps (README, "The demo"); --scale 16 for the same reason (README, Choices and deviations)
 DEMO_WORLD := --vocab-size 30 --mix 0.2,0.2,0.6 --plain-words
 DEMO_CKPT := $(DEMO)/train/ckpt/latest.pt
 demo: $(VENV)/.installed
@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(PY) 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108
 	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --image-size 96 \
-		--batch-size 64 --steps 600 --warmup 60 --scale 16 --workers 2 --log-every 25 --save-every 50
+		--batch-size 64 --steps 900 --warmup 90 --scale 16 --workers 2 --log-every 25 --save-every 50
 	$(PY) 05_eval.py --images $(DEMO)/eval_data/images --coco $(DEMO)/eval_data/coco.json \
 		--masks $(DEMO)/eval_data/masks --out $(DEMO)/eval \
 		--encoder trained=$(DEMO_CKPT) --encoder random=random:$(DEMO_CKPT)
