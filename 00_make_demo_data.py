@@ -4,15 +4,15 @@
     python 00_make_demo_data.py --out /tmp/tiny --num-images 24 --size 160 --seed 1
 
 Each image has a background (flat colour, gradient or low-frequency noise) and either 2-5 objects (60%),
-1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room); --mix changes the shares. An object class is
-shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named e.g. "red_star_stripes".
+1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room); --mix changes the
+shares. An object class is shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named e.g. "red_star_stripes".
 Colours are saturated and backgrounds muted (half grey), so the three factors stay visually separable.
 Objects are 40-120 px at --size 224 (scaled with --size), drawn without anti-aliasing so the instance mask is
 exactly the painted pixels; a later object may hide at most 15% of an earlier one. Words come from a built-in
 vocabulary of 200 common English words (--vocab-size N: its first N), lower, Title or UPPER case, in DejaVu
 Sans (regular or bold), 18-40 px at 224, dark on a light patch or light on a dark one; patches never touch
 objects. --plain-words prints every word lower case in the regular face at 30 px (at 224): fewer ways for a
-word to look, which a small encoder learns to read in minutes (make demo uses it with a word-heavy --mix).
+word to look (README, The demo, says what it changed for the tiny encoder).
 
 Outputs under --out:
     images/00000.png ...   the RGB images (COCO image id = the number in the name)
