@@ -5,7 +5,8 @@
 
 Each image has a background (flat colour, gradient or low-frequency noise) and either 2-5 objects (60%),
 1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room); --mix changes the
-shares. An object class is shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes, named e.g. "red_star_stripes".
+shares. An object class is shape x colour x texture: 6 shapes x 6 colours x 3 textures = 108 classes,
+named e.g. "red_star_stripes".
 Colours are saturated and backgrounds muted (half grey), so the three factors stay visually separable.
 Objects are 40-120 px at --size 224 (scaled with --size), drawn without anti-aliasing so the instance mask is
 exactly the painted pixels; a later object may hide at most 15% of an earlier one. Words come from a built-in
