@@ -14,6 +14,9 @@ vocabulary of 200 common English words (--vocab-size N: its first N), lower, Tit
 Sans (regular or bold), 18-40 px at 224, dark on a light patch or light on a dark one; patches never touch
 objects. --plain-words prints every word lower case in the regular face at 30 px (at 224): fewer ways for a
 word to look (README, The demo, says what it changed for the tiny encoder).
+A word's box (--text-box) is by default its plate, about the extent a PP-OCR detector reports for it (DB's
+unclip pads a word by about 0.4 of its height on each side), so that 02's training boxes and the boxes 05
+probes agree; `ink` gives the glyphs' box plus 2 px.
 
 Outputs under --out:
     images/00000.png ...   the RGB images (COCO image id = the number in the name)
@@ -47,7 +50,8 @@ from workdir import read_manifest, write_json
 NUM_IMAGES, SIZE, SEED, OUT = 2000, 224, 0, "runs/demo/data"
 WORKERS = min(4, os.cpu_count() or 1)                       # drawing processes; output does not depend on it
 MIX = {"objects": 0.6, "text": 0.2, "both": 0.2}          # image kinds and their probabilities
-VERSION = 1                                                  # bump when the drawing changes
+VERSION = 2                                                  # bump when the drawing or the annotations change
+TEXT_BOXES = ("plate", "ink")                                # what a text annotation's box covers (--text-box)
 
 SHAPES = ["circle", "square", "triangle", "star", "ring", "cross"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
@@ -205,7 +209,7 @@ def draw_word(rng, img: np.ndarray, w: dict) -> None:
 
 
 def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB), mix: dict = MIX,
-               plain: bool = False):
+               plain: bool = False, text_box: str = "plate"):
     """-> (RGB uint8 (size, size, 3), instance ids uint8 (size, size), annotations in mask-id order)."""
     rng = np.random.default_rng(seed * 1_000_003 + index)
     kind = list(mix)[rng.choice(len(mix), p=list(mix.values()))]
@@ -242,7 +246,7 @@ def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB), m
                                                     int(ys.max() - ys.min() + 1)], area=int(len(xs))))
     for w in words:
         draw_word(rng, img, w)
-        bx, by, bw, bh = w["box"]
+        bx, by, bw, bh = w["patch"] if text_box == "plate" else w["box"]
         inst[by: by + bh, bx: bx + bw] = len(anns) + 1
         anns.append(dict(category_id=TEXT_CATEGORY, bbox=[bx, by, bw, bh], area=bw * bh, text=w["text"],
                          word=w["word"]))
@@ -260,10 +264,11 @@ def save_png(path: str, array: np.ndarray) -> None:
 
 
 def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOCAB), mix: dict = MIX,
-           plain: bool = False) -> list[dict]:
+           plain: bool = False, text_box: str = "plate") -> list[dict]:
     """Draw image `index`, write its PNGs unless already there, return its annotations."""
     name = f"{index:05d}.png"
-    img, inst, anns = make_image(index, seed, size, vocab_size, mix, plain)   # redrawn even when kept: the boxes
+    # redrawn even when kept: the boxes
+    img, inst, anns = make_image(index, seed, size, vocab_size, mix, plain, text_box)
     for sub, array in (("images", img), ("masks", inst)):
         path = os.path.join(out, sub, name)
         if not os.path.exists(path):
@@ -284,6 +289,8 @@ def main(argv=None):
                     help="shares of images with objects only, words only, and both (default %(default)s)")
     ap.add_argument("--plain-words", action="store_true",
                     help=f"every word lower case, regular face, {PLAIN_FONT_SIZE} px at 224")
+    ap.add_argument("--text-box", default="plate", choices=TEXT_BOXES,
+                    help="a word's box: its plate (the extent a PP-OCR detector reports) or its ink plus 2 px")
     args = ap.parse_args(argv)
     try:
         shares = [float(v) for v in args.mix.split(",")]
@@ -298,7 +305,8 @@ def main(argv=None):
     check_fonts()
     if not 1 <= args.vocab_size <= len(VOCAB):
         raise SystemExit(f"error: --vocab-size must be in [1, {len(VOCAB)}]")
-    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=mix, version=VERSION)
+    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=mix, text_box=args.text_box,
+                  version=VERSION)
     if args.vocab_size != len(VOCAB):
         config["vocab_size"] = args.vocab_size
     if args.plain_words:
@@ -320,7 +328,7 @@ def main(argv=None):
     categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
     images, annotations, gt_images, kinds = [], [], [], Counter()
     job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size,
-                            mix=mix, plain=args.plain_words)
+                            mix=mix, plain=args.plain_words, text_box=args.text_box)
     # each image has its own seed, so workers change nothing but the speed; imap keeps the order
     with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))

@@ -170,3 +170,29 @@ def test_mix_and_plain_words(world, tmp_path):
     for bad in ("0.5,0.5", "0.5,0.6,0.1", "a,b,c"):
         with pytest.raises(SystemExit, match="--mix"):
             demo.main(["--out", str(tmp_path / "bad"), "--num-images", "2", "--mix", bad])
+
+
+def test_text_box_ink(world, tmp_path):
+    """--text-box ink annotates each word by its ink (plus 2 px) instead of its plate: the same pixels, the same
+    objects and words, every ink box strictly inside its plate box, the mask following the box."""
+    out = tmp_path / "ink"
+    demo.main(["--out", str(out), "--num-images", str(N), "--size", str(SIZE), "--workers", "1",
+               "--text-box", "ink"])
+    assert load(out, "manifest.json")["config"]["text_box"] == "ink"
+    assert load(world, "manifest.json")["config"]["text_box"] == "plate"
+    assert files(out / "images") == files(world / "images")
+    plate, ink = load(world, "coco.json")["annotations"], load(out, "coco.json")["annotations"]
+    assert len(plate) == len(ink)
+    n_text = 0
+    for p, q in zip(plate, ink):
+        assert p["category_id"] == q["category_id"] and p.get("text") == q.get("text")
+        if "text" not in p:
+            assert p["bbox"] == q["bbox"]
+            continue
+        n_text += 1
+        (px, py, pw, ph), (qx, qy, qw, qh) = p["bbox"], q["bbox"]
+        assert px < qx and py < qy and qx + qw < px + pw and qy + qh < py + ph
+        mask = np.asarray(Image.open(out / "masks" / f"{q['image_id']:05d}.png"))
+        k = [a["id"] for a in ink if a["image_id"] == q["image_id"]].index(q["id"]) + 1
+        assert (mask[qy: qy + qh, qx: qx + qw] == k).all() and (mask == k).sum() == qw * qh
+    assert n_text > 0
