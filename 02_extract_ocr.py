@@ -22,7 +22,9 @@ recognition only (no text-line or page orientation models) and map to the same l
 RapidOCR's detector upscales every image whose short side is under 736 px (its default), which is most of the
 cost on 224-640 px web images: `--det-limit-side 64` about turns that off. On 20 synthetic 224-640 px images with
 16-40 px words, on a 2-core CPU: 2.8 images/s by default, 7.5 with 64, reading 34 and 33 of the 35 lines exactly
-(check on your own images before trading accuracy for speed).
+(check on your own images before trading accuracy for speed). onnxruntime's threads help little on such small
+images: on 400 224 px demo images with 64, one process read 11.6 images/s with 2 threads and 14.1 with 1, and
+torchrun's two processes of one thread each 21.4 (identical lines), which is how `make demo` runs this stage.
 
 Images: the image table in <work>/images/ (workdir.ensure_image_table) fixes the order; only rows with status ok
 are read (workdir.open_image: EXIF-rotated RGB), the others get OCR status "skipped". Images whose long side is

@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD)
 	$(PY) 01_mine_regions.py --images $(DEMO)/data/images --work $(DEMO) --boxes $(DEMO)/data/coco.json \
 		--features pixels --min-box-side 16 --min-image-side 64
-	$(PY) 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108
 	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --image-size 96 \
 		--batch-size 64 --steps 900 --warmup 90 --scale 16 --workers 2 --log-every 25 --save-every 50
