@@ -267,7 +267,7 @@ def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOC
            plain: bool = False, text_box: str = "plate") -> list[dict]:
     """Draw image `index`, write its PNGs unless already there, return its annotations."""
     name = f"{index:05d}.png"
-    # redrawn even when kept: the boxes
+    # drawn even when its PNGs are already on disk: the annotations come from the drawing
     img, inst, anns = make_image(index, seed, size, vocab_size, mix, plain, text_box)
     for sub, array in (("images", img), ("masks", inst)):
         path = os.path.join(out, sub, name)
