@@ -2,6 +2,7 @@
 
     python 00_make_demo_data.py --out runs/demo/data
     python 00_make_demo_data.py --out /tmp/tiny --num-images 24 --size 160 --seed 1
+    python 00_make_demo_data.py --out /tmp/wds --format webdataset --shard-size 1000     # or --format sa1b
 
 Each image has a background (flat colour, gradient or low-frequency noise) and either 2-5 objects (60%),
 1-3 words (20%) or both (20%; up to 3 objects, fewer when the words leave no room); --mix changes the
@@ -18,7 +19,7 @@ A word's box (--text-box) is by default its plate, about the extent a PP-OCR det
 unclip pads a word by about 0.4 of its height on each side), so that 02's training boxes and the boxes 05
 probes agree; `ink` gives the glyphs' box plus 2 px.
 
-Outputs under --out:
+Outputs under --out (--format files, the default):
     images/00000.png ...   the RGB images (COCO image id = the number in the name)
     masks/00000.png ...    uint8 instance ids: 0 background, k = k-th annotation of the image in coco.json;
                            a text annotation's mask is its filled box
@@ -27,16 +28,46 @@ Outputs under --out:
     ground_truth.json      for evaluation only: classes, vocabulary and per image objects and words
     manifest.json          stage "demo_data", config, counts; written last (the world is complete from then on)
 
+--format webdataset and --format sa1b write the images into tars of --shard-size samples (the last one partial),
+the way the papers' data sets ship, instead of images/; masks/, coco.json, ground_truth.json and manifest.json
+stay, with a mask and a `file_name` named after the image's member in its tar (COCO image ids are unchanged):
+  webdataset, as img2dataset writes it (with webdataset.TarWriter):
+    shards/00000.tar ...   per sample, key = shard (5 digits) + index in shard (max(1, ceil(log10(shard size)))
+                           digits), e.g. 00001002: {key}.json, {key}.png, {key}.txt (in that order);
+                           .png: the very bytes --format files writes, .txt: a caption naming the objects and
+                           words ("a red star with stripes, a blue ring; the word Cat"), .json: img2dataset's
+                           meta: url (https://demo.invalid/00012.png), caption, key, status "success",
+                           error_message null, width, height, original_width, original_height, exif null, sha256
+                           of the .png bytes
+    shards/00000.parquet   one row per sample, the .json's fields
+    shards/00000_stats.json  img2dataset's shard stats: count, successes, failed_to_download, failed_to_resize,
+                           duration, start_time, end_time (0: reruns stay byte-identical), status_dict
+    masks/00000002.png ... the instance ids of sample 00000002; coco.json's file_name is "00000002.png"
+  sa1b, as SA-1B ships (image n = COCO image id + 1):
+    sa1b/sa_000000.tar ... sa_{n}.jpg (JPEG quality 95) and sa_{n}.json = {"image": {image_id n, width, height,
+                           file_name}, "annotations": [per object (not words: SA-1B masks have no class): id (the
+                           COCO annotation id), segmentation (COCO compressed RLE {size: [H, W], counts}), bbox
+                           (as in coco.json), area (mask pixels), predicted_iou 1.0, stability_score 1.0,
+                           point_coords [[x, y]] (the object's pixel nearest its centroid), crop_box [0, 0, W, H]]}
+    masks/sa_1.png ...     the instance ids of sa_1.jpg; coco.json's file_name is "sa_1.jpg"
+Tar members have fixed mtime 0, owner bigdata:bigdata (uid/gid 0) and mode 0444, so the same seed gives the same
+bytes. Each shard is written under a hidden tmp name (.00000.tar.tmp, which no *.tar glob matches) and renamed
+when complete, its side files before it: a kill leaves only complete shards, and a rerun keeps them.
+
 Every image is drawn from its own generator seeded with seed * 1_000_003 + index, so a rerun, a resumed run
-(images already on disk are kept) and a run of a different length agree image by image; the same seed gives
-byte-identical files (for the same Pillow and FreeType).
+(images and complete shards already on disk are kept) and a run of a different length agree image by image;
+the same seed gives byte-identical files (for the same Pillow, FreeType and, for the shard formats, webdataset,
+pyarrow and libjpeg), whatever --workers.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import hashlib
 import io
+import json
+import math
 import multiprocessing
 import os
 import sys
@@ -52,6 +83,12 @@ WORKERS = min(4, os.cpu_count() or 1)                       # drawing processes;
 MIX = {"objects": 0.6, "text": 0.2, "both": 0.2}          # image kinds and their probabilities
 VERSION = 2                                                  # bump when the drawing or the annotations change
 TEXT_BOXES = ("plate", "ink")                                # what a text annotation's box covers (--text-box)
+FORMATS = ("files", "webdataset", "sa1b")                    # how the images are stored (--format)
+SHARD_SIZE = 1000                                            # samples per tar in the shard formats
+# fixed tar headers (TarWriter's default owner and mode, epoch mtime): a rerun writes the same bytes
+TAR_MTIME, TAR_OWNER, TAR_MODE = 0, "bigdata", 0o444
+URL = "https://demo.invalid/{:05d}.png"                      # a webdataset sample's url: its files-format name
+JPEG_QUALITY = 95                                            # sa1b's images
 
 SHAPES = ["circle", "square", "triangle", "star", "ring", "cross"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
@@ -253,27 +290,144 @@ def make_image(index: int, seed: int, size: int, vocab_size: int = len(VOCAB), m
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), inst, anns
 
 
-def save_png(path: str, array: np.ndarray) -> None:
+def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)    # fast; the world is regenerable
-    # a hidden tmp name: a kill mid-write leaves nothing that a later stage would list as an image
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def atomic(path: str):
+    """Yield a hidden tmp name beside `path`, renamed to it when the block completes: a kill mid-write leaves
+    nothing that a later stage would list (no *.png, *.tar or *.parquet glob matches .NAME.tmp)."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
+def save_png(path: str, array: np.ndarray) -> None:
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(png_bytes(array))
+
+
+def sample_key(index: int, shard_size: int) -> str:
+    """img2dataset's key: the shard in 5 digits, then the index in the shard in ceil(log10(shard_size))."""
+    shard, j = divmod(index, shard_size)
+    return f"{shard:05d}{j:0{max(1, math.ceil(math.log10(shard_size)))}d}"
+
+
+def member_stem(fmt: str, index: int, shard_size: int) -> str:
+    """The name (without extension) of image `index` and its mask in the given --format."""
+    return {"files": f"{index:05d}", "webdataset": sample_key(index, shard_size), "sa1b": f"sa_{index + 1}"}[fmt]
+
+
+def member_name(fmt: str, index: int, shard_size: int) -> str:
+    return member_stem(fmt, index, shard_size) + (".jpg" if fmt == "sa1b" else ".png")
+
+
+def shard_paths(out: str, fmt: str, shard: int) -> list[str]:
+    """A shard's files, the tar last: it is renamed into place last, so its presence means a complete shard."""
+    if fmt == "sa1b":
+        return [os.path.join(out, "sa1b", f"sa_{shard:06d}.tar")]
+    base = os.path.join(out, "shards", f"{shard:05d}")
+    return [base + "_stats.json", base + ".parquet", base + ".tar"]
+
+
+def caption(anns: list[dict]) -> str:
+    """A short alt text from the annotations: "a red star with stripes, a blue ring; the words Cat and dog"."""
+    objects = []
+    for a in anns:
+        if a["category_id"] != TEXT_CATEGORY:
+            shape, colour, tex = CLASSES[a["category_id"] - 1]
+            objects.append(f"a {colour} {shape}" + ("" if tex == "solid" else f" with {tex}"))
+    words = [a["text"] for a in anns if a["category_id"] == TEXT_CATEGORY]
+    parts = [", ".join(objects)] if objects else []
+    if words:
+        listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        parts.append(("the word " if len(words) == 1 else "the words ") + listed)
+    return "; ".join(parts)
+
+
 def render(index: int, out: str, seed: int, size: int, vocab_size: int = len(VOCAB), mix: dict = MIX,
-           plain: bool = False, text_box: str = "plate") -> list[dict]:
-    """Draw image `index`, write its PNGs unless already there, return its annotations."""
-    name = f"{index:05d}.png"
-    # drawn even when its PNGs are already on disk: the annotations come from the drawing
+           plain: bool = False, text_box: str = "plate", fmt: str = "files", shard_size: int = SHARD_SIZE,
+           done: frozenset = frozenset()) -> tuple[list[dict], dict | None]:
+    """Draw image `index`, write its PNGs (files) or its mask PNG (shard formats) unless already there; return
+    its annotations and, in a shard format, what its shard needs of it (None when the shard is in `done`)."""
+    # drawn even when its files are already on disk: the annotations come from the drawing
     img, inst, anns = make_image(index, seed, size, vocab_size, mix, plain, text_box)
-    for sub, array in (("images", img), ("masks", inst)):
-        path = os.path.join(out, sub, name)
+    stem = member_stem(fmt, index, shard_size)
+    for sub, array in (("images", img), ("masks", inst)) if fmt == "files" else (("masks", inst),):
+        path = os.path.join(out, sub, f"{stem}.png")
         if not os.path.exists(path):
             save_png(path, array)
-    return anns
+    if fmt == "files" or index // shard_size in done:
+        return anns, None
+    if fmt == "webdataset":
+        return anns, dict(png=png_bytes(img))       # the same bytes as --format files' image
+    from pycocotools import mask as mask_util
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    objects = []
+    for k, a in enumerate(anns, 1):                 # mask id k = k-th annotation; words carry no SA-1B mask
+        if a["category_id"] == TEXT_CATEGORY:
+            continue
+        m = inst == k
+        rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        ys, xs = np.nonzero(m)
+        # the object's pixel nearest its centroid: a point on the mask even for a ring or a star
+        p = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+        objects.append(dict(k=k, counts=rle["counts"].decode("ascii"), point=[int(xs[p]), int(ys[p])]))
+    return anns, dict(jpg=buf.getvalue(), objects=objects)
+
+
+def write_webdataset_shard(out: str, shard: int, samples: list[dict]) -> None:
+    """One img2dataset shard: the stats, the parquet, then the tar (each renamed into place when complete)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from webdataset import TarWriter
+    stats_path, parquet_path, tar_path = shard_paths(out, "webdataset", shard)
+    # img2dataset's stats; times are 0, not the clock, so that a rerun writes the same bytes
+    stats = dict(count=len(samples), successes=len(samples), failed_to_download=0, failed_to_resize=0,
+                 duration=0, start_time=0, end_time=0, status_dict={"success": len(samples)})
+    with atomic(stats_path) as tmp, open(tmp, "w") as f:
+        json.dump(stats, f, indent=4)
+    # img2dataset's parquet schema: the input columns (url, caption), then the download's meta
+    schema = pa.schema([(name, pa.string()) for name in ("url", "caption", "key", "status", "error_message")]
+                       + [(name, pa.int32()) for name in ("width", "height", "original_width", "original_height")]
+                       + [("exif", pa.string()), ("sha256", pa.string())])
+    table = pa.Table.from_pylist([s["meta"] for s in samples], schema=schema)
+    with atomic(parquet_path) as tmp:
+        pq.write_table(table, tmp)
+    with atomic(tar_path) as tmp, open(tmp, "wb") as f:
+        # encoder=False: every member is already bytes; TarWriter writes them sorted: .json, .png, .txt
+        with TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False) as tw:
+            for s in samples:
+                tw.write({"__key__": s["meta"]["key"], "png": s["png"], "txt": s["meta"]["caption"].encode(),
+                          "json": json.dumps(s["meta"], indent=4).encode()})     # indent 4, as img2dataset
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_sa1b_shard(out: str, shard: int, samples: list[dict]) -> None:
+    """One SA-1B tar: sa_{n}.jpg, sa_{n}.json per image, in image order, with fixed headers."""
+    import tarfile
+    (tar_path,) = shard_paths(out, "sa1b", shard)
+    with atomic(tar_path) as tmp, open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in samples:
+                for name, data in ((s["name"], s["jpg"]), (s["name"][:-4] + ".json", json.dumps(s["json"]).encode())):
+                    ti = tarfile.TarInfo(name)     # a bare name, no "./": the member is sa_{n}.jpg itself
+                    ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, TAR_MODE
+                    ti.uid = ti.gid = 0
+                    ti.uname = ti.gname = TAR_OWNER
+                    tar.addfile(ti, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def main(argv=None):
@@ -291,7 +445,16 @@ def main(argv=None):
                     help=f"every word lower case, regular face, {PLAIN_FONT_SIZE} px at 224")
     ap.add_argument("--text-box", default="plate", choices=TEXT_BOXES,
                     help="a word's box: its plate (the extent a PP-OCR detector reports) or its ink plus 2 px")
+    # checked below rather than by argparse's choices, so that the refusal names the flag in its SystemExit
+    ap.add_argument("--format", default="files", metavar="|".join(FORMATS),
+                    help="loose PNGs (files), img2dataset shards (webdataset) or SA-1B tars (sa1b); default files")
+    ap.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                    help="samples per tar in the shard formats (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.format not in FORMATS:
+        raise SystemExit(f"error: --format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.shard_size < 1:
+        raise SystemExit(f"error: --shard-size must be at least 1, got {args.shard_size}")
     try:
         shares = [float(v) for v in args.mix.split(",")]
     except ValueError:
@@ -311,6 +474,9 @@ def main(argv=None):
         config["vocab_size"] = args.vocab_size
     if args.plain_words:
         config["plain_words"] = True
+    fmt, shard_size = args.format, args.shard_size
+    if fmt != "files":                               # files: the config as before, so existing worlds stay valid
+        config.update(format=fmt, shard_size=shard_size)
     m = read_manifest(args.out)
     if m and m.get("config") != config:
         raise SystemExit(f"error: {args.out} holds a demo world with another config ({m.get('config')}); "
@@ -318,8 +484,13 @@ def main(argv=None):
     if m and m.get("complete"):
         print(f"{args.out}: demo world already complete ({m['counts']['images']} images), nothing to do")
         return
-    for sub in ("images", "masks"):
+    shard_dir = {"files": "images", "webdataset": "shards", "sa1b": "sa1b"}[fmt]
+    for sub in (shard_dir, "masks"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    n_shards = -(-args.num_images // shard_size)
+    # shards whose files are all there are complete (the tar, renamed into place last, is the mark): kept
+    done = frozenset() if fmt == "files" else frozenset(
+        s for s in range(n_shards) if all(os.path.exists(p) for p in shard_paths(args.out, fmt, s)))
     # an incomplete manifest first: a later run with another config cannot mix its images with these
     write_json(os.path.join(args.out, "manifest.json"), dict(stage="demo_data", config=config, complete=False))
 
@@ -328,27 +499,50 @@ def main(argv=None):
     categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
     images, annotations, gt_images, kinds = [], [], [], Counter()
     job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size,
-                            mix=mix, plain=args.plain_words, text_box=args.text_box)
-    # each image has its own seed, so workers change nothing but the speed; imap keeps the order
+                            mix=mix, plain=args.plain_words, text_box=args.text_box, fmt=fmt, shard_size=shard_size,
+                            done=done)
+    write_shard = {"webdataset": write_webdataset_shard, "sa1b": write_sa1b_shard}.get(fmt)
+    pending = []                                     # the current shard's samples, written when it is full
+    # each image has its own seed, so workers change nothing but the speed; imap keeps the order, and the shards
+    # are cut and written here, in image order, so they do not depend on the workers either
     with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))
-        annotated = list(tqdm(results, total=args.num_images, desc="demo world", unit="img"))
-    for i, anns in enumerate(annotated):
-        name = f"{i:05d}.png"
-        images.append(dict(id=i, file_name=name, width=args.size, height=args.size))
-        gt = dict(id=i, file_name=name, objects=[], texts=[])
-        for a in anns:
-            ann = dict(id=len(annotations) + 1, image_id=i, category_id=a["category_id"], bbox=a["bbox"],
-                       area=a["area"], iscrowd=0)
-            annotations.append(ann if "text" not in a else {**ann, "text": a["text"]})
-            if a["category_id"] == TEXT_CATEGORY:
-                gt["texts"].append(dict(bbox=a["bbox"], text=a["text"], word=a["word"]))
+        for i, (anns, drawn) in enumerate(tqdm(results, total=args.num_images, desc="demo world", unit="img")):
+            name = member_name(fmt, i, shard_size)
+            images.append(dict(id=i, file_name=name, width=args.size, height=args.size))
+            gt = dict(id=i, file_name=name, objects=[], texts=[])
+            first_id = len(annotations) + 1          # COCO id of the image's mask id 1
+            for a in anns:
+                ann = dict(id=len(annotations) + 1, image_id=i, category_id=a["category_id"], bbox=a["bbox"],
+                           area=a["area"], iscrowd=0)
+                annotations.append(ann if "text" not in a else {**ann, "text": a["text"]})
+                if a["category_id"] == TEXT_CATEGORY:
+                    gt["texts"].append(dict(bbox=a["bbox"], text=a["text"], word=a["word"]))
+                else:
+                    c = categories[a["category_id"] - 1]
+                    gt["objects"].append(dict(bbox=a["bbox"], category_id=c["id"], name=c["name"],
+                                              shape=c["shape"], colour=c["colour"], texture=c["texture"]))
+            gt_images.append(gt)
+            kinds["both" if gt["objects"] and gt["texts"] else "objects" if gt["objects"] else "text"] += 1
+            if drawn is None:                        # files, or a shard that is already complete
+                continue
+            if fmt == "webdataset":
+                pending.append(dict(png=drawn["png"], meta=dict(
+                    url=URL.format(i), caption=caption(anns), key=sample_key(i, shard_size), status="success",
+                    error_message=None, width=args.size, height=args.size, original_width=args.size,
+                    original_height=args.size, exif=None, sha256=hashlib.sha256(drawn["png"]).hexdigest())))
             else:
-                c = categories[a["category_id"] - 1]
-                gt["objects"].append(dict(bbox=a["bbox"], category_id=c["id"], name=c["name"], shape=c["shape"],
-                                          colour=c["colour"], texture=c["texture"]))
-        gt_images.append(gt)
-        kinds["both" if gt["objects"] and gt["texts"] else "objects" if gt["objects"] else "text"] += 1
+                n, S = i + 1, args.size
+                pending.append(dict(name=name, jpg=drawn["jpg"], json=dict(
+                    image=dict(image_id=n, width=S, height=S, file_name=name),
+                    annotations=[dict(id=first_id + o["k"] - 1,
+                                      segmentation=dict(size=[S, S], counts=o["counts"]),
+                                      bbox=anns[o["k"] - 1]["bbox"], area=anns[o["k"] - 1]["area"],
+                                      predicted_iou=1.0, stability_score=1.0, point_coords=[o["point"]],
+                                      crop_box=[0, 0, S, S]) for o in drawn["objects"]])))
+            if (i + 1) % shard_size == 0 or i + 1 == args.num_images:
+                write_shard(args.out, i // shard_size, pending)
+                pending = []
 
     write_json(os.path.join(args.out, "coco.json"),
                dict(images=images, annotations=annotations, categories=categories))
@@ -359,11 +553,14 @@ def main(argv=None):
     counts = dict(images=len(images), objects=sum(len(g["objects"]) for g in gt_images),
                   text_boxes=sum(len(g["texts"]) for g in gt_images), image_kinds=dict(sorted(kinds.items())),
                   classes=len(CLASSES), per_class={c["name"]: per_class[c["id"]] for c in categories[:-1]})
+    if fmt != "files":
+        counts["shards"] = n_shards
     # written last and without a timestamp: its presence marks the world complete, and reruns stay identical
     write_json(os.path.join(args.out, "manifest.json"), dict(stage="demo_data", config=config, complete=True,
                                                              counts=counts))
     print(f"{args.out}: {counts['images']} images, {counts['objects']} objects in {len(CLASSES)} classes, "
-          f"{counts['text_boxes']} words; kinds {counts['image_kinds']}")
+          f"{counts['text_boxes']} words; kinds {counts['image_kinds']}"
+          + ("" if fmt == "files" else f"; {n_shards} {fmt} shards of {shard_size} in {shard_dir}/"))
 
 
 if __name__ == "__main__":

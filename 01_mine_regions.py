@@ -59,7 +59,9 @@ PIXEL_GRID = 8              # the stand-in feature: PIXEL_GRID x PIXEL_GRID x 3 
 FEATURE_BATCH = 64
 CHUNK_SIZE = 64             # images per resumable chunk
 
-REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error"]
+REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error", "decode_error"]
+# where an image's boxes came from (box_source.npy)
+BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
 
 def parse_args(argv):
@@ -92,8 +94,6 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
-    if args.boxes is None and args.sam_model != "tiny" and not args.sam_checkpoint:
-        p.error("SAM needs --sam-checkpoint (e.g. sam_vit_h_4b8939.pth), or pass --boxes")
     if args.sam_checkpoint and not os.path.isfile(args.sam_checkpoint):
         p.error(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
     if args.boxes and not os.path.exists(args.boxes):
@@ -145,49 +145,62 @@ def sam_regions(generator, image, max_side):
             np.array([m["area"] for m in masks], np.float32) / scale ** 2)
 
 
-def read_box_file(path, table, exclude):
-    """{image row: (boxes, scores, areas)} from a COCO JSON (matched by relative path, then by file name) or a
-    folder of SA-1B per-image JSON files (<image stem>.json with `annotations`)."""
-    import json
-    out = {}
+def xywh_boxes(anns):
+    """COCO / SA-1B annotations -> (boxes x0y0x1y1, scores, areas)."""
+    xywh = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    scores = np.array([a.get("score", a.get("predicted_iou", 1.0)) for a in anns], np.float32)
+    areas = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float32)
+    return boxes, scores, areas
 
-    def add(row, anns):
-        xywh = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        scores = np.array([a.get("score", a.get("predicted_iou", 1.0)) for a in anns], np.float32)
-        areas = np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float32)
-        out[row] = (boxes, scores, areas)
 
-    rel = {}
-    for i in range(len(table)):
-        p = table.path(i)
-        rel.setdefault(os.path.relpath(p, table.root), i)
-        rel.setdefault(os.path.basename(p), i)
-    if os.path.isdir(path):                     # SA-1B: one JSON per image, named after it
-        for i in range(len(table)):
-            stem = os.path.splitext(os.path.basename(table.path(i)))[0]
-            f = os.path.join(path, stem + ".json")
-            if os.path.exists(f):
-                with open(f) as fh:
-                    add(i, json.load(fh).get("annotations", []))
-        return out
-    with open(path) as fh:
-        coco = json.load(fh)
-    skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
-    by_image = {}
-    for a in coco.get("annotations", []):
-        if a.get("category_id") not in skip:
-            by_image.setdefault(a["image_id"], []).append(a)
-    unmatched = 0
-    for im in coco.get("images", []):
-        row = rel.get(im["file_name"], rel.get(os.path.basename(im["file_name"])))
-        if row is None:
-            unmatched += 1
-            continue
-        add(row, by_image.get(im["id"], []))
-    if unmatched:
-        workdir.say(f"warning: {unmatched} images of {path} are not in the image table; their boxes are unused")
-    return out
+def sa1b_annotations(meta):
+    """The annotations of an SA-1B record ({"image": ..., "annotations": [{"bbox": [x, y, w, h], ...}]}), or
+    None when the json is not one (img2dataset's json carries no boxes)."""
+    anns = meta.get("annotations") if isinstance(meta, dict) else None
+    if not isinstance(anns, list):
+        return None
+    return [a for a in anns if isinstance(a, dict) and isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4]
+
+
+class BoxFile:
+    """--boxes: a COCO-format JSON (images matched by their path relative to the image root, then by their name
+    in the shard, then by file name; held once per process, its size is the file's) or a folder of SA-1B
+    per-image JSON files (<image stem>.json, read when that image's chunk runs)."""
+
+    def __init__(self, path, exclude):
+        import json
+        self.folder = path if os.path.isdir(path) else None
+        self.by_name = {}
+        if self.folder:
+            return
+        with open(path) as fh:
+            coco = json.load(fh)
+        skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
+        by_image = {}
+        for a in coco.get("annotations", []):
+            if a.get("category_id") not in skip:
+                by_image.setdefault(a["image_id"], []).append(a)
+        for im in coco.get("images", []):
+            anns = by_image.get(im["id"], [])
+            self.by_name.setdefault(im["file_name"], anns)
+            self.by_name.setdefault("\0" + os.path.basename(im["file_name"]), anns)
+
+    def get(self, table, i):
+        """The annotations of table row i, or None when the file has no entry for it."""
+        import json
+        name = table.name(i)
+        if self.folder:
+            f = os.path.join(self.folder, os.path.splitext(os.path.basename(name))[0] + ".json")
+            if not os.path.exists(f):
+                return None
+            with open(f) as fh:
+                return sa1b_annotations(json.load(fh)) or []
+        rel = os.path.relpath(table.path(i), table.root)
+        for k in (rel, name, "\0" + os.path.basename(name)):
+            if k in self.by_name:
+                return self.by_name[k]
+        return None
 
 
 def filter_boxes(boxes, scores, areas, width, height, min_side, dedup_iou, max_regions):
@@ -282,21 +295,53 @@ def main(argv=None):
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
 
-    box_file = read_box_file(args.boxes, table, set(args.exclude_categories.split(","))) if args.boxes else None
-    generator = None
-    if box_file is None:
-        from segment_anything import SamAutomaticMaskGenerator
-        generator = SamAutomaticMaskGenerator(
-            build_sam(args.sam_model, args.sam_checkpoint).to(device), points_per_side=args.points_per_side,
-            points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
-            crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area)
+    box_file = BoxFile(args.boxes, set(args.exclude_categories.split(","))) if args.boxes else None
+    sam = {}
+
+    def sam_generator():
+        """Built at the first image that needs SAM: a run whose samples all carry SA-1B boxes needs none."""
+        if "gen" not in sam:
+            if args.sam_model != "tiny" and not args.sam_checkpoint:
+                raise SystemExit("error: some images have no boxes of their own (no SA-1B annotations in their "
+                                 "json, no --boxes): SAM runs on them and needs --sam-checkpoint "
+                                 "(e.g. sam_vit_h_4b8939.pth)")
+            from segment_anything import SamAutomaticMaskGenerator
+            sam["gen"] = SamAutomaticMaskGenerator(
+                build_sam(args.sam_model, args.sam_checkpoint).to(device), points_per_side=args.points_per_side,
+                points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
+                crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area)
+        return sam["gen"]
+
+    if box_file is None and args.sam_model != "tiny" and not args.sam_checkpoint:
+        # before any model is built: a sample of the table's rows shows whether SAM will be needed
+        ok = np.flatnonzero(np.asarray(table.status[:: max(1, len(table) // 200)]) == workdir.OK)
+        if any(sa1b_annotations(table.read_json(int(r) * max(1, len(table) // 200))) is None for r in ok[:200]):
+            sam_generator()                    # raises the message naming --sam-checkpoint
     features = (PixelFeatures() if args.features == "pixels" else
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
+    if rank == 0:
+        workdir.short_side_check(table, args.min_image_side)
+    no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+    def boxes_of(i, image):
+        """(boxes, scores, areas, source): the --boxes file's, else the sample's own SA-1B annotations (RICE
+        Sec. 3.1 kept SA-1B's masks), else SAM's (none with --boxes: the file is then the only source)."""
+        if box_file is not None:
+            anns = box_file.get(table, i)
+            if anns is not None:
+                return *xywh_boxes(anns), "box_file"
+        anns = sa1b_annotations(table.read_json(i)) if int(table.json_length[i]) >= 0 else None
+        if anns is not None:
+            return *xywh_boxes(anns), "sample_json"
+        if box_file is not None:
+            return *no_boxes, "none"
+        return *sam_regions(sam_generator(), image, args.sam_max_side), "sam"
 
     def process(start, end):
         n = end - start
         status = np.zeros(n, np.uint8)
+        source = np.zeros(n, np.uint8)
         counts = np.zeros(n, np.int64)
         image_feat = np.zeros((n, features.dim), np.float16)
         boxes, scores, areas, region_feat = [], [], [], []
@@ -304,22 +349,24 @@ def main(argv=None):
             if table.status[i] != workdir.OK:
                 status[j] = REGION_STATUS.index("skipped")
                 continue
+            image, st = table.open(i)
+            if image is None:                      # the table reads headers only: decoding can still fail
+                status[j] = REGION_STATUS.index("decode_error")
+                continue
             try:
-                image, st = workdir.open_image(table.path(i))
-                if image is None:                  # changed on disk since the image table was built
-                    raise OSError(f"{st} now")
                 w, h = image.size
                 image_feat[j] = features(image, np.array([[0, 0, w, h]], np.float32))[0]
                 if min(w, h) < args.min_image_side:
                     status[j] = REGION_STATUS.index("too_small")
                     continue
-                if box_file is not None:
-                    b, s, a = box_file.get(i, (np.zeros((0, 4), np.float32),) + (np.zeros(0, np.float32),) * 2)
-                else:
-                    b, s, a = sam_regions(generator, image, args.sam_max_side)
+                b, s, a, src = boxes_of(i, image)
+                source[j] = BOX_SOURCE.index(src)
                 b, s, a = filter_boxes(b, s, a, w, h, args.min_box_side, args.dedup_iou, args.max_regions)
                 f = features(image, b)
             except Exception as e:             # one bad image must not stop a long run: record it
+                if device_failure(e):          # ... but a GPU failure is not the image's: stop, redo the chunk
+                    raise SystemExit(f"error: [rank {rank}] {type(e).__name__} on {device}: {str(e)[:300]}; this "
+                                     "process stops and its unfinished chunk is redone by the next run") from None
                 print(f"[rank {rank}] error on {table.path(i)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 status[j] = REGION_STATUS.index("error")
                 image_feat[j] = 0
@@ -329,23 +376,22 @@ def main(argv=None):
             counts[j] = len(b)
             boxes.append(b), scores.append(s), areas.append(a), region_feat.append(f)
         cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
-        return {"status": status, "region_counts": counts, "image_features": image_feat,
+        return {"status": status, "box_source": source, "region_counts": counts, "image_features": image_feat,
                 "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
                 "areas": cat(areas, (0,), np.float32), "region_features": cat(region_feat, (0, features.dim), np.float16)}
 
     key = {k: v for k, v in vars(args).items() if k not in ("force", "images", "work", "device", "feature_batch")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
-    workdir.barrier()
+    rows = workdir.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
+                                {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
     manifest = None
     if rank == 0:
-        rows = workdir.merge_chunks(folder, num_chunks, ["status", "image_features"],
-                                    {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
-        status = workdir.load(folder, "status")
-        counts = {name: int((status == k).sum()) for k, name in enumerate(REGION_STATUS)}
+        counts = workdir.count_values(workdir.load(folder, "status"), REGION_STATUS)
+        sources = workdir.count_values(workdir.load(folder, "box_source"), BOX_SOURCE)
         config = {k: v for k, v in vars(args).items() if k not in ("force",)}
         manifest = {"stage": "regions", "config": config, "rows": {"images": len(table), **rows},
-                    "source": "boxes" if args.boxes else f"sam:{args.sam_model}",
+                    "source": "boxes" if args.boxes else f"sam:{args.sam_model}", "box_sources": sources,
                     "features": {"kind": args.features, "dim": int(features.dim),
                                  "model": f"{args.clip_model}:{args.clip_pretrained}" if args.features == "clip" else
                                  f"pixels{PIXEL_GRID}x{PIXEL_GRID}"},
@@ -356,9 +402,22 @@ def main(argv=None):
         ok = counts["ok"]
         print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
               + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+              + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v and k != "none")
               + f"; {elapsed:.1f} s, {len(table) / max(elapsed, 1e-9):.1f} images/s", flush=True)
+        too_small, readable = counts["too_small"], len(table) - counts["skipped"] - counts["decode_error"]
+        if readable and too_small * 2 > readable:
+            print(f"warning: {too_small} of {readable} readable images ({100 * too_small / readable:.0f}%) are "
+                  f"below --min-image-side {args.min_image_side} px on their short side and have no regions",
+                  file=sys.stderr, flush=True)
     workdir.barrier()
     return manifest
+
+
+def device_failure(e: BaseException) -> bool:
+    """A CUDA error or out-of-memory: the device's failure, not the image's."""
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and any(
+        w in str(e) for w in ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "cuDNN error", "NCCL")))
 
 
 if __name__ == "__main__":

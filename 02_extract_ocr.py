@@ -281,8 +281,8 @@ def main(argv=None):
             if table.status[i] != workdir.OK:
                 status[j] = OCR_STATUS.index("skipped")
                 continue
-            image, st = workdir.open_image(table.path(i))
-            if image is None:                   # changed on disk since the image table was built
+            image, st = table.open(i)
+            if image is None:                   # the table reads headers only: decoding can still fail
                 status[j] = OCR_STATUS.index("read_error")
                 continue
             try:
@@ -311,17 +311,18 @@ def main(argv=None):
                 "tokens": np.array([t for ts in tokens for t in ts], np.int32)}
 
     num_chunks, done_before = workdir.run_chunks(folder, len(table), args.chunk_size, process, "ocr", key)
-    workdir.barrier()
+    rows = workdir.merge_chunks(folder, num_chunks, ["status", "lines_found"],
+                                {"boxes": "line_counts", "scores": "line_counts",
+                                 "text_bytes": "text_counts", "tokens": "token_counts"})
     manifest = None
     if rank == 0:
-        rows = workdir.merge_chunks(folder, num_chunks, ["status", "lines_found"],
-                                    {"boxes": "line_counts", "scores": "line_counts",
-                                     "text_bytes": "text_counts", "tokens": "token_counts"})
-        status = workdir.load(folder, "status", mmap=False)
-        found = workdir.load(folder, "lines_found", mmap=False)
-        token_offsets = workdir.load(folder, "token_offsets", mmap=False)
-        counts = {name: int((status == k).sum()) for k, name in enumerate(OCR_STATUS)}
-        lines, lines_found = rows["boxes"], int(found.sum())
+        status = workdir.load(folder, "status")
+        found = workdir.load(folder, "lines_found")
+        token_offsets = workdir.load(folder, "token_offsets")
+        counts = workdir.count_values(status, OCR_STATUS)
+        lines_found = int(sum(int(np.asarray(found[s: s + (1 << 24)], np.int64).sum())
+                              for s in range(0, len(found), 1 << 24)))
+        lines = rows["boxes"]
         config = {k: v for k, v in vars(args).items() if k != "force"}
         manifest = {"stage": "ocr", "config": config, "engine": engine_info,
                     "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,

@@ -449,7 +449,7 @@ def load_rows(inp, fit_on, rows):
 def label_all(folder, inp, centres, args, gpu):
     """RICE Eq. 1: each region's nearest centre; MLCD Sec. 3.2: each image's top-l centres, most similar first.
     Fixed chunks of --assign-chunk rows, rank r takes chunks r, r + world, ... (workdir.run_chunks: resumable,
-    and the same bytes whatever the number of processes); rank 0 merges them into folder/."""
+    and the same bytes whatever the number of processes); every rank copies its chunks into folder/."""
     index = make_index(centres, gpu)
     l = args.image_topl
 
@@ -469,9 +469,9 @@ def label_all(folder, inp, centres, args, gpu):
     for name, rows, process in (("region", inp["R"], regions), ("image", inp["n"], images)):
         sub = os.path.join(folder, f"assign_{name}s")
         chunks = workdir.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key)[0] if rows else 0
-        workdir.barrier()
-        if workdir.dist_info()[0] == 0 and rows:
+        if rows:                                        # every rank copies its chunks into the final arrays
             workdir.merge_chunks(sub, chunks, [f"{name}_labels", f"{name}_sims"], {})
+        if workdir.dist_info()[0] == 0 and rows:
             for k in (f"{name}_labels", f"{name}_sims"):
                 os.replace(os.path.join(sub, k + ".npy"), os.path.join(folder, k + ".npy"))
         elif workdir.dist_info()[0] == 0:               # no rows at all: empty arrays of the right shape

@@ -41,8 +41,10 @@ The method (method notes 1.2-1.4, 2.3-2.5):
     the rows (regions or images) of the global batch that have a label. Both banks: s = 64, m = 0.3 (ArcFace
     margin on positives), rho = 0.1 uniform negatives, drawn afresh for every term at every step.
 
-Data: a map-style dataset read by DataLoader workers (--workers): each worker opens the memmaps lazily, decodes
-the image with PIL (workdir.open_image), resizes the short side to --image-size and cuts a square (--crop
+Data: a map-style dataset read by DataLoader workers (--workers): each worker opens the memmaps lazily, reads
+the image through the image table (a loose file, or its tar member with one pread at the offset the table
+holds: random access, so resume stays exact; each worker keeps a few shard files open), decodes it with PIL
+(workdir.ImageTable.open), resizes the short side to --image-size and cuts a square (--crop
 random for training, center, or squash), moving the boxes with the pixels (workdir.resize_crop); a box with
 less than --min-box-visible of its area left in the crop is not a candidate. Workers ship uint8 pixels; the
 normalisation (CLIP mean / std) runs on the device. Images whose status is not ok, or with no label for the
@@ -350,7 +352,7 @@ class RegionDataset(torch.utils.data.Dataset):
                    boxes=np.zeros((N, 4), np.float32), kind=np.zeros(N, np.int8),
                    object_label=np.full(N, -1, np.int64), ocr_tokens=np.full((N, M), -1, np.int64),
                    image_labels=np.full(self.l, -1, np.int64))
-        img, status = workdir.open_image(a["table"].path(row))
+        img, status = a["table"].open(row)          # a loose file, or one pread of its tar member
         if img is None:
             out["status"] = status
             return out

@@ -28,7 +28,10 @@ std, the same numbers for OpenAI weights). --image-size defaults to the kit enco
 models always run at their configured size (their position embeddings are fixed). Unreadable images get a
 status (as in the image table) and are left out of every probe; they never stop a run.
 
-Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images). Annotations of the category
+Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images), or --images as tar shards
+(as 01 takes them: a brace pattern, a glob, a folder of .tar files, a list file), read through an image table
+built in <out>/images/ (workdir.ensure_image_table), file_name matching the image member's name in its shard
+(or its key). Annotations of the category
 named --text-category ("text") are text boxes, with the word in their "text" field; the others are objects
 (iscrowd boxes are groups, not objects: left out of the probes).
 Optional --masks DIR: per image a uint8 PNG of the same name, 0 = background, k = the image's k-th annotation
@@ -115,7 +118,7 @@ TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
 
-EVAL_STATUS = workdir.IMAGE_STATUS[:-1] + ["missing", "error"]   # ok, not_image, ..., too_large, missing, error
+EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error"]
 MASK_STATUS = ["ok", "missing", "unreadable", "wrong_size", "none"]
 GENERIC_NAMES = {"latest", "last", "final", "best", "model", "checkpoint", "ckpt", "checkpoints", "export"}
 
@@ -124,7 +127,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", action="append", default=[], metavar="NAME=SPEC",
                    help="repeatable: a kit .pt, an HF folder, random:<ckpt|dir>, openclip:<arch>:<pretrained>")
-    p.add_argument("--images", help="image folder; COCO file_name entries are relative to it")
+    p.add_argument("--images", help="image folder (COCO file_name entries are relative to it), or tar shards "
+                                    "(a pattern, a folder of .tar, a list): file_name is the member's name")
     p.add_argument("--coco", help="COCO detection JSON with the boxes and categories")
     p.add_argument("--masks", help="folder of per-image instance-id PNGs (00_make_demo_data.py's masks/)")
     p.add_argument("--image-folder", help="instead of --images/--coco: ROOT/<class>/<image> (image probe only)")
@@ -160,10 +164,12 @@ def parse_args(argv):
             raise SystemExit("error: --image-folder replaces --images/--coco/--masks; pass one or the other")
     elif not (args.images and args.coco):
         raise SystemExit("error: pass --images DIR and --coco FILE (or --image-folder ROOT)")
-    for flag in ("images", "image_folder", "masks"):
+    for flag in ("image_folder", "masks"):
         path = getattr(args, flag)
         if path and not os.path.isdir(path):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {path}: no such folder")
+    if args.images and not os.path.isdir(args.images):
+        workdir.resolve_source(args.images)        # tar shards (a pattern, a .tar, a list); else one clear line
     if args.coco and not os.path.isfile(args.coco):
         raise SystemExit(f"error: --coco {args.coco}: no such file")
     if not 0 < args.test_fraction < 1 or not 0 < args.val_fraction < 1:
@@ -196,6 +202,8 @@ class Data:
     masks: str | None
     fingerprint: str
     source: dict
+    table: object = None        # tar-shard inputs: the image table in <out>/images (rows: its row per item)
+    rows: np.ndarray | None = None
 
 
 def file_digest(path: str) -> str:
@@ -204,6 +212,26 @@ def file_digest(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def attach_shards(data: Data, images: str, out: str) -> Data:
+    """--images given as tar shards: build (or reuse) the image table in <out>/images and match each COCO
+    file_name to a row: the image member's name in its shard, its key, or <shard>/<member> relative to the
+    shards' folder. An evaluation set is small, so the name map is held in memory."""
+    table = workdir.ensure_image_table(out, images)
+    by_name = {}
+    for r in range(len(table)):
+        name = table.name(r)
+        for k in (name, os.path.splitext(name)[0], os.path.relpath(table.path(r), table.root)):
+            by_name.setdefault(k, r)
+    data.rows = np.array([by_name.get(f, by_name.get(os.path.splitext(f)[0], -1)) for f in data.files], np.int64)
+    data.table = table
+    data.fingerprint = hashlib.sha1(f"{data.fingerprint}\0{workdir.read_manifest(os.path.join(out, 'images'))['fingerprint']}"
+                                    .encode()).hexdigest()
+    missing = int((data.rows < 0).sum())
+    if missing:
+        workdir.say(f"warning: {missing} of the --coco images are not in {images}: status missing")
+    return data
 
 
 def read_coco(images: str, coco_path: str, masks: str | None, text_category: str) -> Data:
@@ -515,15 +543,14 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
         process = make_process(enc, data, args, amp)
         num_chunks, _ = workdir.run_chunks(folder, len(data.files), args.chunk_size, process,
                                            f"features {name}", {**key, "chunk_size": args.chunk_size})
-        workdir.barrier()
+        per_row = {"pooled": "ann_counts"}
+        if enc.has_region:
+            per_row["region"] = "ann_counts"
+        if data.masks:
+            per_row.update({"dense_tokens": "patch_counts", "dense_labels": "patch_counts"})
+        per_image = ["status", "size", "image_features"] + (["mask_status"] if data.masks else [])
+        workdir.merge_chunks(folder, num_chunks, per_image, per_row)
         if rank == 0:
-            per_row = {"pooled": "ann_counts"}
-            if enc.has_region:
-                per_row["region"] = "ann_counts"
-            if data.masks:
-                per_row.update({"dense_tokens": "patch_counts", "dense_labels": "patch_counts"})
-            per_image = ["status", "size", "image_features"] + (["mask_status"] if data.masks else [])
-            workdir.merge_chunks(folder, num_chunks, per_image, per_row)
             workdir.finish_stage(folder, {"stage": "eval_features", "name": name, "key": key, "encoder": info,
                                           "extract_s": round(time.time() - t0, 2)})
         workdir.barrier()
@@ -558,13 +585,14 @@ def make_process(enc, data: Data, args, amp: bool):
         dense_tok, dense_lab = [None] * n, [None] * n
         ready = []                                    # (j, pixels, boxes) of the readable images
         for j, i in enumerate(range(start, end)):
-            path = os.path.join(data.root, data.files[i])
-            if not os.path.isfile(path):
-                status[j] = EVAL_STATUS.index("missing")
-                continue
-            img, st = workdir.open_image(path)
+            if data.table is not None:                # tar shards: the member, read through the image table
+                path, row = data.files[i], int(data.rows[i])
+                img, st = data.table.open(row) if row >= 0 else (None, "missing")
+            else:
+                path = os.path.join(data.root, data.files[i])
+                img, st = workdir.open_image(path) if os.path.isfile(path) else (None, "missing")
             if img is None:
-                status[j] = EVAL_STATUS.index(st)
+                status[j] = EVAL_STATUS.index(st if st in EVAL_STATUS else "missing")
                 continue
             try:
                 a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
@@ -622,6 +650,8 @@ def read_patch_labels(data: Data, i: int, image_size, S: int, p: int, mask_statu
     """The patch classes of item i from its mask PNG, or None (with a mask status) when it is unusable."""
     from PIL import Image
     path = os.path.join(data.masks, data.files[i])
+    if not os.path.isfile(path):                      # a JPEG image's mask is a PNG of the same stem
+        path = os.path.splitext(path)[0] + ".png"
     if not os.path.isfile(path):
         mask_status[j] = MASK_STATUS.index("missing")
         return None
@@ -1058,6 +1088,8 @@ def main(argv=None):
             raise SystemExit(f"error: --encoder {name}={spec}: no such file or folder {body}")
     data = read_image_folder(args.image_folder) if args.image_folder else \
         read_coco(args.images, args.coco, args.masks, args.text_category)
+    if args.images and workdir.resolve_source(args.images).kind == "tar":
+        data = attach_shards(data, args.images, args.out)
     n = len(data.files)
     split = split_images(n, args.test_fraction, args.val_fraction, args.seed)
     if rank == 0:

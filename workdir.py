@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -26,12 +27,6 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-
-# decode status of every file in the image table
-IMAGE_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "duplicate"]
-OK = 0
-MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large
-
 
 # ----------------------------------------------------------------------------------------------------------
 # processes
@@ -126,42 +121,113 @@ def unpack_string(offsets: np.ndarray, flat: np.ndarray, i: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# sharded, resumable chunks
+# sharded, resumable chunks, claimed dynamically and merged in parallel
+
+CHUNKS_PER_DIR = 1000           # chunk files are spread over sub-folders: no folder holds more than ~2,000
+COPY_BLOCK = 1 << 26            # bytes per pwrite when copying a chunk into the final arrays
 
 
-def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str, key: dict) -> tuple[int, set]:
-    """Run `process(start, end) -> dict[name, array]` over fixed chunks of [0, num_items), this rank's share,
-    skipping chunks already on disk. `key` holds every setting that changes a chunk's content (chunk size,
-    model, thresholds, inputs): chunk files left by a run with another key are discarded, never mixed in.
-    Returns (number of chunks, set of chunks already done before this run); then call `barrier()` and
-    `merge_chunks` on rank 0."""
-    if dist_info()[0] == 0:
-        prepare_chunks(folder, {"chunk_size": chunk_size, "num_items": num_items, **key})
-    barrier()
-    from tqdm import tqdm
+def chunk_path(folder: str, c: int, suffix: str = ".npz") -> str:
+    return os.path.join(folder, "chunks", f"{c // CHUNKS_PER_DIR:05d}", f"{c:08d}{suffix}")
+
+
+def done_chunks(folder: str) -> set:
+    done = set()
+    root = os.path.join(folder, "chunks")
+    for sub in (os.listdir(root) if os.path.isdir(root) else []):
+        if os.path.isdir(os.path.join(root, sub)):
+            done |= {int(f[:8]) for f in os.listdir(os.path.join(root, sub)) if f.endswith(".npz") and
+                     ".tmp" not in f}
+    return done
+
+
+def from_rank0(obj):
+    """rank 0's `obj` on every rank."""
+    if dist_info()[1] == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str, key: dict,
+               unit: str = "img") -> tuple[int, set]:
+    """Run `process(start, end) -> dict[name, array]` over the fixed chunks [c * chunk_size, (c + 1) * chunk_size)
+    of [0, num_items), skipping chunks already on disk. `key` holds every setting that changes a chunk's content:
+    chunk files left by a run with another key are discarded, never mixed in.
+
+    Ranks claim chunks dynamically (an O_EXCL claim file per chunk and launch): rank r first takes r, r + world,
+    ..., then takes over the others' unclaimed chunks from the far end, so a slow rank does not hold the rest
+    back; a chunk claimed by a rank that died is retaken by the next launch. Chunk boundaries never depend on
+    the number of processes, so the merged arrays are the same bytes for any world size and interruption.
+    Returns (number of chunks, chunks already done before this run); then call `merge_chunks` on every rank."""
+    import uuid
     rank, world = dist_info()
-    chunk_dir = os.path.join(folder, "chunks")
-    done_before = {int(f[:7]) for f in os.listdir(chunk_dir) if f.endswith(".npz") and ".tmp" not in f}
+    state = None
+    if rank == 0:
+        prepare_chunks(folder, {"chunk_size": chunk_size, "num_items": num_items, **key})
+        # one id per launch (claims of an earlier launch are stale) and the chunks finished before it
+        state = (uuid.uuid4().hex[:12], sorted(done_chunks(folder)))
+    rid, done_before = from_rank0(state)
+    done_before = set(done_before)
+    from tqdm import tqdm
     num_chunks = (num_items + chunk_size - 1) // chunk_size
-    mine = [c for c in range(rank, num_chunks, world) if c not in done_before]
-    if len(mine) < len(range(rank, num_chunks, world)):
-        print(f"[rank {rank}] {desc}: {len(range(rank, num_chunks, world)) - len(mine)} chunks already done, "
-              f"{len(mine)} to go", flush=True)
-    items = sum(min(chunk_size, num_items - c * chunk_size) for c in mine)
-    with tqdm(total=items, desc=f"{desc} [rank {rank}/{world}]", unit="img", disable=not items,
+    own = [c for c in range(rank, num_chunks, world) if c not in done_before]
+    others = [c for r in range(1, world) for c in reversed(range((rank + r) % world, num_chunks, world))
+              if c not in done_before]
+    if done_before:
+        workdir_print(f"[rank {rank}] {desc}: {len(done_before)} of {num_chunks} chunks already done")
+    items = sum(min(chunk_size, num_items - c * chunk_size) for c in own)
+    with tqdm(total=items, desc=f"{desc} [rank {rank}/{world}]", unit=unit, disable=not items,
               position=rank if world > 1 else None, dynamic_ncols=True) as bar:
-        for c in mine:
+        for c in own + others:
+            if not claim(folder, c, rid):
+                continue
             start, end = c * chunk_size, min((c + 1) * chunk_size, num_items)
             arrays = process(start, end)
-            tmp = os.path.join(chunk_dir, f"{c:07d}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, os.path.join(chunk_dir, f"{c:07d}.npz"))
+            path = chunk_path(folder, c)
+            tmp = chunk_path(folder, c, f".{rid}.tmp.npz")
+            guard_disk(tmp, lambda: np.savez(tmp, **arrays))
+            os.replace(tmp, path)
+            if c not in own:
+                bar.total += end - start
             bar.update(end - start)
     return num_chunks, done_before
 
 
+def workdir_print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def claim(folder: str, c: int, rid: str) -> bool:
+    """True if this rank may run chunk c: not done yet and no other rank of this launch claimed it."""
+    if os.path.exists(chunk_path(folder, c)):
+        return False
+    path = chunk_path(folder, c, f".{rid}.claim")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
+def guard_disk(path: str, write) -> None:
+    """Run `write()`; a full disk or a read-only filesystem ends the run with one line, not a traceback."""
+    import errno
+    try:
+        write()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise SystemExit(f"error: cannot write {path}: {e.strerror}: free space (or fix the filesystem) and "
+                             "rerun the same command; finished work is kept") from None
+        raise
+
+
 def prepare_chunks(folder: str, key: dict) -> None:
-    """(rank 0) Keep the chunk files of an interrupted run only if they were written under the same key."""
+    """(rank 0) Keep the chunk files of an interrupted run only if they were written under the same key; drop
+    the claims and temporary files of earlier launches."""
     chunk_dir = os.path.join(folder, "chunks")
     key_path = os.path.join(chunk_dir, "key.json")
     key = json.loads(json.dumps(key))          # the form it has once read back from disk
@@ -170,50 +236,119 @@ def prepare_chunks(folder: str, key: dict) -> None:
         with open(key_path) as f:
             old = json.load(f)
     if os.path.isdir(chunk_dir) and old != key:
-        stale = [f for f in os.listdir(chunk_dir) if f.endswith(".npz")]
+        stale = len(done_chunks(folder))
         if stale:
-            print(f"{os.path.basename(folder)}: discarding {len(stale)} chunk files of an interrupted run with "
+            print(f"{os.path.basename(folder)}: discarding {stale} chunk files of an interrupted run with "
                   "other settings", flush=True)
         shutil.rmtree(chunk_dir)
     os.makedirs(chunk_dir, exist_ok=True)
+    for sub in os.listdir(chunk_dir):
+        d = os.path.join(chunk_dir, sub)
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                if f.endswith(".claim") or ".tmp" in f:
+                    os.remove(os.path.join(d, f))
+    shutil.rmtree(os.path.join(folder, "merge"), ignore_errors=True)
     write_json(key_path, key)
 
 
 def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: dict[str, str]) -> dict:
-    """Concatenate chunk files in order into folder/<name>.npy (rank 0).
+    """Copy the chunk files into folder/<name>.npy, on every rank at once (a collective: call it on all ranks).
 
     per_image: arrays with one row per item. per_row: {name: counts_name}: flat arrays whose rows belong to the
     rows of another array (items, or another per_row array's rows); counts_name, stored in the chunk files
     with one int per owning row, becomes a global CSR `<...>offsets.npy` ("counts" -> "offsets").
-    Returns {name: number of rows}."""
-    chunk_dir = os.path.join(folder, "chunks")
-    files = [os.path.join(chunk_dir, f"{c:07d}.npz") for c in range(num_chunks)]
-    rows = {}
-    for name in per_image + list(per_row):
-        shapes = [npz_shape(f, name) for f in files]        # headers only: memory stays flat
-        dtype = shapes[0][1]
-        total = sum(s[0][0] for s in shapes)
-        out_path = os.path.join(folder, name + ".npy")
-        tmp = out_path + ".tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,) + shapes[0][0][1:])
-        at = 0
-        for f in files:
-            with np.load(f) as z:
-                a = z[name]
-            out[at: at + len(a)] = a
-            at += len(a)
-        out.flush()
-        del out
-        os.replace(tmp, out_path)
-        rows[name] = total
-    for counts_name in sorted(set(per_row.values())):
-        counts = []
-        for f in files:
-            with np.load(f) as z:
-                counts.append(z[counts_name])
-        write_npy(os.path.join(folder, counts_name.replace("counts", "offsets") + ".npy"),
-                  offsets_from_counts(np.concatenate(counts) if counts else []))
-    return rows
+
+    No rank reads the whole output: rank r reads the row counts of its chunks (c = r mod world) from their
+    headers into one shared table, every rank turns that small table into each chunk's place in the final
+    arrays, rank 0 preallocates them, and each rank writes its chunks' rows into disjoint byte ranges (pwrite,
+    exact byte ranges, so nodes sharing a network filesystem never write the same page). A kill leaves only
+    temporary files; the rerun copies again. Returns {name: number of rows}."""
+    rank, world = dist_info()
+    arrays = list(per_image) + list(per_row)
+    counted = sorted(set(per_row.values()))
+    shape_names = list(dict.fromkeys(arrays + counted))
+    owner = {cn: next(n for n, c in per_row.items() if c == cn) for cn in counted}
+    merge_dir = os.path.join(folder, "merge")
+    rows_path = os.path.join(merge_dir, "rows.npy")
+    files = [chunk_path(folder, c) for c in range(num_chunks)]
+    if rank == 0:
+        os.makedirs(merge_dir, exist_ok=True)
+        np.lib.format.open_memmap(rows_path + ".tmp.npy", mode="w+", dtype=np.int64,
+                                  shape=(num_chunks, len(shape_names)))
+        os.replace(rows_path + ".tmp.npy", rows_path)
+    barrier()
+    fd = os.open(rows_path, os.O_WRONLY)
+    layout = _npy_layout(rows_path)
+    for c in range(rank, num_chunks, world):
+        _pwrite_rows(fd, layout, c, np.array([[npz_shape(files[c], n)[0][0] for n in shape_names]], np.int64))
+    os.close(fd)
+    barrier()
+    chunk_rows = np.load(rows_path)                                      # (num_chunks, names): small
+    base = np.concatenate([np.zeros((1, len(shape_names)), np.int64), np.cumsum(chunk_rows, 0)])
+    col = {n: k for k, n in enumerate(shape_names)}
+    total = {n: int(base[-1, col[n]]) for n in shape_names}
+    targets = {("array", n): os.path.join(folder, n + ".npy") for n in arrays}
+    targets.update({("offsets", cn): os.path.join(folder, cn.replace("counts", "offsets") + ".npy") for cn in counted})
+    tmp = {t: p + ".tmp.npy" for t, p in targets.items()}
+    if rank == 0:
+        for n in arrays:
+            shape, dtype = npz_shape(files[0], n) if num_chunks else ((0,), np.dtype(np.float32))
+            out = np.lib.format.open_memmap(tmp["array", n], mode="w+", dtype=dtype,
+                                            shape=(total[n],) + tuple(shape[1:]))
+            del out
+        for cn in counted:
+            out = np.lib.format.open_memmap(tmp["offsets", cn], mode="w+", dtype=np.int64, shape=(total[cn] + 1,))
+            out[0] = 0
+            out.flush()
+            del out
+    barrier()
+    layouts = {t: _npy_layout(p) for t, p in tmp.items()}
+    fds = {t: os.open(p, os.O_WRONLY) for t, p in tmp.items()}
+    try:
+        for c in range(rank, num_chunks, world):
+            with np.load(files[c]) as z:
+                for n in arrays:
+                    guard_disk(tmp["array", n], lambda: _pwrite_rows(fds["array", n], layouts["array", n],
+                                                                     int(base[c, col[n]]), z[n]))
+                for cn in counted:         # offsets: where each owning row's rows start in the owned array
+                    ends = int(base[c, col[owner[cn]]]) + np.cumsum(z[cn].astype(np.int64))
+                    guard_disk(tmp["offsets", cn], lambda: _pwrite_rows(fds["offsets", cn], layouts["offsets", cn],
+                                                                        int(base[c, col[cn]]) + 1, ends))
+    finally:
+        for f in fds.values():
+            os.close(f)
+    barrier()
+    if rank == 0:
+        for t, p in targets.items():
+            os.replace(tmp[t], p)
+        shutil.rmtree(merge_dir, ignore_errors=True)
+    barrier()
+    return {n: total[n] for n in arrays}
+
+
+def _npy_layout(path: str) -> tuple[int, int]:
+    """(header bytes, bytes per row) of an .npy file."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        header = fh.tell()
+    return header, int(np.dtype(dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+
+
+def _pwrite_rows(fd: int, layout: tuple[int, int], row: int, array) -> None:
+    header, row_bytes = layout
+    array = np.ascontiguousarray(array)
+    if not array.size:
+        return
+    data = memoryview(array.reshape(-1)).cast("B")
+    at = header + row * row_bytes
+    for s in range(0, len(data), COPY_BLOCK):
+        part = data[s: s + COPY_BLOCK]
+        while len(part):
+            n = os.pwrite(fd, part, at)
+            part, at = part[n:], at + n
 
 
 def npz_shape(path: str, name: str) -> tuple[tuple, np.dtype]:
@@ -226,6 +361,14 @@ def npz_shape(path: str, name: str) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+def count_values(array, names: list[str], block: int = 1 << 24) -> dict:
+    """{name: how many entries equal its index}, read in blocks so memory stays flat."""
+    counts = np.zeros(len(names), np.int64)
+    for s in range(0, len(array), block):
+        counts += np.bincount(np.asarray(array[s: s + block]), minlength=len(names))[: len(names)]
+    return {n: int(v) for n, v in zip(names, counts)}
+
+
 def finish_stage(folder: str, manifest: dict) -> dict:
     """Write the manifest (the stage is complete from here on), drop the chunk files, return the manifest."""
     manifest = {**manifest, "complete": True,
@@ -236,30 +379,273 @@ def finish_stage(folder: str, manifest: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# images
+# reading bytes: transient I/O errors retry, then stop the rank; bad data is the caller's per-item status
+
+IO_TRIES = 4
+TRANSIENT_ERRNOS = {"EIO", "ESTALE", "ETIMEDOUT", "EAGAIN", "EINTR", "ENETDOWN", "ENETUNREACH", "ENETRESET",
+                    "ECONNRESET", "ECONNABORTED", "EHOSTDOWN", "EHOSTUNREACH", "EREMOTEIO", "ENOLINK", "ECOMM"}
 
 
-def list_inputs(source: str) -> tuple[str, list[str]]:
-    """(root, paths relative to root or absolute) from a folder (recursive, every regular file, sorted) or a
-    text file with one path per line (kept in its order; relative paths are relative to the file's folder)."""
+def transient(e: BaseException) -> bool:
+    import errno
+    return isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in TRANSIENT_ERRNOS
+
+
+def retry_io(fn, what: str):
+    """fn() with retries on transient I/O errors (EIO, ESTALE, timeouts: a network filesystem's hiccup);
+    still failing after IO_TRIES: this rank stops with one line. Its unfinished chunk stays unclaimed for the
+    next launch, so nothing is recorded as bad data that was not."""
+    import time
+    for attempt in range(IO_TRIES):
+        try:
+            return fn()
+        except OSError as e:
+            if not transient(e):
+                raise
+            if attempt == IO_TRIES - 1:
+                raise SystemExit(f"error: I/O error reading {what}: {e.strerror} ({IO_TRIES} tries); this process "
+                                 "stops and its unfinished work is redone by the next run of the same command "
+                                 "once the filesystem is back") from None
+            time.sleep(0.5 * 2 ** attempt)
+
+
+class ShardFiles:
+    """Open file descriptors of tar shards, a few per process (LRU), reopened after a fork (loader workers)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity, self.pid, self.fds = capacity, os.getpid(), {}
+
+    def pread(self, path: str, offset: int, length: int) -> bytes:
+        def read():
+            if os.getpid() != self.pid:        # a forked worker: its parent's descriptors are not its own
+                self.pid, self.fds = os.getpid(), {}
+            fd = self.fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                if len(self.fds) >= self.capacity:
+                    os.close(self.fds.pop(next(iter(self.fds))))
+            self.fds[path] = fd                  # most recently used last
+            out = bytearray()
+            while len(out) < length:
+                part = os.pread(fd, length - len(out), offset + len(out))
+                if not part:
+                    break                        # the file ends early: the caller sees a short read
+                out += part
+            return bytes(out)
+        return retry_io(read, path)
+
+    def __getstate__(self):                      # descriptors do not travel to other processes
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs: loose image files, or tar shards (webdataset / img2dataset, SA-1B)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")          # a sample's image member
+LOOSE_BLOCK = 8192                                    # loose files per unit of work in the image table
+
+
+@dataclass
+class Source:
+    kind: str                   # "tar" or "files"
+    root: str                   # folder that relative names are relative to
+    shards: list[str] | None    # kind tar: shard paths (absolute), in order
+    list_file: str | None       # kind files: a text file with one path per line, else None (a folder walk)
+
+
+def resolve_source(source: str) -> Source:
+    """--images: a folder of images (recursive), a text file of image paths, or tar shards: a brace pattern
+    (/data/laion/{00000..41407}.tar), a glob (/data/*.tar), a folder whose top level holds .tar files, one
+    .tar file, or a text file listing .tar paths. Lists only shard paths (a few MB at 41k shards), never the
+    samples: those come from the shards, shard by shard."""
+    import glob
+    if any(ch in source for ch in "{*?[") and not os.path.exists(source):
+        if "{" in source:
+            from braceexpand import braceexpand
+            shards = list(braceexpand(source))
+        else:
+            shards = sorted(glob.glob(source))
+        if not shards:
+            raise SystemExit(f"error: --images {source}: the pattern matches no file")
+        if not all(s.endswith(".tar") for s in shards):
+            raise SystemExit(f"error: --images {source}: a pattern must name .tar shards")
+        if not any(os.path.exists(s) for s in shards):
+            raise SystemExit(f"error: --images {source}: none of its {len(shards)} shards exists")
+        shards = [os.path.abspath(s) for s in shards]
+        return Source("tar", os.path.dirname(os.path.commonpath(shards) + os.sep), shards, None)
     if os.path.isdir(source):
         root = os.path.abspath(source)
-        paths = []
-        for d, dirs, files in os.walk(root):
-            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            paths += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if not f.startswith(".")]
-        paths.sort()
-        if not paths:
-            raise SystemExit(f"error: no files in {source}: nothing to do")
-        return root, paths
+        tars = sorted(e.name for e in os.scandir(root) if e.name.endswith(".tar") and e.is_file())
+        if tars:
+            return Source("tar", root, [os.path.join(root, t) for t in tars], None)
+        return Source("files", root, None, None)
+    if os.path.isfile(source) and source.endswith(".tar"):
+        path = os.path.abspath(source)
+        return Source("tar", os.path.dirname(path), [path], None)
     if os.path.isfile(source):
         root = os.path.dirname(os.path.abspath(source))
         with open(source, encoding="utf-8") as f:
-            paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        if not paths:
+            first = [line.strip() for line, _ in zip(f, range(1000)) if line.strip() and not line.startswith("#")]
+        if not first:
             raise SystemExit(f"error: the list {source} names no images")
-        return root, paths
-    raise SystemExit(f"error: {source} is neither a folder of images nor a file listing them")
+        if all(p.endswith(".tar") for p in first):
+            with open(source, encoding="utf-8") as f:
+                shards = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            if not all(p.endswith(".tar") for p in shards):
+                raise SystemExit(f"error: the list {source} mixes .tar shards and other paths: list one kind")
+            return Source("tar", root, [p if os.path.isabs(p) else os.path.join(root, p) for p in shards], None)
+        return Source("files", root, None, os.path.abspath(source))
+    raise SystemExit(f"error: --images {source}: neither a folder, a list file, a .tar shard nor a shard pattern")
+
+
+def walk_files(root: str):
+    """Every regular file under root, as a path relative to root, in sorted order of those paths, one folder's
+    listing in memory at a time (a folder sorts as its name plus '/', which is the global sorted order)."""
+    try:
+        entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in os.scandir(root)
+                         if not e.name.startswith("."))
+    except OSError as e:
+        raise SystemExit(f"error: cannot list {root}: {e.strerror}") from None
+    for key, e in entries:
+        if key.endswith("/"):
+            for sub in walk_files(e.path):
+                yield e.name + "/" + sub
+        elif e.is_file():
+            yield e.name
+
+
+def list_inputs(source: str) -> tuple[str, list[str]]:
+    """(root, paths) of loose image inputs, in memory: for callers with small inputs (05's evaluation sets).
+    The image table streams instead (write_listing)."""
+    src = resolve_source(source)
+    if src.kind == "tar":
+        raise SystemExit(f"error: {source} holds tar shards; this input takes a folder of images or a list file")
+    paths = list(iter_listed(src))
+    if not paths:
+        raise SystemExit(f"error: no files in {source}: nothing to do")
+    return src.root, paths
+
+
+def iter_listed(src: Source):
+    if src.list_file is None:
+        yield from walk_files(src.root)
+        return
+    with open(src.list_file, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                yield line.strip()
+
+
+class StringsWriter:
+    """Append strings to a CSR pair (offsets int64, utf-8 bytes) on disk without holding them in memory."""
+
+    def __init__(self, path_stem: str):
+        self.stem, self.n, self.nbytes = path_stem, 0, 0
+        self.data = open(path_stem + ".bytes.tmp", "wb")
+        self.ends = open(path_stem + ".ends.tmp", "wb")
+        self.buf_ends = []
+
+    def add(self, s: str) -> None:
+        b = s.encode("utf-8")
+        self.data.write(b)
+        self.nbytes += len(b)
+        self.n += 1
+        self.buf_ends.append(self.nbytes)
+        if len(self.buf_ends) >= 1 << 16:
+            self.ends.write(np.asarray(self.buf_ends, np.int64).tobytes())
+            self.buf_ends = []
+
+    def close(self, offsets_path: str, bytes_path: str) -> None:
+        self.ends.write(np.asarray(self.buf_ends, np.int64).tobytes())
+        self.data.close(), self.ends.close()
+        for src, dst, dtype, n, lead in ((self.stem + ".ends.tmp", offsets_path, np.int64, self.n + 1, True),
+                                         (self.stem + ".bytes.tmp", bytes_path, np.uint8, self.nbytes, False)):
+            out = np.lib.format.open_memmap(dst + ".tmp.npy", mode="w+", dtype=dtype, shape=(n,))
+            at = 1 if lead else 0
+            if lead and n:
+                out[0] = 0
+            with open(src, "rb") as fh:
+                while True:
+                    chunk = fh.read(1 << 24)
+                    if not chunk:
+                        break
+                    a = np.frombuffer(chunk, dtype)
+                    out[at: at + len(a)] = a
+                    at += len(a)
+            out.flush()
+            del out
+            os.replace(dst + ".tmp.npy", dst)
+            os.remove(src)
+
+
+def write_listing(src: Source, folder: str) -> dict:
+    """(rank 0) The inputs, once, in their fixed order, to <folder>/listing/: tar shards (their paths) or loose
+    files (their paths, streamed to disk, plus which rows repeat an earlier row of a list file). Returns
+    {"kind", "units", "rows" (loose only), "fingerprint"}."""
+    out = os.path.join(folder, "listing")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    h = hashlib.sha1(f"{src.kind}\0{src.root}".encode())
+    writer = StringsWriter(os.path.join(out, "names"))
+    if src.kind == "tar":
+        for p in src.shards:
+            writer.add(p)
+            try:
+                st = os.stat(p)
+                h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(f"\0{p}\0missing".encode())
+        writer.close(os.path.join(out, "name_offsets.npy"), os.path.join(out, "name_bytes.npy"))
+        info = {"kind": "tar", "units": len(src.shards), "shards": len(src.shards)}
+    else:
+        hashes = []
+        for p in iter_listed(src):
+            writer.add(p)
+            h.update(b"\0" + p.encode())
+            if src.list_file is not None:      # a folder walk cannot list a path twice; a list file can
+                hashes.append(path_hash(os.path.normpath(p if os.path.isabs(p) else os.path.join(src.root, p))))
+        writer.close(os.path.join(out, "name_offsets.npy"), os.path.join(out, "name_bytes.npy"))
+        if not writer.n:
+            raise SystemExit(f"error: no files in {src.list_file or src.root}: nothing to do")
+        write_npy(os.path.join(out, "duplicate.npy"), repeated(np.asarray(hashes, np.uint64), writer.n))
+        info = {"kind": "files", "units": (writer.n + LOOSE_BLOCK - 1) // LOOSE_BLOCK, "rows": writer.n}
+    info["fingerprint"] = h.hexdigest()
+    write_json(os.path.join(out, "listing.json"), info)
+    return info
+
+
+def path_hash(p: str) -> int:
+    return int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little")
+
+
+def repeated(hashes: np.ndarray, n: int) -> np.ndarray:
+    """bool (n,): row i repeats an earlier row's hash. Sorting is by hash partition (h mod P) so memory stays
+    under ~16 bytes x 16M rows whatever n is."""
+    dup = np.zeros(n, bool)
+    if not len(hashes):
+        return dup
+    parts = max(1, len(hashes) // (16 << 20) + 1)
+    for p in range(parts):
+        rows = np.flatnonzero(hashes % np.uint64(parts) == p) if parts > 1 else np.arange(len(hashes))
+        h = hashes[rows]
+        order = np.lexsort((rows, h))                # by hash, then row: the first of equals is the original
+        same = np.concatenate([[False], h[order][1:] == h[order][:-1]])
+        dup[rows[order[same]]] = True
+    return dup
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the image table: one row per sample (a loose file, or the members of a tar that share a key)
+
+# status of every row; the decoding stages (01, 02, 04, 05) record a decode failure in their own statuses
+IMAGE_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "duplicate", "no_image"]
+SHARD_STATUS = ["ok", "empty", "truncated", "not_tar", "missing"]
+OK = 0
+MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large
+NO_SHARD = -1                 # shard of a loose file
 
 
 def to_rgb(im):
@@ -280,43 +666,126 @@ def to_rgb(im):
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def open_image(path: str, max_pixels: int = MAX_PIXELS):
-    """(RGB PIL image or None, status name). EXIF orientation is applied; the size is the upright one."""
+def _decode_status(e: BaseException) -> str:
+    msg = str(e).lower()
+    return "truncated" if any(w in msg for w in ("truncat", "broken", "premature", "end of file")) else "unreadable"
+
+
+def open_image(path_or_bytes, max_pixels: int = MAX_PIXELS, header_only: bool = False):
+    """(RGB PIL image or None, status name) from a file path or the bytes of a tar member. EXIF orientation is
+    applied; the size is the upright one. header_only: ((width, height) or None, status), reading the header
+    alone (no decode: what the image table needs)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     Image.MAX_IMAGE_PIXELS = None          # checked here, with a status instead of an exception
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
     try:
-        if os.path.getsize(path) == 0:
+        if (len(path_or_bytes) if is_bytes else os.path.getsize(path_or_bytes)) == 0:
             return None, "empty_file"
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path_or_bytes) if is_bytes else path_or_bytes) as im:
             if im.width * im.height > max_pixels:
                 return None, "too_large"
+            if header_only:
+                w, h = im.size
+                return ((h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)), "ok"
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im), "ok"
     except UnidentifiedImageError:
         return None, "not_image"
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e).lower()
-        return None, ("truncated" if any(w in msg for w in ("truncat", "broken", "premature", "end of file"))
-                      else "unreadable")
+    except OSError as e:
+        if not is_bytes and transient(e):
+            raise
+        return None, _decode_status(e)
+    except (SyntaxError, ValueError, EOFError) as e:
+        return None, _decode_status(e)
     except Exception:                      # a decoder bug on odd input must not stop a long run
         return None, "unreadable"
+
+
+def json_size(meta: dict | None) -> tuple[int, int] | None:
+    """(width, height) from a sample's json: SA-1B's {"image": {"width", "height"}} or img2dataset's top-level
+    width / height (the stored image's size); None when it has neither."""
+    if not isinstance(meta, dict):
+        return None
+    for d in (meta.get("image"), meta):
+        if isinstance(d, dict):
+            w, h = d.get("width"), d.get("height")
+            if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
+                return w, h
+    return None
 
 
 @dataclass
 class ImageTable:
     root: str
-    path_offsets: np.ndarray
-    path_bytes: np.ndarray
+    shard_offsets: np.ndarray   # CSR over shard_bytes: the shard paths (absolute)
+    shard_bytes: np.ndarray
+    shard: np.ndarray           # int32 (n,): index of the row's shard, NO_SHARD for a loose file
+    name_offsets: np.ndarray    # CSR over name_bytes: the loose file's path (relative to root, or absolute), or
+    name_bytes: np.ndarray      # the image member's name in its shard (the key when the sample has no image)
+    offset: np.ndarray          # int64 (n,): byte offset of the image member's data in the tar (0 for files)
+    length: np.ndarray          # int64 (n,): its length in bytes (-1 when none)
+    json_offset: np.ndarray     # int64 (n,): the sample's .json member (-1 when none)
+    json_length: np.ndarray
     status: np.ndarray          # uint8, index into IMAGE_STATUS
-    size: np.ndarray            # int32 (n, 2): width, height after EXIF rotation; 0 when not ok
+    size: np.ndarray            # int32 (n, 2): width, height (upright); 0 when not ok
+    files: ShardFiles | None = None
 
     def __len__(self):
         return len(self.status)
 
+    def shard_path(self, s: int) -> str:
+        return unpack_string(self.shard_offsets, self.shard_bytes, s)
+
+    def name(self, i: int) -> str:
+        return unpack_string(self.name_offsets, self.name_bytes, i)
+
     def path(self, i: int) -> str:
-        p = unpack_string(self.path_offsets, self.path_bytes, i)
+        """The loose file's path, or <shard path>/<member> for a tar sample (a name for messages and matching,
+        not a file)."""
+        p, s = self.name(i), int(self.shard[i])
+        if s != NO_SHARD:
+            return os.path.join(self.shard_path(s), p)
         return p if os.path.isabs(p) else os.path.join(self.root, p)
+
+    def _read(self, i: int, offset: int, length: int) -> bytes:
+        if self.files is None:
+            self.files = ShardFiles()
+        return self.files.pread(self.shard_path(int(self.shard[i])), offset, length)
+
+    def read_json(self, i: int) -> dict | None:
+        """The sample's .json member (img2dataset's fields, or SA-1B's image record and annotations); None when
+        it has none or it does not parse."""
+        if int(self.json_length[i]) < 0:
+            return None
+        try:
+            meta = json.loads(self._read(i, int(self.json_offset[i]), int(self.json_length[i])))
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def open(self, i: int, max_pixels: int = MAX_PIXELS):
+        """(RGB PIL image or None, status) of row i: a loose file, or the image member read with one pread."""
+        if int(self.shard[i]) == NO_SHARD:
+            path = self.path(i)
+            if not os.path.isfile(path):
+                return None, "unreadable"
+            return retry_io(lambda: open_image(path, max_pixels), path)
+        if int(self.length[i]) < 0:
+            return None, "no_image"
+        data = self._read(i, int(self.offset[i]), int(self.length[i]))
+        if len(data) < int(self.length[i]):
+            return None, "truncated"
+        return open_image(data, max_pixels)
+
+    def __getstate__(self):                      # DataLoader workers reopen the memmaps lazily
+        return {k: v for k, v in self.__dict__.items() if k != "files"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, files=None)
+
+
+TABLE_ARRAYS = ["shard", "offset", "length", "json_offset", "json_length", "status", "size"]
 
 
 def read_image_table(work: str) -> ImageTable:
@@ -325,77 +794,238 @@ def read_image_table(work: str) -> ImageTable:
     if not m or not m.get("complete"):
         raise SystemExit(f"error: {folder} has no finished image table: run 01_mine_regions.py or "
                          "02_extract_ocr.py with --images first")
-    return ImageTable(m["root"], load(folder, "path_offsets"), load(folder, "path_bytes"),
-                      load(folder, "status"), load(folder, "size"))
+    if m.get("version") != TABLE_VERSION:
+        raise SystemExit(f"error: {folder} is an image table of an older layout: rerun the stage that builds it "
+                         "with --images and a new --work (or delete that folder)")
+    return ImageTable(m["root"], load(folder, "shard_path_offsets"), load(folder, "shard_path_bytes"),
+                      *[load(folder, n) for n in ("shard", "name_offsets", "name_bytes", "offset", "length",
+                                                  "json_offset", "json_length", "status", "size")])
 
 
-def ensure_image_table(work: str, source: str | None, chunk_size: int = 512,
-                       max_pixels: int = MAX_PIXELS) -> ImageTable:
-    """Build (sharded, resumable) or reuse the image table of `work`. Every input file gets a row and a status;
-    the order is fixed here, once, for every later stage."""
+TABLE_VERSION = 2
+
+
+def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
+    """One tar shard -> its rows (one per key, in order of first appearance) and the shard's status.
+
+    The tar's headers are read with the standard tarfile module (one 512-byte header per member; member data is
+    skipped by seeking); each sample's .json is read for its size (img2dataset, SA-1B); only samples without a
+    size there have their image header read (no decode). A key seen again after other keys is a duplicate row;
+    a member whose data runs past the end of the file is truncated; a sample without an image member is
+    no_image; other members (txt, cls, ...) stay in the tar, unread."""
+    import tarfile
+    from webdataset.tariterators import base_plus_ext
+    rows, seen, stats = [], {}, {"members": 0, "other_members": 0, "bad_json": 0}
+    shard_status = "ok"
+    if not os.path.exists(path):
+        return {"rows": rows, "status": "missing", **stats}
+    file_size = retry_io(lambda: os.path.getsize(path), path)
+    try:
+        tf = retry_io(lambda: tarfile.open(path, mode="r:"), path)
+    except (tarfile.ReadError, EOFError):
+        return {"rows": rows, "status": "empty" if file_size == 0 else "not_tar", **stats}
+    try:
+        it = iter(tf)
+        while True:
+            try:
+                ti = retry_io(lambda: next(it, None), path)
+            except (tarfile.ReadError, EOFError):
+                shard_status = "truncated"
+                break
+            if ti is None:
+                break
+            if not ti.isfile():
+                continue
+            stats["members"] += 1
+            name = ti.name[2:] if ti.name.startswith("./") else ti.name
+            key, ext = base_plus_ext(name)
+            if key is None:
+                key, ext = name, ""
+            ext = ext.lower()
+            cur = rows[-1] if rows and rows[-1]["key"] == key else None
+            if cur is None:
+                cur = {"key": key, "name": key, "offset": 0, "length": -1, "json_offset": -1, "json_length": -1,
+                       "status": "duplicate" if key in seen else "ok"}
+                seen[key] = True
+                rows.append(cur)
+            cut = ti.offset_data + ti.size > file_size
+            if cut:
+                shard_status = "truncated"
+            if ext.rsplit(".", 1)[-1] in IMAGE_EXTS and cur["length"] < 0:
+                cur.update(name=name, offset=ti.offset_data, length=ti.size, cut=cut)
+            elif ext == "json" and cur["json_length"] < 0 and not cut:
+                cur.update(json_offset=ti.offset_data, json_length=ti.size)
+            else:
+                stats["other_members"] += 1
+    finally:
+        tf.close()
+    for r in rows:
+        r["size"] = (0, 0)
+        if r["status"] == "duplicate":
+            continue
+        if r["length"] < 0:
+            r["status"] = "no_image"
+            continue
+        if r.pop("cut", False):
+            r["status"] = "truncated"
+            continue
+        if r["length"] == 0:
+            r["status"] = "empty_file"
+            continue
+        meta = None
+        if r["json_length"] >= 0:
+            try:
+                meta = json.loads(files.pread(path, r["json_offset"], r["json_length"]))
+            except ValueError:
+                stats["bad_json"] += 1
+        size = json_size(meta)
+        if size is not None:
+            r["size"] = size
+            if size[0] * size[1] > max_pixels:
+                r["status"], r["size"] = "too_large", (0, 0)
+            continue
+        size, st = open_image(files.pread(path, r["offset"], r["length"]), max_pixels, header_only=True)
+        r["status"] = st
+        r["size"] = size if size is not None else (0, 0)
+    if not rows and shard_status == "ok":
+        shard_status = "empty"
+    return {"rows": rows, "status": shard_status, **stats}
+
+
+def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXELS) -> ImageTable:
+    """Build (sharded over ranks, resumable) or reuse the image table of `work`. Every sample gets a row and a
+    status; the order (shard by shard, members in tar order; loose files sorted) is fixed here, once, for every
+    later stage. Units of work: one tar shard, or LOOSE_BLOCK loose files."""
     rank, world = init_dist()
     folder = os.path.join(work, "images")
     m = read_manifest(folder)
     if m and m.get("complete"):
+        table = read_image_table(work)
         if source is not None and rank == 0:   # one listing is enough; torchrun stops the others if it fails
-            root, paths = list_inputs(source)
-            if fingerprint(root, paths) != m["fingerprint"]:
+            src = resolve_source(source)
+            tmp = os.path.join(folder, "check")
+            os.makedirs(tmp, exist_ok=True)
+            info = write_listing(src, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if info["fingerprint"] != m["fingerprint"]:
                 raise SystemExit(f"error: {work} was built from other images ({m['source']}); use another --work "
                                  "or the same --images")
-        return read_image_table(work)
+        return table
     if source is None:
         raise SystemExit(f"error: {work} has no image table yet: pass --images")
-    root, paths = list_inputs(source)
-    os.makedirs(folder, exist_ok=True)
-    seen, dup = set(), np.zeros(len(paths), bool)
-    for i, p in enumerate(paths):
-        key = os.path.realpath(p if os.path.isabs(p) else os.path.join(root, p))
-        dup[i] = key in seen
-        seen.add(key)
-
-    def probe(start, end):
-        status = np.zeros(end - start, np.uint8)
-        size = np.zeros((end - start, 2), np.int32)
-        for j, i in enumerate(range(start, end)):
-            if dup[i]:
-                status[j] = IMAGE_STATUS.index("duplicate")
-                continue
-            p = paths[i] if os.path.isabs(paths[i]) else os.path.join(root, paths[i])
-            if not os.path.isfile(p):
-                status[j] = IMAGE_STATUS.index("unreadable")
-                continue
-            im, st = open_image(p, max_pixels)
-            status[j] = IMAGE_STATUS.index(st)
-            if im is not None:
-                size[j] = im.size
-        return {"status": status, "size": size}
-
-    n_chunks, _ = run_chunks(folder, len(paths), chunk_size, probe, "image table",
-                          {"fingerprint": fingerprint(root, paths), "max_pixels": max_pixels})
-    barrier()
+    src = resolve_source(source)
     if rank == 0:
-        offsets, flat = pack_strings(paths)
-        write_npy(os.path.join(folder, "path_offsets.npy"), offsets)
-        write_npy(os.path.join(folder, "path_bytes.npy"), flat)
-        merge_chunks(folder, n_chunks, ["status", "size"], {})
+        os.makedirs(folder, exist_ok=True)
+        write_listing(src, folder)
+    barrier()
+    lst = os.path.join(folder, "listing")
+    with open(os.path.join(lst, "listing.json")) as fh:
+        info = json.load(fh)
+    names_off, names = load(lst, "name_offsets"), load(lst, "name_bytes")
+    files = ShardFiles(capacity=4)
+    if info["kind"] == "tar":
+        def process(u, _end):
+            path = unpack_string(names_off, names, u)
+            scan = scan_shard(path, max_pixels, files)
+            rows = scan["rows"]
+            name_off, name_flat = pack_strings([r["name"] for r in rows])
+            return {"shard_status": np.array([SHARD_STATUS.index(scan["status"])], np.uint8),
+                    "shard_members": np.array([[scan["members"], scan["other_members"], scan["bad_json"]]], np.int64),
+                    "sample_counts": np.array([len(rows)], np.int64),
+                    "shard": np.full(len(rows), u, np.int32),
+                    "name_counts": np.diff(name_off), "name_bytes": name_flat,
+                    **{k: np.array([r[k] for r in rows], np.int64) for k in
+                       ("offset", "length", "json_offset", "json_length")},
+                    "status": np.array([IMAGE_STATUS.index(r["status"]) for r in rows], np.uint8),
+                    "size": np.array([r["size"] for r in rows], np.int32).reshape(-1, 2)}
+        unit_size, n_units, unit = 1, info["units"], "shard"
+    else:
+        dup = load(lst, "duplicate")
+        rows_total = info["rows"]
+
+        def process(u, _end):
+            start, end = u * LOOSE_BLOCK, min((u + 1) * LOOSE_BLOCK, rows_total)
+            status = np.zeros(end - start, np.uint8)
+            size = np.zeros((end - start, 2), np.int32)
+            for j, i in enumerate(range(start, end)):
+                if dup[i]:
+                    status[j] = IMAGE_STATUS.index("duplicate")
+                    continue
+                p = unpack_string(names_off, names, i)
+                p = p if os.path.isabs(p) else os.path.join(src.root, p)
+                if not os.path.isfile(p):
+                    status[j] = IMAGE_STATUS.index("unreadable")
+                    continue
+                wh, st = retry_io(lambda: open_image(p, max_pixels, header_only=True), p)
+                status[j] = IMAGE_STATUS.index(st)
+                if wh is not None:
+                    size[j] = wh
+            n = end - start
+            return {"shard_status": np.zeros(1, np.uint8), "shard_members": np.zeros((1, 3), np.int64),
+                    "sample_counts": np.array([n], np.int64), "shard": np.full(n, NO_SHARD, np.int32),
+                    "name_counts": np.diff(names_off[start: end + 1]),
+                    "name_bytes": np.asarray(names[names_off[start]: names_off[end]]),
+                    "offset": np.zeros(n, np.int64), "length": np.full(n, -1, np.int64),
+                    "json_offset": np.full(n, -1, np.int64), "json_length": np.full(n, -1, np.int64),
+                    "status": status, "size": size}
+        unit_size, n_units, unit = 1, info["units"], "block"
+    n_chunks, _ = run_chunks(folder, n_units, unit_size, process, "image table",
+                             {"fingerprint": info["fingerprint"], "max_pixels": max_pixels, "version": TABLE_VERSION,
+                              "loose_block": LOOSE_BLOCK}, unit=unit)
+    rows = merge_chunks(folder, n_chunks, ["shard_status", "shard_members"],
+                        {"shard": "sample_counts", "offset": "sample_counts", "length": "sample_counts",
+                         "json_offset": "sample_counts", "json_length": "sample_counts", "status": "sample_counts",
+                         "size": "sample_counts", "name_bytes": "name_counts"})
+    if rank == 0:
+        os.replace(os.path.join(folder, "sample_offsets.npy"), os.path.join(folder, "shard_rows.npy"))
+        if info["kind"] == "tar":
+            os.replace(os.path.join(lst, "name_offsets.npy"), os.path.join(folder, "shard_path_offsets.npy"))
+            os.replace(os.path.join(lst, "name_bytes.npy"), os.path.join(folder, "shard_path_bytes.npy"))
+        else:
+            write_npy(os.path.join(folder, "shard_path_offsets.npy"), np.zeros(1, np.int64))
+            write_npy(os.path.join(folder, "shard_path_bytes.npy"), np.zeros(0, np.uint8))
         status = load(folder, "status")
-        counts = {name: int((status == k).sum()) for k, name in enumerate(IMAGE_STATUS)}
-        finish_stage(folder, {"stage": "images", "source": os.path.abspath(source), "root": root,
-                              "fingerprint": fingerprint(root, paths), "rows": len(paths),
-                              "status_names": IMAGE_STATUS, "status_counts": counts})
+        counts = count_values(status, IMAGE_STATUS)
+        shard_counts = count_values(load(folder, "shard_status"), SHARD_STATUS) if info["kind"] == "tar" else {}
+        members = np.asarray(load(folder, "shard_members")).sum(0).tolist()
+        manifest = {"stage": "images", "version": TABLE_VERSION, "source": source, "kind": info["kind"],
+                    "root": src.root, "fingerprint": info["fingerprint"], "rows": rows["status"],
+                    "status_names": IMAGE_STATUS, "status_counts": counts}
+        if info["kind"] == "tar":
+            manifest.update(shards=n_units, shard_status_names=SHARD_STATUS, shard_status_counts=shard_counts,
+                            members={"files": members[0], "not_image_or_json": members[1], "bad_json": members[2]})
+        shutil.rmtree(lst, ignore_errors=True)
+        finish_stage(folder, manifest)
         summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        print(f"image table: {len(paths)} files: {summary}", flush=True)
+        shards = (f" from {n_units} shards (" + ", ".join(f"{v} {k}" for k, v in shard_counts.items() if v) + ")"
+                  if info["kind"] == "tar" else "")
+        print(f"image table: {rows['status']} samples{shards}: {summary}", flush=True)
         if counts["ok"] == 0:
             print("warning: no readable image among the inputs", file=sys.stderr, flush=True)
     barrier()
     return read_image_table(work)
 
 
-def fingerprint(root: str, paths: list[str]) -> str:
-    h = hashlib.sha1(root.encode())
-    for p in paths:
-        h.update(b"\0" + p.encode())
-    return h.hexdigest()
+def short_side_check(table: ImageTable, min_side: int, flag: str = "--min-image-side", sample: int = 100_000):
+    """(rank 0) Warn when most readable images are smaller than `min_side` on their short side (from the
+    table's sizes, on up to `sample` evenly spaced rows: free at any scale). RICE Sec. 3.1 keeps images of
+    at least 336 px; img2dataset's LAION recipe stores 256 px images, which then yield no region at all."""
+    n = len(table)
+    if not n or min_side <= 0 or dist_info()[0] != 0:
+        return None
+    rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
+    ok = np.asarray(table.status[rows]) == OK
+    short = np.asarray(table.size[rows]).min(1)[ok]
+    if not len(short):
+        return None
+    small = int((short < min_side).sum())
+    if small * 2 > len(short):
+        what = f"{small} of {len(short)} readable images" + (" sampled" if len(rows) < n else "")
+        print(f"warning: {what} ({100 * small / len(short):.0f}%) have a short side below {flag} {min_side} px "
+              f"(median {int(np.median(short))} px) and get no regions. RICE keeps images of >= 336 px; an "
+              "img2dataset download at --image_size 256 has none: download at 336 px or more (or with "
+              f"--resize_mode no), or lower {flag}.", file=sys.stderr, flush=True)
+    return small, len(short)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -180,9 +180,9 @@ def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monk
     work = str(tmp_path / "w")
     real = workdir.run_chunks
 
-    def killed_after_two_chunks(folder, num_items, chunk_size, process, desc, key):
+    def killed_after_two_chunks(folder, num_items, chunk_size, process, desc, key, **kw):
         if desc != "ocr":
-            return real(folder, num_items, chunk_size, process, desc, key)
+            return real(folder, num_items, chunk_size, process, desc, key, **kw)
         calls = []
 
         def dies(start, end):
@@ -195,20 +195,20 @@ def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monk
     monkeypatch.setattr(workdir, "run_chunks", killed_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         ocr.main(["--images", images[0], "--work", work] + RUN)
-    chunks = sorted(f for f in os.listdir(os.path.join(work, "ocr", "chunks")) if f.endswith(".npz"))
-    assert chunks == ["0000000.npz", "0000001.npz"]
+    assert workdir.done_chunks(os.path.join(work, "ocr")) == {0, 1}
     assert workdir.read_manifest(os.path.join(work, "ocr")) is None
     monkeypatch.setattr(workdir, "run_chunks", real)
     capsys.readouterr()
     ocr.main(["--work", work] + RUN)        # --images is optional once the image table exists
-    assert "2 chunks already done, 2 to go" in capsys.readouterr().out
+    assert "ocr: 2 of 4 chunks already done" in capsys.readouterr().out
     assert read_all(work) == read_all(baseline[0])
 
 
 def test_stale_chunks_are_discarded(tmp_path):
     folder = str(tmp_path)
-    chunk = os.path.join(folder, "chunks", "0000000.npz")
+    chunk = workdir.chunk_path(folder, 0)
     workdir.prepare_chunks(folder, {"min_score": 0.7})
+    os.makedirs(os.path.dirname(chunk), exist_ok=True)
     np.savez(chunk, x=np.zeros(1))
     workdir.prepare_chunks(folder, {"min_score": 0.7})     # same settings: kept
     assert os.path.exists(chunk)

@@ -250,18 +250,19 @@ def test_kill_and_resume_equals_plain_run(many_images, tmp_path):
     # kill -9 as soon as some chunks are on disk, then rerun
     work = tmp_path / "killed"
     proc = subprocess.Popen(cli(many_images, work, chunk="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    chunks = work / "regions" / "chunks"
+    regions = str(work / "regions")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if chunks.exists() and len([f for f in os.listdir(chunks) if f.endswith(".npz")]) >= 5:
+        if os.path.isdir(os.path.join(regions, "chunks")) and len(workdir.done_chunks(regions)) >= 5:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(os.listdir(chunks))
+    done = len(workdir.done_chunks(regions))
     assert 5 <= done < 121 and not (work / "regions" / "manifest.json").exists()
-    (chunks / "0000100.tmp.npz").write_bytes(b"half-written")   # never taken as done
+    with open(workdir.chunk_path(regions, 100, ".x.tmp.npz"), "wb") as f:
+        f.write(b"half-written")                                # never taken as done
     subprocess.run(cli(many_images, work, chunk="1"), check=True, capture_output=True)
     assert load_outputs(work) == load_outputs(plain)
     assert not (work / "regions" / "chunks").exists()
@@ -277,5 +278,5 @@ def test_two_process_torchrun_equals_plain_run(many_images, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     # different chunk sizes and process counts, same bytes
     assert load_outputs(work) == load_outputs(plain)
-    for name in ("status", "size", "path_offsets", "path_bytes"):
+    for name in workdir.TABLE_ARRAYS + ["name_offsets", "name_bytes"]:
         assert np.array_equal(np.load(work / "images" / f"{name}.npy"), np.load(plain / "images" / f"{name}.npy"))
