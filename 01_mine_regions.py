@@ -5,24 +5,33 @@ short side is at least 336 px (SA-1B images keep their own annotations); each re
 clustered into K = 1M centres. MLCD clusters the CLIP features of whole images; both come from this stage.
 
 One process (GPU if there is one, else CPU):
-    python 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint sam_vit_h_4b8939.pth --sam-model vit_h
-    python 01_mine_regions.py --images DIR --work runs/big --boxes sa1b_json_dir/      # SA-1B's own masks
-    python 01_mine_regions.py --images runs/demo/data/images --work runs/demo \
+    python 01_mine_regions.py --images '/data/laion/{00000..41407}.tar' --work runs/big \
+        --sam-checkpoint sam_vit_h_4b8939.pth --sam-model vit_h
+    python 01_mine_regions.py --images /data/sa1b --work runs/sa1b           # SA-1B tars: their own boxes, no SAM
+    python 01_mine_regions.py --images shards.txt --work runs/big --sam-checkpoint sam_vit_h_4b8939.pth
+        # shards.txt lists SA-1B and LAION/COYO tars: SA-1B samples keep their boxes, the others go through SAM
+    python 01_mine_regions.py --images runs/demo/data/shards --work runs/demo \
         --boxes runs/demo/data/coco.json --features pixels --min-box-side 16 --min-image-side 64   # offline demo
-torchrun, one node of 8 GPUs, then several nodes (each rank takes a share of the image chunks):
+torchrun, one node of 8 GPUs, then several nodes (ranks claim chunks of image-table rows as they go):
     torchrun --nproc_per_node=8 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
     torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
 
-Reads: the images (a folder, recursive, or a text file of paths) through the image table in <work>/images/.
+Reads: the images through the image table in <work>/images/ (workdir.ensure_image_table): tar shards (a brace
+pattern, a glob, a folder of .tar files, a list of .tar paths; webdataset / img2dataset or SA-1B), or loose
+files (a folder, recursive, or a text file of paths). Boxes per image, first that applies: the --boxes file
+(COCO JSON matched by path, member name or file name; or a folder of SA-1B per-image JSON files), the sample's
+own json when it is an SA-1B record (`annotations` with `bbox` [x, y, w, h], `predicted_iou`, `area`), else
+SAM (not run when --boxes is given). SAM is built only when some image needs it.
 Writes <work>/regions/:
     region_offsets.npy  int64 (n_images+1)   CSR: regions of image i are rows offsets[i]:offsets[i+1]
     boxes.npy           float32 (R, 4)       x0 y0 x1 y1, pixels of the upright (EXIF-rotated) original image
-    scores.npy          float32 (R,)         SAM predicted IoU, or the box file's score (1 when absent)
+    scores.npy          float32 (R,)         SAM predicted IoU, or the box file's / json's score (1 when absent)
     areas.npy           float32 (R,)         mask area in pixels (box area for box files without one)
     region_features.npy float16 (R, C)       L2-normalised features of the box crops
     image_features.npy  float16 (n_images, C) L2-normalised features of whole images (zeros if not ok)
-    status.npy          uint8 (n_images)     REGION_STATUS below
+    status.npy          uint8 (n_images)     REGION_STATUS below (decode_error: the table read only its header)
+    box_source.npy      uint8 (n_images)     BOX_SOURCE below: where the image's boxes came from
     manifest.json
 Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file) or
 `--features pixels`, a weight-free stand-in for offline runs: the crop averaged down to 8 x 8 RGB, centred and

@@ -346,7 +346,9 @@ class RegionDataset(torch.utils.data.Dataset):
         epoch, pos = item
         a = self.arrays()
         row = int(a["rows"][pos])
-        rng = np.random.default_rng([self.seed, epoch, row])      # this sample's crop and region draw
+        # this sample's crop and region draw, keyed by its place in train_images.npy (not its table row), so
+        # the same images as loose files or as tar shards (other rows around them) train identically
+        rng = np.random.default_rng([self.seed, epoch, pos])
         N, M, S = self.N, self.M, self.size
         out = dict(row=np.int64(row), ok=np.bool_(False), pixels=np.zeros((S, S, 3), np.uint8),
                    boxes=np.zeros((N, 4), np.float32), kind=np.zeros(N, np.int8),

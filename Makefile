@@ -21,17 +21,19 @@ DEMO := runs/demo
 # words on 80% of the images, 30 of them, one case, face and size: what the tiny encoder learns to read in
 # 900 steps (README, The demo)
 DEMO_WORLD := --vocab-size 30 --mix 0.2,0.2,0.6 --plain-words
+# as the papers' datasets ship: img2dataset-style webdataset tar shards (key.png + key.json + key.txt)
+DEMO_SHARDS := --format webdataset --shard-size 500
 DEMO_CKPT := $(DEMO)/train/ckpt/latest.pt
 demo: $(VENV)/.installed
-	$(PY) 00_make_demo_data.py --out $(DEMO)/data --num-images 3000 --seed 0 $(DEMO_WORLD)
-	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD)
-	$(PY) 01_mine_regions.py --images $(DEMO)/data/images --work $(DEMO) --boxes $(DEMO)/data/coco.json \
+	$(PY) 00_make_demo_data.py --out $(DEMO)/data --num-images 3000 --seed 0 $(DEMO_WORLD) $(DEMO_SHARDS)
+	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD) $(DEMO_SHARDS)
+	$(PY) 01_mine_regions.py --images $(DEMO)/data/shards --work $(DEMO) --boxes $(DEMO)/data/coco.json \
 		--features pixels --min-box-side 16 --min-image-side 64
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108
 	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --image-size 96 \
 		--batch-size 64 --steps 900 --warmup 90 --scale 16 --workers 2 --log-every 25 --save-every 50
-	$(PY) 05_eval.py --images $(DEMO)/eval_data/images --coco $(DEMO)/eval_data/coco.json \
+	$(PY) 05_eval.py --images $(DEMO)/eval_data/shards --coco $(DEMO)/eval_data/coco.json \
 		--masks $(DEMO)/eval_data/masks --out $(DEMO)/eval \
 		--encoder trained=$(DEMO_CKPT) --encoder random=random:$(DEMO_CKPT)
 	$(PY) 06_export_hf.py --checkpoint $(DEMO_CKPT) --out $(DEMO)/export

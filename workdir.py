@@ -5,14 +5,25 @@ Layout (`--work`, default runs/demo): one sub-folder per stage, each holding `.n
 last, so a folder with a complete manifest is a finished stage. Ragged per-image lists are CSR: an int64
 `*_offsets.npy` with one more entry than rows, plus flat rows.
 
-    images/    the image table: every input file in a fixed order, with a decode status and its size
+    images/    the image table: one row per sample (a loose file, or the members of a tar shard sharing a key)
     regions/   01_mine_regions.py        ocr/  02_extract_ocr.py        ...
 
-Sharded, resumable work (`run_chunks`): the items are cut into fixed chunks whose boundaries do not depend on
-the number of processes; under torchrun rank r takes chunks r, r + world, ...; each finished chunk is one file
-written atomically (tmp + os.replace), so a rerun after any kill skips exactly the finished chunks; rank 0
-then concatenates the chunks in order. The merged arrays are therefore byte-identical whatever the number of
-processes and however often the run was interrupted.
+Inputs (`resolve_source`): loose files (a folder, a list file) or tar shards as webdataset / img2dataset and
+SA-1B ship them (a brace pattern, a glob, a folder of .tar files, a list of .tar paths). The image table holds,
+per row, its shard, the image member's byte offset and length, the json member's, width, height and status, so
+every stage reads a sample with one pread (`ImageTable.open`, `ImageTable.read_json`). It is built shard by
+shard (one unit of work per shard, or per LOOSE_BLOCK loose files): only 512-byte tar headers, the samples'
+json (for their sizes) and, where the json has none, image headers are read; nothing is decoded.
+
+Sharded, resumable work (`run_chunks`, `merge_chunks`): the items are cut into fixed chunks whose boundaries do
+not depend on the number of processes; ranks claim chunks dynamically (their own share first, then the others'
+from the far end, one O_EXCL claim file per chunk and launch), so a slow rank holds nobody back and a dead
+rank's chunk is retaken by the next launch; each finished chunk is one file written atomically (tmp +
+os.replace), spread over sub-folders of 1,000. Then every rank copies its share of the chunks into disjoint
+byte ranges of the preallocated final arrays (no serial merge, no rank reads the whole output). The final
+arrays are therefore byte-identical whatever the number of processes and however often the run was
+interrupted. Transient I/O errors (EIO, ESTALE, timeouts) are retried, then stop the rank with one line
+(`retry_io`); only genuinely bad data becomes a per-item status.
 """
 from __future__ import annotations
 
