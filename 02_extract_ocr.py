@@ -71,7 +71,7 @@ MIN_SCORE = 0.7             # RICE Sec. 3.1: keep lines with confidence > 0.7 (s
 MAX_SIDE = 1280             # longer image sides are downscaled to this for the engine (0: never)
 MAX_TOKENS = 10             # M, token labels per line; RICE Tab. 5d: 10 is best
 LANG = "en"                 # PaddleOCR recognition language (paddle engine only)
-CHUNK_SIZE = 256            # images per resumable chunk
+CHUNK_SIZE = 512            # images per resumable chunk: 780k chunk files at 400M images
 MAX_ERRORS_SHOWN = 20       # per rank; the rest are only counted
 
 OCR_STATUS = ["ok", "no_text", "skipped", "engine_error", "read_error"]
@@ -331,34 +331,44 @@ def main(argv=None):
                     "rows": {"images": len(table), "lines": lines, "text_bytes": rows["text_bytes"],
                              "tokens": rows["tokens"]},
                     "lines_found": lines_found, "lines_dropped_score": lines_found - lines,
-                    "lines_without_tokens": int((np.diff(token_offsets) == 0).sum()),
+                    "lines_without_tokens": sum(int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
+                                                for k in range(0, len(token_offsets) - 1, 1 << 24)),
                     "image_table": fingerprint, "status_names": OCR_STATUS, "status_counts": counts}
         manifest = workdir.finish_stage(folder, manifest)     # as written: with "complete" and "finished"
-        summarize(manifest, status, found, workdir.load(folder, "line_offsets", mmap=False), table,
+        summarize(manifest, status, found, workdir.load(folder, "line_offsets"), table,
                   num_chunks, done_before, args.chunk_size, t_ready - t_start, time.time() - t_ready)
     workdir.barrier()
     return manifest
 
 
-def summarize(m, status, found, line_offsets, table, num_chunks, done_before, chunk_size, setup_s, elapsed):
-    per_image = np.diff(line_offsets)
-    read = np.isin(status, [OCR_STATUS.index("ok"), OCR_STATUS.index("no_text")])
+def summarize(m, status, found, line_offsets, table, num_chunks, done_before, chunk_size, setup_s, elapsed,
+              block=1 << 22):
+    """Print the stage's summary, reading the per-image arrays in blocks (memory flat at any scale)."""
+    ok_or_none = [OCR_STATUS.index("ok"), OCR_STATUS.index("no_text")]
+    n_read = with_text = total = most = new_ok = 0
+    hist = np.zeros(1025, np.int64)             # lines per image, the last bin holds 1024 and more: the median
+    for s in range(0, len(status), block):
+        e = min(s + block, len(status))
+        per_image = np.diff(np.asarray(line_offsets[s: e + 1]))
+        read = np.isin(np.asarray(status[s:e]), ok_or_none)
+        k = per_image[read]
+        n_read, with_text, total = n_read + len(k), with_text + int((k > 0).sum()), total + int(k.sum())
+        most = max(most, int(k.max()) if len(k) else 0)
+        hist += np.bincount(np.minimum(k, 1024), minlength=1025)
+        # images OCR'd by this run: ok rows of the table in chunks that were not on disk before it
+        chunks = np.arange(s, e) // chunk_size
+        new = ~np.isin(chunks, np.fromiter(done_before, np.int64, len(done_before)))
+        new_ok += int((new & (np.asarray(table.status[s:e]) == workdir.OK)).sum())
     lines, lines_found = m["rows"]["lines"], m["lines_found"]
-    # images OCR'd by this run: ok rows of the table in chunks that were not on disk before it
-    new_rows = np.zeros(len(table), bool)
-    for c in range(num_chunks):
-        if c not in done_before:
-            new_rows[c * chunk_size: (c + 1) * chunk_size] = True
-    new_ok = int((new_rows & (np.asarray(table.status) == workdir.OK)).sum())
     print("ocr: images by status: " + ", ".join(f"{v} {k}" for k, v in m["status_counts"].items() if v), flush=True)
     print(f"ocr: lines found {lines_found}, kept {lines} (score > {m['min_score']}), dropped "
           f"{lines_found - lines} by score; {m['rows']['tokens']} token labels "
           f"({m['rows']['tokens'] / max(lines, 1):.1f} per line, {m['lines_without_tokens']} lines without)",
           flush=True)
-    if read.any():
-        print(f"ocr: lines per OCR'd image: mean {per_image[read].mean():.2f}, median "
-              f"{np.median(per_image[read]):.0f}, max {per_image[read].max()}; images with text "
-              f"{(per_image[read] > 0).mean():.1%}", flush=True)
+    if n_read:
+        median = int(np.searchsorted(np.cumsum(hist), (n_read + 1) // 2))
+        print(f"ocr: lines per OCR'd image: mean {total / n_read:.2f}, median {median}, max {most}; images with "
+              f"text {with_text / n_read:.1%}", flush=True)
     resumed = f" ({len(done_before)} of {num_chunks} chunks were done before)" if done_before else ""
     print(f"ocr: engine {m['engine']['name']} ready in {setup_s:.1f} s; {new_ok} images read in {elapsed:.1f} s, "
           f"{new_ok / max(elapsed, 1e-9):.2f} images/s over all processes{resumed}", flush=True)

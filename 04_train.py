@@ -51,10 +51,13 @@ normalisation (CLIP mean / std) runs on the device. Images whose status is not o
 method's terms, never enter train_images.npy. An image that fails to decode anyway is logged and contributes
 nothing to its step (never a crash).
 
-Data order and resume: --batch-size is the global batch (all ranks, all accumulation steps). Epoch e is a
-permutation of train_images from (seed, e); step t takes positions [t*G, (t+1)*G) of its epoch, cut into
---accum micro-batches and those into world slices. Every sample's random crop and region draw comes from a
-generator seeded by (seed, epoch, row), and the losses' negative sampling from one seeded by (seed, step,
+Data order and resume: --batch-size is the global batch (all ranks, all accumulation steps). Epoch e's order
+comes from (seed, e): blocks of --shuffle-block consecutive training images (mostly one tar shard) are
+permuted, each window of --shuffle-window blocks is permuted inside (StepSampler; the whole epoch is one
+window when block x window >= the training images); step t takes positions [t*G, (t+1)*G) of that order,
+sorted, cut into --accum micro-batches and those into world slices, so a loader worker reads a few shards per
+micro-batch. Every sample's random crop and region draw comes from a generator seeded by (seed, epoch, its
+position in train_images), and the losses' negative sampling from one seeded by (seed, step,
 micro-step, rank), so restoring the step restores the data position and every random stream, with any number
 of workers: a run killed and resumed follows the uninterrupted run's loss curve (tests/test_train.py). The
 banks and their optimiser moments are saved whole, so a run may resume on another number of processes.
@@ -118,7 +121,8 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "
                "A100": {"bf16": 312.0, "fp32": 156.0}}      # dense tensor-core peaks (fp32 = TF32)
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them
-RESUME_KEYS = ["method", "model", "image_size", "region_blocks", "embed_dim", "num_regions", "batch_size",
+SHUFFLE_BLOCK, SHUFFLE_WINDOW = 1024, 64     # epoch order: 64-block windows of 1,024 consecutive images
+RESUME_KEYS = ["shuffle_block", "shuffle_window", "method", "model", "image_size", "region_blocks", "embed_dim", "num_regions", "batch_size",
                "seed", "crop", "min_box_visible", "min_crop_scale", "image_topl", "object_weight", "ocr_weight", "image_weight"]
 
 
@@ -141,6 +145,10 @@ def parse_args(argv=None):
     a("--min-crop-scale", type=float, default=1.0,
       help="--crop random: the square covers a random share in [this, 1] of the image's (scale augmentation)")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per rank")
+    a("--shuffle-block", type=int, default=SHUFFLE_BLOCK, help="consecutive training images kept together in "
+      "the epoch order (a tar shard's worth: few shard files opened per micro-batch)")
+    a("--shuffle-window", type=int, default=SHUFFLE_WINDOW, help="blocks shuffled together (block x window "
+      ">= the training images: a full permutation)")
     # loss
     a("--object-weight", type=float, default=None, help="weight of L_obj (default 1 for rice, 0 for mlcd)")
     a("--ocr-weight", type=float, default=None, help="weight of L_ocr (default 1 for rice, 0 for mlcd)")
@@ -403,26 +411,57 @@ class RegionDataset(torch.utils.data.Dataset):
 
 class StepSampler:
     """Yields this rank's micro-batches, step after step from `start_step`: a list of (epoch, position).
-    Global batch G per step; epoch e is a permutation of range(n) from (seed, e); drop-last per epoch."""
 
-    def __init__(self, n, global_batch, accum, rank, world, seed, start_step, total_steps):
+    Global batch G per step; drop-last per epoch. Epoch e's order, from (seed, e) only: the positions of
+    train_images are cut into blocks of `block` consecutive positions (consecutive rows: mostly one tar shard),
+    the blocks are permuted, groups of `window` blocks in that order form windows, and each window's positions
+    are permuted. Step t takes positions [t*G, (t+1)*G) of that order, sorted, so each rank's and each loader
+    worker's slice covers few blocks: a worker opens a few shard files per micro-batch, not one per sample.
+    Memory: n / block ints for the block order plus one window's block * window positions, independent of the
+    dataset size at a fixed block (3 MB at 400M images). With block * window >= n the whole epoch is one window:
+    a full random permutation, then sorted within each step."""
+
+    def __init__(self, n, global_batch, accum, rank, world, seed, start_step, total_steps, block=1024, window=64):
         if global_batch % (accum * world):
             fail(f"--batch-size {global_batch} is not divisible by --accum {accum} x {world} processes")
         if global_batch > n:
             fail(f"--batch-size {global_batch} is larger than the {n} training images")
+        if block < 1 or window < 1:
+            fail("--shuffle-block and --shuffle-window must be >= 1")
         self.n, self.G, self.accum, self.rank, self.world, self.seed = n, global_batch, accum, rank, world, seed
+        self.block, self.window = block, window
         self.micro = global_batch // (accum * world)
         self.steps_per_epoch = n // global_batch
         self.start, self.total = start_step, total_steps
-        self._perm = (None, None)
+        self._epoch, self._windows = None, {}
 
-    def permutation(self, epoch):
-        if self._perm[0] != epoch:
-            dtype = np.uint32 if self.n < 2 ** 32 else np.int64   # 1.6 GB instead of 3.2 GB at 400M images
-            perm = np.arange(self.n, dtype=dtype)
-            np.random.default_rng([self.seed, epoch]).shuffle(perm)
-            self._perm = (epoch, perm)
-        return self._perm[1]
+    def _setup(self, epoch):
+        if self._epoch != epoch:
+            blocks = (self.n + self.block - 1) // self.block
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(blocks)
+            sizes = np.minimum(self.block, self.n - self._order * self.block)
+            self._start = np.concatenate([[0], np.cumsum(sizes)])[:: self.window]   # first position of each window
+            self._start = np.append(self._start, self.n) if self._start[-1] != self.n else self._start
+            self._epoch, self._windows = epoch, {}
+
+    def _window(self, epoch, w):
+        if w not in self._windows:
+            blocks = self._order[w * self.window: (w + 1) * self.window]
+            pos = np.concatenate([np.arange(b * self.block, min((b + 1) * self.block, self.n)) for b in blocks])
+            np.random.default_rng([self.seed, epoch, w]).shuffle(pos)
+            self._windows = {w: pos}                                            # one window held at a time
+        return self._windows[w]
+
+    def positions(self, epoch, lo, hi):
+        """Positions [lo, hi) of epoch's order."""
+        self._setup(epoch)
+        out, w = [], int(np.searchsorted(self._start, lo, side="right") - 1)
+        while lo < hi:
+            s, e = int(self._start[w]), int(self._start[w + 1])
+            take = min(hi, e) - lo
+            out.append(self._window(epoch, w)[lo - s: lo - s + take])
+            lo, w = lo + take, w + 1
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def __len__(self):
         return (self.total - self.start) * self.accum
@@ -430,7 +469,7 @@ class StepSampler:
     def __iter__(self):
         for step in range(self.start, self.total):
             epoch, pos = divmod(step, self.steps_per_epoch)
-            batch = self.permutation(epoch)[pos * self.G: (pos + 1) * self.G]
+            batch = np.sort(self.positions(epoch, pos * self.G, (pos + 1) * self.G))
             for a in range(self.accum):
                 base = (a * self.world + self.rank) * self.micro
                 yield [(epoch, int(j)) for j in batch[base: base + self.micro]]
@@ -670,7 +709,8 @@ def main(argv=None):
     if rank == 0 and os.path.exists(os.path.join(run, "manifest.json")):
         os.remove(os.path.join(run, "manifest.json"))          # the run is not complete until it ends again
 
-    sampler = StepSampler(n_train, args.batch_size, args.accum, rank, world, args.seed, start_step, total)
+    sampler = StepSampler(n_train, args.batch_size, args.accum, rank, world, args.seed, start_step, total,
+                          args.shuffle_block, args.shuffle_window)
     dataset = RegionDataset(args.work, rows_path, S, args.num_regions, data["ocr"]["max_tokens"] if data["ocr"]
                             else 10, args.image_topl, args.crop, args.min_box_visible, args.seed,
                             bool(args.object_weight), bool(args.ocr_weight), bool(args.image_weight),

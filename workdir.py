@@ -820,13 +820,14 @@ def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
     """One tar shard -> its rows (one per key, in order of first appearance) and the shard's status.
 
     The tar's headers are read with the standard tarfile module (one 512-byte header per member; member data is
-    skipped by seeking); each sample's .json is read for its size (img2dataset, SA-1B); only samples without a
-    size there have their image header read (no decode). A key seen again after other keys is a duplicate row;
-    a member whose data runs past the end of the file is truncated; a sample without an image member is
-    no_image; other members (txt, cls, ...) stay in the tar, unread."""
+    skipped by seeking); members sharing a key form one sample wherever they sit in the tar; each sample's .json
+    is read for its size (img2dataset, SA-1B); only samples without a size there have their image header read
+    (no decode). A member name seen a second time starts a duplicate row; a member whose data runs past the end
+    of the file is truncated; a sample without an image member is no_image; other members (txt, cls, a second
+    image) stay in the tar, unread, and are counted."""
     import tarfile
     from webdataset.tariterators import base_plus_ext
-    rows, seen, stats = [], {}, {"members": 0, "other_members": 0, "bad_json": 0}
+    rows, by_key, stats = [], {}, {"members": 0, "other_members": 0, "bad_json": 0}
     shard_status = "ok"
     if not os.path.exists(path):
         return {"rows": rows, "status": "missing", **stats}
@@ -853,12 +854,14 @@ def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
             if key is None:
                 key, ext = name, ""
             ext = ext.lower()
-            cur = rows[-1] if rows and rows[-1]["key"] == key else None
-            if cur is None:
+            cur = by_key.get(key)
+            if cur is None or name in cur["members"]:
+                # a new key, or a member name seen before (a tar appended to itself): a row of its own
                 cur = {"key": key, "name": key, "offset": 0, "length": -1, "json_offset": -1, "json_length": -1,
-                       "status": "duplicate" if key in seen else "ok"}
-                seen[key] = True
+                       "status": "duplicate" if cur is not None else "ok", "members": set()}
+                by_key.setdefault(key, cur)
                 rows.append(cur)
+            cur["members"].add(name)
             cut = ti.offset_data + ti.size > file_size
             if cut:
                 shard_status = "truncated"
@@ -872,6 +875,7 @@ def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
         tf.close()
     for r in rows:
         r["size"] = (0, 0)
+        del r["members"]
         if r["status"] == "duplicate":
             continue
         if r["length"] < 0:

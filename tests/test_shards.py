@@ -323,3 +323,40 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(SystemExit, match="No space left on device: free space"):
         workdir.run_chunks(str(tmp_path / "stage"), 4, 2, lambda s, e: {"x": np.zeros(e - s)}, "t", {})
+
+
+def test_warns_when_most_images_are_below_min_image_side(world, tmp_path, capsys):
+    """An img2dataset download at 256 px under RICE's 336 px rule: a warning with the counts, before the work
+    (from the table's sizes) and after it (from the statuses)."""
+    mine.main(["--images", str(world / "shards"), "--work", str(tmp_path / "w"), "--boxes",
+               str(world / "data" / "coco.json"), "--features", "pixels", "--min-image-side", "200"])
+    err = capsys.readouterr().err
+    assert "warning: 18 of 18 readable images (100%) have a short side below --min-image-side 200 px" in err
+    assert "(median 128 px)" in err and "img2dataset" in err
+    assert "warning: 17 of 17 readable images (100%) are below --min-image-side 200 px" in err
+    capsys.readouterr()
+    mine.main(["--images", str(world / "shards"), "--work", str(tmp_path / "w2"), "--boxes",
+               str(world / "data" / "coco.json"), "--features", "pixels", "--min-image-side", "100"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_members_of_a_key_anywhere_in_the_tar(tmp_path):
+    """Members sharing a key form one sample wherever they sit; a member name seen twice is a duplicate row;
+    the sizes come from the json when it has them, else from the image header (EXIF rotation applied)."""
+    a, b = png(np.zeros((20, 30, 3), np.uint8)), png(np.zeros((40, 10, 3), np.uint8))
+    rot = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(rot, format="JPEG", exif=exif.tobytes())
+    with tarfile.open(tmp_path / "x.tar", "w") as tf:
+        add(tf, "dir/a.png", a)
+        add(tf, "dir/b.png", b)
+        add(tf, "c.jpg", rot.getvalue())
+        add(tf, "dir/a.json", json.dumps({"width": 30, "height": 20}).encode())
+        add(tf, "dir/b.seg.png", b"ignored second image")
+        add(tf, "dir/a.png", a)
+    scan = workdir.scan_shard(str(tmp_path / "x.tar"), workdir.MAX_PIXELS, workdir.ShardFiles())
+    rows = [(r["name"], r["status"], tuple(r["size"]), r["json_length"] > 0) for r in scan["rows"]]
+    assert rows == [("dir/a.png", "ok", (30, 20), True), ("dir/b.png", "ok", (10, 40), False),
+                    ("c.jpg", "ok", (8, 16), False), ("dir/a.png", "duplicate", (0, 0), False)]
+    assert scan["status"] == "ok" and scan["members"] == 6 and scan["other_members"] == 1

@@ -354,3 +354,32 @@ def test_bad_input_is_refused_at_start(world, tmp_path):
     tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--steps", "1"])
     with pytest.raises(SystemExit, match="other settings"):
         tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "16", "--steps", "2"])
+
+
+def test_step_sampler_blocks_windows_and_world():
+    """The epoch order: every position once per epoch (drop-last), windows of `window` blocks of `block`
+    consecutive positions, each step sorted; the same global batches for any world size and accumulation;
+    seeded by (seed, epoch) only; block x window >= n is a full shuffle."""
+    n, G, block, window = 103, 8, 5, 3
+    one = tr.StepSampler(n, G, 1, 0, 1, 7, 0, 2 * (n // G), block, window)
+    steps = [b for b in one]
+    assert all(b == sorted(b) and len(b) == G for b in steps)
+    first = [p for b in steps[: n // G] for _, p in b]
+    assert len(set(first)) == len(first) == (n // G) * G and set(first) <= set(range(n))
+    order = one.positions(0, 0, n)
+    assert sorted(order.tolist()) == list(range(n))
+    # the first window holds exactly the positions of its 3 blocks
+    blocks = {p // block for p in order[: block * window]}
+    assert len(blocks) == window and set(order[: block * window].tolist()) == \
+        {p for b in blocks for p in range(b * block, min((b + 1) * block, n))}
+    assert [e for b in steps[n // G:] for e, _ in b] == [1] * ((n // G) * G)
+    assert one.positions(1, 0, n).tolist() != order.tolist()
+    for world, accum in ((2, 1), (4, 2)):
+        parts = [list(tr.StepSampler(n, G, accum, r, world, 7, 0, 2 * (n // G), block, window)) for r in range(world)]
+        for t in range(len(steps)):
+            merged = sorted(p for r in range(world) for a in range(accum) for p in parts[r][t * accum + a])
+            assert merged == steps[t]
+    again = tr.StepSampler(n, G, 1, 0, 1, 7, 5, 2 * (n // G), block, window)
+    assert list(again) == steps[5:]                        # a resume at step 5 continues the same order
+    full = tr.StepSampler(n, G, 1, 0, 1, 7, 0, 1, 64, 64).positions(0, 0, n)
+    assert sorted(full.tolist()) == list(range(n)) and full.tolist() != list(range(n))
