@@ -288,6 +288,10 @@ def main(argv=None):
             try:
                 lines = read_lines(engine, image, args.max_side)
             except Exception as e:              # one bad image must not stop a long run: record it
+                if any(w in str(e) for w in ("CUDA", "cudaError", "out of memory", "ResourceExhausted")):
+                    # ... but a failing GPU (paddle on --device gpu) is not the image's: stop, redo the chunk
+                    raise SystemExit(f"error: [rank {rank}] {type(e).__name__}: {str(e)[:300]}; this process stops "
+                                     "and its unfinished chunk is redone by the next run") from None
                 status[j] = OCR_STATUS.index("engine_error")
                 errors_shown[0] += 1
                 if errors_shown[0] <= MAX_ERRORS_SHOWN:
@@ -303,6 +307,7 @@ def main(argv=None):
                 scores.append(score)
                 texts.append(text)
                 tokens.append(tokenizer(text))
+        table.release()                         # resident memory stays flat over a 400M-row table
         text_offsets, text_bytes = workdir.pack_strings(texts)
         return {"status": status, "lines_found": found, "line_counts": line_counts,
                 "boxes": np.array(boxes, np.float32).reshape(-1, 4), "scores": np.array(scores, np.float32),

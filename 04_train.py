@@ -353,6 +353,10 @@ class RegionDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         epoch, pos = item
         a = self.arrays()
+        self._reads = getattr(self, "_reads", 0) + 1
+        if self._reads % 8192 == 0:                # random reads touch every page of the memmaps over an epoch
+            workdir.release_pages(*(v for v in a.values() if isinstance(v, np.ndarray)))
+            a["table"].release()
         row = int(a["rows"][pos])
         # this sample's crop and region draw, keyed by its place in train_images.npy (not its table row), so
         # the same images as loose files or as tar shards (other rows around them) train identically

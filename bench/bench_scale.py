@@ -1,6 +1,7 @@
 r"""The data layer at scale: the image table and 01 (--features pixels, boxes from the samples' json) over
 synthetic tar shards of 10k, 100k and 1M samples, under 1 and 2 processes: peak RSS per rank, samples/s, time
-to finish the stage (the parallel merge included), and files created.
+to finish the stage (the parallel merge included; the slowest rank, without interpreter start-up), and files
+(left at the end, and at most during the run: a chunk file and a claim file per unit of work).
 
     python bench/bench_scale.py --sizes 10000,100000,1000000 --procs 1,2 --out runs/bench_scale
     python bench/bench_scale.py --measure table --images 'DIR/{00000..00009}.tar' --work W   # one stage, one run
@@ -76,13 +77,15 @@ def write_shards(folder: str, n: int, per_shard: int = PER_SHARD, side: int = SI
 
 def measure(stage: str, images: str, work: str) -> dict:
     """Run one stage in this process (a rank when under torchrun); its peak RSS and time."""
+    import torch  # noqa: F401  (imported before the clock starts, as torchrun's ranks have it already)
+    import webdataset  # noqa: F401
     import workdir
     rank, world = workdir.init_dist()
+    mine = load("mine_regions", "01_mine_regions.py") if stage == "regions" else None
     t0 = time.time()
     if stage == "table":
         workdir.ensure_image_table(work, images)
     else:
-        mine = load("mine_regions", "01_mine_regions.py")
         mine.main(["--images", images, "--work", work, "--features", "pixels", "--min-box-side", "4",
                    "--min-image-side", "16", "--chunk-size", "1024"])
     out = {"stage": stage, "rank": rank, "world": world, "seconds": round(time.time() - t0, 2),
@@ -122,7 +125,8 @@ def run_stage(stage, images, work, procs, threads):
     if res.returncode:
         raise SystemExit(f"error: {stage} failed:\n{res.stderr[-3000:]}")
     ranks = [json.load(open(os.path.join(work, f"rss_{stage}_rank{r}.json"))) for r in range(procs)]
-    return wall, max(r["peak_rss_mb"] for r in ranks)
+    # the stage's own time (the slowest rank), without the interpreter's and torchrun's start-up
+    return max(r["seconds"] for r in ranks), wall, max(r["peak_rss_mb"] for r in ranks)
 
 
 def main(argv=None):
@@ -149,14 +153,16 @@ def main(argv=None):
             threads = max(1, (os.cpu_count() or 1) // procs)
             work = os.path.join(args.out, f"work_{n}_{procs}")
             shutil.rmtree(work, ignore_errors=True)
-            t_table, rss_table = run_stage("table", images, work, procs, threads)
-            t_regions, rss_regions = run_stage("regions", images, work, procs, threads)
+            t_table, wall_table, rss_table = run_stage("table", images, work, procs, threads)
+            t_regions, wall_regions, rss_regions = run_stage("regions", images, work, procs, threads)
+            shards, chunks = (n + args.per_shard - 1) // args.per_shard, (n + 1023) // 1024
             disk = {sub: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(work, sub))
                              for f in fs) for sub in ("images", "regions")}
             row = {"samples": n, "procs": procs, "table_s": round(t_table, 1),
                    "table_samples_per_s": round(n / t_table), "table_peak_rss_mb": rss_table,
                    "regions_s": round(t_regions, 1), "regions_samples_per_s": round(n / t_regions),
                    "regions_peak_rss_mb": rss_regions, "files": count_files(work),
+                   "temporary_files": 2 * (shards + chunks), "wall_s": round(wall_table + wall_regions, 1),
                    "table_bytes_per_sample": round(disk["images"] / n, 1),
                    "regions_bytes_per_sample": round(disk["regions"] / n, 1),
                    "shard_bytes_per_sample": round(shard_bytes / n, 1), "write_shards_s": round(write_s, 1)}
@@ -164,13 +170,13 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             shutil.rmtree(work, ignore_errors=True)
     print("\n| samples | processes | table: s | samples/s | peak RSS / rank | 01: s | samples/s | peak RSS / rank "
-          "| files | table B/sample | regions B/sample |")
+          "| files (during) | table B/sample | regions B/sample |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['samples']:,} | {r['procs']} | {r['table_s']} | {r['table_samples_per_s']:,} | "
               f"{r['table_peak_rss_mb']:.0f} MB | {r['regions_s']} | {r['regions_samples_per_s']:,} | "
-              f"{r['regions_peak_rss_mb']:.0f} MB | {r['files']} | {r['table_bytes_per_sample']} | "
-              f"{r['regions_bytes_per_sample']} |")
+              f"{r['regions_peak_rss_mb']:.0f} MB | {r['files']} ({r['temporary_files']}) | "
+              f"{r['table_bytes_per_sample']} | {r['regions_bytes_per_sample']} |")
 
 
 if __name__ == "__main__":

@@ -360,3 +360,31 @@ def test_members_of_a_key_anywhere_in_the_tar(tmp_path):
     assert rows == [("dir/a.png", "ok", (30, 20), True), ("dir/b.png", "ok", (10, 40), False),
                     ("c.jpg", "ok", (8, 16), False), ("dir/a.png", "duplicate", (0, 0), False)]
     assert scan["status"] == "ok" and scan["members"] == 6 and scan["other_members"] == 1
+
+
+def test_a_device_failure_stops_the_rank_instead_of_marking_images(world, tmp_path, monkeypatch):
+    """A CUDA error is the GPU's, not the image's: 01 stops with one line and records nothing as done; an
+    ordinary exception on one image stays that image's `error` status."""
+    flags = ["--images", str(world / "shards"), "--work", str(tmp_path / "w"), "--boxes",
+             str(world / "data" / "coco.json"), "--features", "pixels", "--min-box-side", "8",
+             "--min-image-side", "32", "--chunk-size", "5"]
+    calls = []
+
+    def failing(self, image, boxes):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, image, boxes)
+    real = mine.PixelFeatures.__call__
+    monkeypatch.setattr(mine.PixelFeatures, "__call__", failing)
+    with pytest.raises(SystemExit, match="RuntimeError on cpu: CUDA error.*redone by the next run"):
+        mine.main(flags)
+    assert not workdir.done_chunks(str(tmp_path / "w" / "regions"))
+
+    def odd(self, image, boxes):
+        if image.size == (128, 128) and len(boxes) == 1 and np.asarray(image)[0, 0].tolist() == [128] * 3:
+            raise ValueError("a decoder bug")           # blank0.png only
+        return real(self, image, boxes)
+    monkeypatch.setattr(mine.PixelFeatures, "__call__", odd)
+    m = mine.main(flags)
+    assert m["status_counts"]["error"] == 1
