@@ -1060,6 +1060,7 @@ def short_side_check(table: ImageTable, min_side: int, flag: str = "--min-image-
     if not len(short):
         return None
     small = int((short < min_side).sum())
+    table.release()
     if small * 2 > len(short):
         what = f"{small} of {len(short)} readable images" + (" sampled" if len(rows) < n else "")
         print(f"warning: {what} ({100 * small / len(short):.0f}%) have a short side below {flag} {min_side} px "
