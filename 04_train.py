@@ -269,10 +269,7 @@ def load_stage_outputs(args) -> dict:
             print(f"note: 03 kept {image_labels.shape[1]} labels per image; --image-topl {args.image_topl} uses "
                   f"{image_labels.shape[1]}", flush=True)
 
-    ok = np.asarray(table.status) == workdir.OK
-    obj_count = np.diff(np.asarray(reg_off))
     ocr = None
-    text_count = np.zeros(n, np.int64)
     if args.ocr_weight:
         ocr_folder, ocr_m = complete_manifest(work, "ocr", "02_extract_ocr.py (or pass --ocr-weight 0)")
         if ocr_m.get("image_table") != img_m.get("fingerprint"):
@@ -284,24 +281,39 @@ def load_stage_outputs(args) -> dict:
         tokens = array(ocr_folder, "tokens", (int(tok_off[-1]) if L + 1 else 0,), "token ids")
         vocab = int(ocr_m.get("tokenizer", {}).get("vocab_size", OCR_VOCAB))
         check_ids(tokens, 0, vocab, os.path.join(ocr_folder, "tokens.npy"), "OCR token ids")
-        labelled = np.concatenate([[0], np.cumsum(np.diff(np.asarray(tok_off)) > 0)])   # lines with a token
-        text_count = labelled[np.asarray(line_off[1:])] - labelled[np.asarray(line_off[:-1])]
         ocr = dict(folder=ocr_folder, vocab=vocab, lines=L,
                    max_tokens=int(ocr_m.get("tokenizer", {}).get("max_tokens", 10)))
-    has_image_label = np.asarray(image_labels[:, 0]) >= 0 if image_labels.shape[1] else np.zeros(n, bool)
 
-    trains = np.zeros(n, bool)
-    if args.object_weight:
-        trains |= obj_count > 0
-    if args.ocr_weight:
-        trains |= text_count > 0
-    if args.image_weight:
-        trains |= has_image_label
-    rows = np.flatnonzero(ok & trains).astype(np.int64)
-    counts = {"images": n, "status_ok": int(ok.sum()), "train_images": len(rows),
-              "object_regions": int(obj_count[rows].sum()) if args.object_weight else 0,
-              "text_regions": int(text_count[rows].sum()) if args.ocr_weight else 0,
-              "with_image_labels": int(has_image_label[rows].sum()) if args.image_weight else 0}
+    # the training rows, in blocks of images: memory is the rows themselves, not a few arrays per image
+    rows, sums = [], {"status_ok": 0, "object_regions": 0, "text_regions": 0, "with_image_labels": 0}
+    for s in range(0, n, 1 << 22):
+        e = min(n, s + (1 << 22))
+        ok = np.asarray(table.status[s:e]) == workdir.OK
+        obj_count = np.diff(np.asarray(reg_off[s: e + 1]))
+        text_count = np.zeros(e - s, np.int64)
+        if args.ocr_weight:
+            lo = np.asarray(line_off[s: e + 1])
+            has_token = np.diff(np.asarray(tok_off[lo[0]: lo[-1] + 1])) > 0       # lines with a token label
+            labelled = np.concatenate([[0], np.cumsum(has_token)])
+            text_count = labelled[lo[1:] - lo[0]] - labelled[lo[:-1] - lo[0]]
+        has_image_label = (np.asarray(image_labels[s:e, 0]) >= 0 if image_labels.shape[1]
+                           else np.zeros(e - s, bool))
+        trains = np.zeros(e - s, bool)
+        if args.object_weight:
+            trains |= obj_count > 0
+        if args.ocr_weight:
+            trains |= text_count > 0
+        if args.image_weight:
+            trains |= has_image_label
+        sel = np.flatnonzero(ok & trains)
+        rows.append((s + sel).astype(np.int64))
+        sums["status_ok"] += int(ok.sum())
+        sums["object_regions"] += int(obj_count[sel].sum()) if args.object_weight else 0
+        sums["text_regions"] += int(text_count[sel].sum()) if args.ocr_weight else 0
+        sums["with_image_labels"] += int(has_image_label[sel].sum()) if args.image_weight else 0
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    counts = {"images": n, "status_ok": sums["status_ok"], "train_images": len(rows),
+              **{k: sums[k] for k in ("object_regions", "text_regions", "with_image_labels")}}
     if not len(rows):
         fail(f"no image has a label for the enabled terms (object {args.object_weight}, ocr {args.ocr_weight}, "
              f"image {args.image_weight}); {counts}")
