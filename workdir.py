@@ -632,15 +632,17 @@ def path_hash(p: str) -> int:
     return int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little")
 
 
-def repeated(hashes: np.ndarray, n: int) -> np.ndarray:
+def repeated(hashes: np.ndarray, n: int, part_rows: int = 16 << 20) -> np.ndarray:
     """bool (n,): row i repeats an earlier row's hash. Sorting is by hash partition (h mod P) so memory stays
-    under ~16 bytes x 16M rows whatever n is."""
+    under ~16 bytes x part_rows whatever n is."""
     dup = np.zeros(n, bool)
     if not len(hashes):
         return dup
-    parts = max(1, len(hashes) // (16 << 20) + 1)
+    parts = max(1, len(hashes) // part_rows + 1)
     for p in range(parts):
         rows = np.flatnonzero(hashes % np.uint64(parts) == p) if parts > 1 else np.arange(len(hashes))
+        if not len(rows):
+            continue
         h = hashes[rows]
         order = np.lexsort((rows, h))                # by hash, then row: the first of equals is the original
         same = np.concatenate([[False], h[order][1:] == h[order][:-1]])

@@ -388,3 +388,37 @@ def test_a_device_failure_stops_the_rank_instead_of_marking_images(world, tmp_pa
     monkeypatch.setattr(mine.PixelFeatures, "__call__", odd)
     m = mine.main(flags)
     assert m["status_counts"]["error"] == 1
+
+
+def test_input_forms_and_list_files(world, tmp_path):
+    """--images as a glob, one .tar, a list of .tar paths; a list of loose paths (relative, absolute, a repeat:
+    duplicate, a missing file: unreadable); clear refusals for a pattern that matches nothing and a mixed list."""
+    sh = world / "shards"
+    for source in (str(sh / "0000[01].tar"), str(sh / "00001.tar")):
+        src = workdir.resolve_source(source)
+        assert src.kind == "tar" and src.shards[-1].endswith("00001.tar")
+    lst = tmp_path / "tars.txt"
+    lst.write_text(f"{sh / '00001.tar'}\n# a comment\n{sh / '00000.tar'}\n")
+    assert [os.path.basename(p) for p in workdir.resolve_source(str(lst)).shards] == ["00001.tar", "00000.tar"]
+    images = world / "data" / "images"
+    loose = tmp_path / "images.txt"
+    loose.write_text(f"{os.path.relpath(images / '00001.png', tmp_path)}\n{images / '00000.png'}\n"
+                     f"{images / '00001.png'}\nnowhere.png\n")
+    table = workdir.ensure_image_table(str(tmp_path / "w"), str(loose))
+    assert [workdir.IMAGE_STATUS[s] for s in table.status] == ["ok", "ok", "duplicate", "unreadable"]
+    assert table.open(1)[0].size == (128, 128)
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"{sh / '00000.tar'}\n" * 1000 + f"{images / '00000.png'}\n")
+    with pytest.raises(SystemExit, match="mixes .tar shards and other paths"):
+        workdir.resolve_source(str(mixed))
+    with pytest.raises(SystemExit, match="matches no file"):
+        workdir.resolve_source(str(tmp_path / "none" / "*.tar"))
+    with pytest.raises(SystemExit, match="none of its 2 shards exists"):
+        workdir.resolve_source(str(tmp_path / "{0..1}.tar"))
+    # duplicates by hash partition equal a plain set-based reference
+    h = np.random.default_rng(0).integers(0, 40, 500).astype(np.uint64)
+    seen, ref = set(), []
+    for v in h.tolist():
+        ref.append(v in seen)
+        seen.add(v)
+    assert workdir.repeated(h, 500, part_rows=7).tolist() == ref == workdir.repeated(h, 500).tolist()
