@@ -26,10 +26,12 @@ cost on 224-640 px web images: `--det-limit-side 64` about turns that off. On 20
 images: on 400 224 px demo images with 64, one process read 11.6 images/s with 2 threads and 14.1 with 1, and
 torchrun's two processes of one thread each 21.4 (identical lines), which is how `make demo` runs this stage.
 
-Images: the image table in <work>/images/ (workdir.ensure_image_table) fixes the order; only rows with status ok
-are read (workdir.open_image: EXIF-rotated RGB), the others get OCR status "skipped". Images whose long side is
-above --max-side are downscaled (bicubic) for the engine and the boxes scaled back, so every box is in pixels
-of the upright original image. An exception inside the engine is recorded as "engine_error" for that image.
+Images: the image table in <work>/images/ (workdir.ensure_image_table; tar shards or loose files, as 01 takes
+them) fixes the order; only rows with status ok are read (ImageTable.open: a loose file or one pread of a tar
+member, EXIF-rotated RGB), the others get OCR status "skipped"; an ok row that fails to decode gets
+"read_error" (the table reads headers only). Images whose long side is above --max-side are downscaled
+(bicubic) for the engine and the boxes scaled back, so every box is in pixels of the upright original image.
+An exception inside the engine is recorded as "engine_error" for that image.
 
 Writes <work>/ocr/ (L = kept lines over all images):
     line_offsets.npy    int64 (n_images+1)  CSR: lines of image i are rows line_offsets[i]:line_offsets[i+1]
@@ -81,7 +83,8 @@ OCR_STATUS = ["ok", "no_text", "skipped", "engine_error", "read_error"]
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", help="folder of images (recursive) or a text file of paths; optional once "
+    p.add_argument("--images", help="tar shards (a brace pattern, a glob, a folder of .tar, a list of .tar paths), "
+                                    "a folder of images (recursive) or a text file of paths; optional once "
                                     "<work>/images exists")
     p.add_argument("--work", default=WORK)
     p.add_argument("--engine", default=ENGINE, choices=["auto", "rapidocr", "paddle"])
@@ -336,8 +339,9 @@ def main(argv=None):
                     "rows": {"images": len(table), "lines": lines, "text_bytes": rows["text_bytes"],
                              "tokens": rows["tokens"]},
                     "lines_found": lines_found, "lines_dropped_score": lines_found - lines,
-                    "lines_without_tokens": sum(int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
-                                                for k in range(0, len(token_offsets) - 1, 1 << 24)),
+                    "lines_without_tokens": sum(
+                        int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
+                        for k in range(0, len(token_offsets) - 1, 1 << 24)),
                     "image_table": fingerprint, "status_names": OCR_STATUS, "status_counts": counts}
         manifest = workdir.finish_stage(folder, manifest)     # as written: with "complete" and "finished"
         summarize(manifest, status, found, workdir.load(folder, "line_offsets"), table,

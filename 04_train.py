@@ -122,8 +122,9 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them
 SHUFFLE_BLOCK, SHUFFLE_WINDOW = 1024, 64     # epoch order: 64-block windows of 1,024 consecutive images
-RESUME_KEYS = ["shuffle_block", "shuffle_window", "method", "model", "image_size", "region_blocks", "embed_dim", "num_regions", "batch_size",
-               "seed", "crop", "min_box_visible", "min_crop_scale", "image_topl", "object_weight", "ocr_weight", "image_weight"]
+RESUME_KEYS = ["shuffle_block", "shuffle_window", "method", "model", "image_size", "region_blocks", "embed_dim",
+               "num_regions", "batch_size", "seed", "crop", "min_box_visible", "min_crop_scale", "image_topl",
+               "object_weight", "ocr_weight", "image_weight"]
 
 
 def parse_args(argv=None):
