@@ -69,7 +69,7 @@ FEATURE_BATCH = 64
 CHUNK_SIZE = 1024           # images per resumable chunk: 390k chunk files at 400M images, minutes of SAM each
 
 REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error", "decode_error"]
-# where an image's boxes came from (box_source.npy)
+# where an image's boxes came from (box_source.npy); none: not read, too small, or no entry in --boxes
 BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
 
@@ -324,9 +324,9 @@ def main(argv=None):
         return sam["gen"]
 
     if box_file is None and args.sam_model != "tiny" and not args.sam_checkpoint:
-        # before any model is built: a sample of the table's rows shows whether SAM will be needed
-        ok = np.flatnonzero(np.asarray(table.status[:: max(1, len(table) // 200)]) == workdir.OK)
-        if any(sa1b_annotations(table.read_json(int(r) * max(1, len(table) // 200))) is None for r in ok[:200]):
+        # before any model is built: up to 200 evenly spaced readable rows show whether SAM will be needed
+        sample = [r for r in range(0, len(table), max(1, len(table) // 200)) if table.status[r] == workdir.OK]
+        if any(sa1b_annotations(table.read_json(r)) is None for r in sample):
             sam_generator()                    # raises the message naming --sam-checkpoint
     features = (PixelFeatures() if args.features == "pixels" else
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
@@ -413,7 +413,8 @@ def main(argv=None):
         ok = counts["ok"]
         print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
               + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-              + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v and k != "none")
+              + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v)
+              + (" (none: not read, too small, or no entry in --boxes)" if sources["none"] else "")
               + f"; {elapsed:.1f} s, {len(table) / max(elapsed, 1e-9):.1f} images/s", flush=True)
         too_small, readable = counts["too_small"], len(table) - counts["skipped"] - counts["decode_error"]
         if readable and too_small * 2 > readable:

@@ -188,7 +188,7 @@ def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str,
     others = [c for r in range(1, world) for c in reversed(range((rank + r) % world, num_chunks, world))
               if c not in done_before]
     if done_before:
-        workdir_print(f"[rank {rank}] {desc}: {len(done_before)} of {num_chunks} chunks already done")
+        print(f"[rank {rank}] {desc}: {len(done_before)} of {num_chunks} chunks already done", flush=True)
     items = sum(min(chunk_size, num_items - c * chunk_size) for c in own)
     with tqdm(total=items, desc=f"{desc} [rank {rank}/{world}]", unit=unit, disable=not items,
               position=rank if world > 1 else None, dynamic_ncols=True) as bar:
@@ -205,10 +205,6 @@ def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str,
                 bar.total += end - start
             bar.update(end - start)
     return num_chunks, done_before
-
-
-def workdir_print(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def claim(folder: str, c: int, rid: str) -> bool:
@@ -612,16 +608,25 @@ def write_listing(src: Source, folder: str) -> dict:
         writer.close(os.path.join(out, "name_offsets.npy"), os.path.join(out, "name_bytes.npy"))
         info = {"kind": "tar", "units": len(src.shards), "shards": len(src.shards)}
     else:
-        hashes = []
-        for p in iter_listed(src):
-            writer.add(p)
-            h.update(b"\0" + p.encode())
-            if src.list_file is not None:      # a folder walk cannot list a path twice; a list file can
-                hashes.append(path_hash(os.path.normpath(p if os.path.isabs(p) else os.path.join(src.root, p))))
+        hash_path, buf = os.path.join(out, "hashes.u64"), []
+        with open(hash_path, "wb") as hash_file:   # one uint64 per listed path, on disk, not in a Python list
+            for p in iter_listed(src):
+                writer.add(p)
+                h.update(b"\0" + p.encode())
+                if src.list_file is not None:      # a folder walk cannot list a path twice; a list file can
+                    buf.append(path_hash(os.path.normpath(p if os.path.isabs(p) else os.path.join(src.root, p))))
+                    if len(buf) >= 1 << 16:
+                        hash_file.write(np.asarray(buf, np.uint64).tobytes())
+                        buf = []
+            hash_file.write(np.asarray(buf, np.uint64).tobytes())
         writer.close(os.path.join(out, "name_offsets.npy"), os.path.join(out, "name_bytes.npy"))
         if not writer.n:
             raise SystemExit(f"error: no files in {src.list_file or src.root}: nothing to do")
-        write_npy(os.path.join(out, "duplicate.npy"), repeated(np.asarray(hashes, np.uint64), writer.n))
+        hashes = (np.memmap(hash_path, np.uint64, mode="r") if os.path.getsize(hash_path)
+                  else np.zeros(0, np.uint64))
+        write_npy(os.path.join(out, "duplicate.npy"), repeated(hashes, writer.n))
+        del hashes
+        os.remove(hash_path)
         info = {"kind": "files", "units": (writer.n + LOOSE_BLOCK - 1) // LOOSE_BLOCK, "rows": writer.n}
     info["fingerprint"] = h.hexdigest()
     write_json(os.path.join(out, "listing.json"), info)
@@ -633,8 +638,9 @@ def path_hash(p: str) -> int:
 
 
 def repeated(hashes: np.ndarray, n: int, part_rows: int = 16 << 20) -> np.ndarray:
-    """bool (n,): row i repeats an earlier row's hash. Sorting is by hash partition (h mod P) so memory stays
-    under ~16 bytes x part_rows whatever n is."""
+    """bool (n,): row i repeats an earlier row's hash (hashes: an array or a memmap). Sorting is by hash
+    partition (h mod P), so besides the n-byte result and a one-byte mask per pass, memory stays under ~16 bytes
+    x part_rows whatever n is."""
     dup = np.zeros(n, bool)
     if not len(hashes):
         return dup
@@ -659,6 +665,7 @@ SHARD_STATUS = ["ok", "empty", "truncated", "not_tar", "missing"]
 OK = 0
 MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large
 NO_SHARD = -1                 # shard of a loose file
+TABLE_VERSION = 2             # the layout of images/ (1: paths only, every file decoded)
 
 
 def to_rgb(im):
@@ -839,9 +846,6 @@ def read_image_table(work: str) -> ImageTable:
                                                   "json_offset", "json_length", "status", "size")])
 
 
-TABLE_VERSION = 2
-
-
 def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
     """One tar shard -> its rows (one per key, in order of first appearance) and the shard's status.
 
@@ -979,7 +983,7 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
                        ("offset", "length", "json_offset", "json_length")},
                     "status": np.array([IMAGE_STATUS.index(r["status"]) for r in rows], np.uint8),
                     "size": np.array([r["size"] for r in rows], np.int32).reshape(-1, 2)}
-        unit_size, n_units, unit = 1, info["units"], "shard"
+        unit = "shard"
     else:
         dup = load(lst, "duplicate")
         rows_total = info["rows"]
@@ -1011,8 +1015,9 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
                    "status": status, "size": size}
             release_pages(names_off, names, dup)
             return out
-        unit_size, n_units, unit = 1, info["units"], "block"
-    n_chunks, _ = run_chunks(folder, n_units, unit_size, process, "image table",
+        unit = "block"
+    n_units = info["units"]
+    n_chunks, _ = run_chunks(folder, n_units, 1, process, "image table",
                              {"fingerprint": info["fingerprint"], "max_pixels": max_pixels, "version": TABLE_VERSION,
                               "loose_block": LOOSE_BLOCK}, unit=unit)
     rows = merge_chunks(folder, n_chunks, ["shard_status", "shard_members"],
@@ -1031,7 +1036,7 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
         counts = count_values(status, IMAGE_STATUS)
         shard_counts = count_values(load(folder, "shard_status"), SHARD_STATUS) if info["kind"] == "tar" else {}
         members = np.asarray(load(folder, "shard_members")).sum(0).tolist()
-        manifest = {"stage": "images", "version": TABLE_VERSION, "source": source, "kind": info["kind"],
+        manifest = {"stage": "images", "version": TABLE_VERSION, "source": os.path.abspath(source), "kind": info["kind"],
                     "root": src.root, "fingerprint": info["fingerprint"], "rows": rows["status"],
                     "status_names": IMAGE_STATUS, "status_counts": counts}
         if info["kind"] == "tar":
