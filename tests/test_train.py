@@ -93,7 +93,8 @@ def copy_work(work, dest):
 def test_loss_falls(world, tmp_path, method):
     data, work = world
     run = str(tmp_path / "run")
-    m = tr.main(["--work", work, "--run-dir", run, "--method", method, *TINY, "--batch-size", "16", "--steps", "30",
+    # K = 16: rho = 0.1 would leave two negatives per row, too few to learn from in 30 steps
+    m = tr.main(["--work", work, "--run-dir", run, "--method", method, *TINY, "--batch-size", "16", "--steps", "30", "--rho", "0.5",
                  "--log-every", "1", "--save-every", "30"])
     log = read_log(run)
     first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-5:]])
