@@ -92,14 +92,16 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import losses
 import workdir
-from losses import CentreBank, all_gather_rows
+from losses import CentreBank
 from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,6 +157,9 @@ def parse_args(argv=None):
     a("--ocr-weight", type=float, default=None, help="weight of L_ocr (default 1 for rice, 0 for mlcd)")
     a("--image-weight", type=float, default=None, help="weight of L_img (default 1 for mlcd, 0 for rice)")
     a("--rho", type=float, default=RHO, help="negative sampling rate")
+    a("--negatives", default="per-row", choices=list(losses.NEGATIVE_RULES),
+      help="per-row: each row's negatives are rho of its non-positive classes (RICE Sec. 3.3); shared: all the "
+      "batch's positives plus rho of the rest, for every row; partial-fc: max(rho K, positives) rows (losses.py)")
     a("--scale", type=float, default=SCALE)
     a("--margin", type=float, default=MARGIN)
     a("--margin-kind", default="arcface", choices=["arcface", "cosface", "none"])
@@ -331,7 +336,7 @@ def load_stage_outputs(args) -> dict:
 class RegionDataset(torch.utils.data.Dataset):
     """Items are (epoch, position in train_images). Memmaps are opened lazily in each worker process."""
 
-    def __init__(self, work, train_rows_path, size, num_regions, max_tokens, image_topl, crop, min_visible,
+    def __init__(self, *, work, train_rows_path, size, num_regions, max_tokens, image_topl, crop, min_visible,
                  seed, use_objects, use_ocr, use_image, min_crop_scale=1.0):
         self.work, self.train_rows_path, self.size, self.N, self.M = work, train_rows_path, size, num_regions, max_tokens
         self.l, self.crop, self.min_visible, self.seed = image_topl, crop, min_visible, seed
@@ -523,69 +528,6 @@ def lr_at(step, args, total):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def step_seed(seed, step, micro, rank):
-    return (seed * 1_000_003 + step) * 1009 + micro * 131 + rank
-
-
-def compute_losses(out, batch, banks, args):
-    """The terms of one micro-batch. Each is the mean over the global micro-batch's labelled rows (banks
-    all-gather); a term with no labelled row anywhere is 0 and still reaches every parameter (DDP)."""
-    terms = {}
-    if args.object_weight or args.ocr_weight:
-        B, N, E = out.region_embeddings.shape
-        emb = out.region_embeddings.reshape(B * N, E)
-        kind = batch["kind"].reshape(-1)
-        if args.object_weight:          # RICE Eq. 3: one positive, the region's nearest centre
-            rows = kind == 1
-            batch["rows_object"] = int(rows.sum())
-            terms["object"] = banks["object"](emb[rows], batch["object_label"].reshape(-1)[rows])
-        if args.ocr_weight:             # RICE Eq. 4: positives are the text region's token ids
-            rows = kind == 2
-            batch["rows_ocr"] = int(rows.sum())
-            terms["ocr"] = banks["ocr"](emb[rows], batch["ocr_tokens"].reshape(B * N, -1)[rows])
-    if args.image_weight:               # MLCD Eq. 5: the image's l nearest centres
-        batch["rows_image"] = len(out.class_embedding)
-        terms["image"] = banks["object"](out.class_embedding, batch["image_labels"])
-    weights = {"object": args.object_weight, "ocr": args.ocr_weight, "image": args.image_weight}
-    total = sum(weights[k] * t.loss for k, t in terms.items())
-    return total, terms
-
-
-def bank_flops(terms, batch_rows, E, world):
-    """Model FLOPs of the bank cosines of one micro-step, all ranks: 6 x global rows x active centres x D
-    (forward and backward), from this rank's rows and active count (ranks hold similar numbers)."""
-    return sum(6.0 * E * batch_rows[k] * world * t.num_active * world for k, t in terms.items())
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def gather_bank_state(bank, opt):
-    """Whole bank weight and its AdamW moments (collective)."""
-    st = opt.state.get(bank.weight, {})
-    whole = {"weight": bank.full_weight().cpu()}
-    for k in ("exp_avg", "exp_avg_sq"):
-        if k in st:          # sharded like the weight
-            whole[k] = all_gather_rows(st[k].detach(), bank.group)[0].cpu()
-    if "step" in st:
-        whole["step"] = st["step"].detach().cpu().reshape(())
-    return whole
-
-
-def restore_bank_state(bank, opt, whole):
-    bank.load_full_weight(whole["weight"].to(bank.weight.device))
-    if "exp_avg" in whole:
-        lo, hi = bank.start, bank.start + bank.num_local
-        fused = bool(opt.defaults.get("fused"))          # fused AdamW keeps its step count on the device
-        opt.state[bank.weight] = {
-            "step": whole["step"].to(torch.float32).to(bank.weight.device if fused else "cpu"),
-            "exp_avg": whole["exp_avg"][lo:hi].to(bank.weight.device).clone(),
-            "exp_avg_sq": whole["exp_avg_sq"][lo:hi].to(bank.weight.device).clone()}
-
-
 def peak_tflops(args, device, dtype):
     if args.peak_tflops:
         return args.peak_tflops
@@ -597,30 +539,7 @@ def peak_tflops(args, device, dtype):
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-    rank, world = workdir.dist_info()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        fail("--device cuda but torch sees no GPU")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and use_cuda) else torch.float32
-
-    # 1. check the stage outputs before anything expensive
-    data = load_stage_outputs(args)
-    workdir.init_dist("nccl" if use_cuda else "gloo", timeout_hours=2)
-    group = dist.group.WORLD if world > 1 else None
-
-    # 2. the encoder
+def build_encoder(args, env) -> VisionEncoder:
     if args.init_from:
         overrides = {k: v for k, v in (("image_size", args.image_size),) if v}
         if args.region_blocks >= 0:
@@ -636,274 +555,533 @@ def main(argv=None):
             overrides["region_blocks"] = args.region_blocks
         torch.manual_seed(args.seed)                 # every rank builds the same initial encoder
         encoder = VisionEncoder(preset(args.model, **overrides))
-    cfg: ViTConfig = encoder.cfg
-    S = cfg.image_size
-    if S % cfg.patch_size:
-        fail(f"--image-size {S} is not a multiple of the patch size {cfg.patch_size}")
+    cfg = encoder.cfg
+    if cfg.image_size % cfg.patch_size:
+        fail(f"--image-size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")
     if args.method == "rice" and (args.object_weight or args.ocr_weight) and cfg.region_blocks == 0:
         fail("--method rice needs the region path: --region-blocks must be >= 1")
     encoder.grad_checkpointing = args.grad_checkpointing
-    encoder.to(device).train()
-    E = cfg.embed_dim or cfg.width
+    return encoder.to(env.device).train()
 
-    # 3. the banks, sharded over the ranks (losses.py), initialised world-size independently
-    bank_kw = dict(rho=args.rho, scale=args.scale, margin=args.margin, margin_kind=args.margin_kind, group=group)
+
+def embedding_dim(cfg: ViTConfig) -> int:
+    return cfg.embed_dim or cfg.width
+
+
+def build_banks(args, data, dim, env) -> torch.nn.ModuleDict:
+    """The object bank (K centres from 03) and the OCR bank (the tokenizer's ids), sharded over the ranks
+    (losses.py), initialised the same for any world size."""
+    kw = dict(rho=args.rho, scale=args.scale, margin=args.margin, margin_kind=args.margin_kind, group=env.group,
+              negatives=args.negatives)
     banks = torch.nn.ModuleDict()
     if args.object_weight or args.image_weight:
-        banks["object"] = CentreBank(data["K"], E, **bank_kw)
+        banks["object"] = CentreBank(data["K"], dim, **kw)
     if args.ocr_weight:
-        banks["ocr"] = CentreBank(data["ocr"]["vocab"], E, **bank_kw)
+        banks["ocr"] = CentreBank(data["ocr"]["vocab"], dim, **kw)
     for i, bank in enumerate(banks.values()):
         init_bank(bank, args.seed + 7919 * (i + 1))
-    banks.to(device)
+    return banks.to(env.device)
 
-    # 4. optimisers: AdamW for the encoder (no decay on biases, norms, class token, its rotary angles), and one
-    # for the banks with its own lr multiplier
+
+def build_optimisers(args, encoder, banks, env):
+    """AdamW for the encoder (no decay on biases, norms, the class token and its rotary angles) and one for
+    the banks with their own lr multiplier and decay."""
     decay, no_decay = [], []
     for name, p in encoder.named_parameters():
         (no_decay if p.ndim < 2 or name in ("class_embedding", "class_pos_emb") else decay).append(p)
-    fused = {"fused": True} if use_cuda else {}
+    fused = {"fused": True} if env.use_cuda else {}
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(BETAS[0], args.beta2), eps=EPS, **fused)
     bank_opt = torch.optim.AdamW(list(banks.parameters()), lr=args.lr * args.bank_lr_mult,
                                  betas=(BETAS[0], args.beta2), eps=EPS, weight_decay=args.bank_weight_decay, **fused)
+    return opt, bank_opt
 
-    # 5. the run folder: config, train rows, resume
-    run, ckpt_dir = args.run_dir, os.path.join(args.run_dir, "ckpt")
+
+def set_lr(opt, bank_opt, lr, args):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    for g in bank_opt.param_groups:
+        g["lr"] = lr * args.bank_lr_mult
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes, the run folder, checkpoints
+
+
+def start_processes(args) -> SimpleNamespace:
+    """Device, dtype and process groups. The losses' labels travel between ranks on the host, over a gloo
+    group beside NCCL (losses.all_gather_host), so the step needs no device-to-host copy."""
+    rank, world = workdir.dist_info()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        fail("--device cuda but torch sees no GPU")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and use_cuda) else torch.float32
+    workdir.init_dist("nccl" if use_cuda else "gloo", timeout_hours=2)
+    group = dist.group.WORLD if world > 1 else None
+    host_group = (dist.new_group(backend="gloo") if use_cuda else group) if world > 1 else None
+    return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, use_cuda=use_cuda, device=device,
+                           dtype=dtype, group=group, host_group=host_group, table=None)
+
+
+def open_run_folder(args) -> None:
+    """(rank 0) Lock the run folder against a second trainer; --force empties it."""
+    run = args.run_dir
+    workdir.lock_folder(run, "04_train.py", "wait for it to end, or use another --run-dir")
+    if args.force:
+        for sub in ("ckpt", "log.jsonl", "manifest.json", "skipped_images.jsonl", "tensorboard", "train_images.npy"):
+            path = os.path.join(run, sub)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+    os.makedirs(os.path.join(run, "ckpt"), exist_ok=True)
+
+
+def prepare_data(args) -> dict:
+    """(rank 0) Check the stage outputs and write train_images.npy; every rank gets the small summary."""
+    data = load_stage_outputs(args)
+    rows_path = os.path.join(args.run_dir, "train_images.npy")
+    latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
+    if os.path.exists(latest) and os.path.exists(rows_path) and not np.array_equal(np.load(rows_path, mmap_mode="r"),
+                                                                                  data["rows"]):
+        fail(f"{rows_path} differs from the rows the stage outputs give now: the data changed; use --force")
+    rows = data.pop("rows")
+    workdir.write_npy(rows_path, rows)
+    return {**data, "rows_path": rows_path, "n_train": len(rows)}
+
+
+def run_config(args, data, cfg, world) -> dict:
+    return {**{k: v for k, v in vars(args).items() if k not in ("force",)},
+            "image_size": cfg.image_size, "region_blocks": cfg.region_blocks, "encoder_config": asdict(cfg),
+            "K": data["K"], "ocr_vocab": data["ocr"]["vocab"] if data["ocr"] else None, "world": world,
+            "train_counts": data["counts"], "inputs": data["fingerprints"]}
+
+
+def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
+    """The step of ckpt/latest.pt (0 without one), its state restored on every rank; a resume with other
+    data or model settings is refused. The log keeps only the steps up to the checkpoint: the steps after
+    it are trained and logged again, so the log equals the uninterrupted run's."""
+    latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
+    if not os.path.exists(latest):
+        return 0
+    ckpt = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    old = ckpt["config"]
+    changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
+    if old.get("inputs") != config["inputs"]:
+        changed["stage outputs"] = "the work directory's stages were rerun since"
+    if changed:
+        fail(f"{latest} was trained with other settings: {changed}. Resume with the old settings, use another "
+             f"--run-dir, or --force to start over")
+    encoder.load_state_dict(ckpt["encoder"])
+    opt.load_state_dict(ckpt["optimizer"])
+    for name, bank in banks.items():
+        restore_bank(bank, bank_opt, ckpt["banks"][name], os.path.dirname(latest))
+    step = int(ckpt["step"])
+    if env.rank == 0:
+        log_path = os.path.join(args.run_dir, "log.jsonl")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = []
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError):
+                        pass                          # a line cut off by the kill
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
+    workdir.say(f"train: resumed from {latest} at step {step}")
+    return step
+
+
+def bank_folder(step: int) -> str:
+    return f"banks_{step:08d}"
+
+
+def save_checkpoint(args, step, config, encoder, opt, banks, bank_opt, env) -> str:
+    """Collective. Each rank writes its shard of every bank (rows [start, stop), weight and AdamW moments)
+    to ckpt/banks_<step>/<bank>.<rank>-of-<world>.pt; then rank 0 writes latest.pt (encoder, its optimiser,
+    the step, the config, and the list of bank shards), atomically, and drops bank folders no checkpoint
+    lists. Host memory per rank: its own shards (3 x K / world x D floats), never the whole bank. Any
+    world size reads them back (restore_bank)."""
+    ckpt_dir = os.path.join(args.run_dir, "ckpt")
+    folder = bank_folder(step)
+    os.makedirs(os.path.join(ckpt_dir, folder), exist_ok=True)
+    listing = {}
+    for name, bank in banks.items():
+        st = bank_opt.state.get(bank.weight, {})
+        shard = {"start": bank.start, "stop": bank.start + bank.num_local, "weight": bank.weight.detach().cpu(),
+                 **{k: st[k].detach().cpu() for k in ("exp_avg", "exp_avg_sq") if k in st}}
+        file = f"{name}.{env.rank:05d}-of-{env.world:05d}.pt"
+        save_atomic(shard, os.path.join(ckpt_dir, folder, file))
+        del shard
+        base, extra = divmod(bank.num_classes, env.world)
+        listing[name] = {"num_classes": bank.num_classes, "dim": bank.dim,
+                         "step": float(st["step"]) if "step" in st else None,
+                         "shards": [{"file": f"{folder}/{name}.{r:05d}-of-{env.world:05d}.pt",
+                                     "start": r * base + min(r, extra), "stop": (r + 1) * base + min(r + 1, extra)}
+                                    for r in range(env.world)]}
+    workdir.barrier()                                   # every shard is on disk before latest.pt names it
     latest = os.path.join(ckpt_dir, "latest.pt")
-    config = {**{k: v for k, v in vars(args).items() if k not in ("force",)},
-              "image_size": S, "region_blocks": cfg.region_blocks, "encoder_config": asdict(cfg),
-              "K": data["K"], "ocr_vocab": data["ocr"]["vocab"] if data["ocr"] else None, "world": world,
-              "train_counts": data["counts"], "inputs": data["fingerprints"]}
-    if rank == 0:
-        if args.force and os.path.isdir(run):
-            for sub in ("ckpt", "log.jsonl", "manifest.json", "skipped_images.jsonl", "tensorboard"):
-                path = os.path.join(run, sub)
-                shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
-        os.makedirs(ckpt_dir, exist_ok=True)
+    if env.rank == 0:
+        save_atomic({"step": step, "samples": step * args.batch_size, "config": config,
+                     "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+                     "encoder_config": asdict(encoder.cfg), "optimizer": opt.state_dict(), "banks": listing}, latest)
+        if args.keep_every and step % args.keep_every == 0:
+            keep = os.path.join(ckpt_dir, f"step_{step:08d}.pt")
+            if os.path.exists(keep):
+                os.remove(keep)
+            try:
+                os.link(latest, keep)
+            except OSError:
+                shutil.copyfile(latest, keep)
+        listed = {folder} | {bank_folder(int(f[5:13])) for f in os.listdir(ckpt_dir) if f.startswith("step_")
+                             and f.endswith(".pt")}
+        for f in os.listdir(ckpt_dir):
+            if f.startswith("banks_") and f not in listed:
+                shutil.rmtree(os.path.join(ckpt_dir, f), ignore_errors=True)
     workdir.barrier()
-    start_step, resumed = 0, None
-    if os.path.exists(latest):
-        resumed = torch.load(latest, map_location="cpu", weights_only=True)
-        old = resumed["config"]
-        changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
-        if old.get("inputs") != config["inputs"]:
-            changed["stage outputs"] = "the work directory's stages were rerun since"
-        if changed:
-            fail(f"{latest} was trained with other settings: {changed}. Resume with the old settings, use another "
-                 f"--run, or --force to start over")
-    rows_path = os.path.join(run, "train_images.npy")
-    if rank == 0:
-        if resumed is not None and os.path.exists(rows_path) and not np.array_equal(np.load(rows_path), data["rows"]):
-            fail(f"{rows_path} differs from the rows the stage outputs give now: the data changed; use --force")
-        workdir.write_npy(rows_path, data["rows"])
-        workdir.write_json(os.path.join(run, "config.json"), config)
-    workdir.barrier()
+    return latest
 
-    n_train = len(data["rows"])
+
+def restore_bank(bank, opt, meta, ckpt_dir):
+    """This rank's rows of a bank saved by save_checkpoint with any world size: the shard files are mapped
+    (torch.load mmap), so only the rows this rank holds are read."""
+    lo, hi = bank.start, bank.start + bank.num_local
+    if (meta["num_classes"], meta["dim"]) != (bank.num_classes, bank.dim):
+        fail(f"the checkpoint's bank is {meta['num_classes']} x {meta['dim']}, this run's {bank.num_classes} x "
+             f"{bank.dim}: use --force or another --run-dir")
+    moments = {k: torch.zeros_like(bank.weight) for k in ("exp_avg", "exp_avg_sq")}
+    for shard in meta["shards"]:
+        s, e = max(lo, shard["start"]), min(hi, shard["stop"])
+        if s >= e:
+            continue
+        path = os.path.join(ckpt_dir, shard["file"])
+        if not os.path.exists(path):
+            fail(f"{path} is missing (a bank shard the checkpoint lists): copy the whole ckpt/ folder, or --force")
+        part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        rows = slice(s - shard["start"], e - shard["start"])
+        with torch.no_grad():
+            bank.weight[s - lo: e - lo] = part["weight"][rows].to(bank.weight.device)
+            for k in moments:
+                if k in part:
+                    moments[k][s - lo: e - lo] = part[k][rows].to(bank.weight.device)
+    if meta.get("step") is not None:
+        fused = bool(opt.defaults.get("fused"))          # fused AdamW keeps its step count on the device
+        opt.state[bank.weight] = {"step": torch.tensor(float(meta["step"]), device=bank.weight.device if fused else "cpu"),
+                                  **moments}
+
+
+def read_bank(ckpt_path: str, name: str) -> dict:
+    """A whole bank of a checkpoint (weight and moments, K x D each) in memory: for inspection and tests."""
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True)["banks"][name]
+    parts = [torch.load(os.path.join(os.path.dirname(ckpt_path), s["file"]), map_location="cpu", weights_only=True)
+             for s in meta["shards"]]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("weight", "exp_avg", "exp_avg_sq") if k in parts[0]}
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    workdir.guard_disk(path, lambda: torch.save(obj, tmp))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training step
+
+TERMS = {"object": ("object", 1), "ocr": ("ocr", 2), "image": ("object", 3)}   # term -> (bank, draw key)
+STATS = ["loss"] + [f"{t}_{p}" for t in TERMS for p in ("loss", "pos", "neg")] + ["grad_norm"]
+STAT = {k: i for i, k in enumerate(STATS)}
+
+
+def term_labels(batch, term) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of this rank's micro-batch that have a label for `term`, their labels), on the host."""
+    if term == "object":        # RICE Eq. 3: one positive, the region's nearest centre
+        labels = batch["object_label"].numpy().reshape(-1, 1)
+    elif term == "ocr":         # RICE Eq. 4: the text region's token ids
+        labels = batch["ocr_tokens"].numpy().reshape(-1, batch["ocr_tokens"].shape[-1])
+    else:                       # MLCD Eq. 5: the image's l nearest centres
+        labels = batch["image_labels"].numpy()
+    rows = np.flatnonzero((labels >= 0).any(1))
+    return rows, labels[rows]
+
+
+def draw_negatives(step, batches, banks, args, env) -> list[dict]:
+    """Every enabled term's negative sample for the whole step (losses.CentreBank.draw), on the host: one
+    all-gather of the labels over the gloo group, one draw per term and step (so --accum is exact), keyed by
+    (seed, step, term) so a resume and any number of ranks draw the same. One {term: (rows, Draw)} per
+    micro-batch."""
+    terms = [t for t in TERMS if getattr(args, f"{t}_weight")]
+    local = [[term_labels(b, t) for b in batches] for t in terms]
+    gathered = losses.all_gather_host([labels for per in local for _, labels in per], env.host_group)
+    out = [{} for _ in batches]
+    for i, term in enumerate(terms):
+        parts = gathered[i * len(batches): (i + 1) * len(batches)]
+        bank_name, key = TERMS[term]
+        draws = banks[bank_name].draw([g for g, _ in parts], [s for _, s in parts], (args.seed, step, key))
+        for a, d in enumerate(draws):
+            out[a][term] = (torch.from_numpy(local[i][a][0]).to(env.device, non_blocking=True), d)
+    return out
+
+
+def compute_losses(out, draws, banks, args):
+    """The terms of one micro-batch; each is its rows' share of the term's mean over the labelled rows of the
+    step's global batch (BankLoss.rows counts them). A term with no labelled row anywhere is 0 and still
+    reaches every parameter (DDP). Returns (weighted sum, {term: BankLoss})."""
+    emb = {"image": out.class_embedding}
+    if out.region_embeddings is not None:
+        emb["object"] = emb["ocr"] = out.region_embeddings.reshape(-1, out.region_embeddings.shape[-1])
+    terms = {t: banks[TERMS[t][0]](emb[t].index_select(0, rows), draw=d) for t, (rows, d) in draws.items()}
+    return sum(getattr(args, f"{t}_weight") * v.loss for t, v in terms.items()), terms
+
+
+def scale_and_clip_gradients(encoder, banks, max_norm, env) -> torch.Tensor:
+    """Gradient scale. The banks give every rank the gradient of the global-batch mean loss (losses.py);
+    DDP averages the backbone gradients over the ranks, which divides them by the world size relative to one
+    process with the whole batch, so they are multiplied back here. Then the norm over encoder and banks
+    together (each rank holds another bank shard: their squares are summed over the ranks) is clipped to
+    max_norm (0: off). The clipped gradient is that of the global-batch mean loss, the same as one process.
+    Returns the norm before clipping, on the device (no sync)."""
+    grads = [p.grad for p in encoder.parameters() if p.grad is not None]
+    bank_grads = [p.grad for p in banks.parameters() if p.grad is not None]
+    if env.world > 1 and grads:
+        torch._foreach_mul_(grads, float(env.world))
+    zero = torch.zeros((), device=env.device)
+    sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else zero
+    bank_sq = torch.stack(torch._foreach_norm(bank_grads)).float().pow(2).sum() if bank_grads else zero.clone()
+    if env.world > 1:
+        dist.all_reduce(bank_sq, group=env.group)
+    norm = (sq + bank_sq).sqrt()
+    if max_norm > 0:
+        torch._foreach_mul_(grads + bank_grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+class NonFiniteGuard:
+    """The first step whose loss was not finite, remembered on the device. `check` reads it (a host sync) on
+    the steps that log or save, before their optimiser step, so no checkpoint ever holds such a step."""
+
+    def __init__(self, device, last_good):
+        self.first = torch.full((1 + len(STATS),), -1.0, dtype=torch.float64, device=device)
+        self.last_good = last_good                       # the checkpoint to name in the message
+
+    def note(self, step, stats):
+        bad = ~torch.isfinite(stats[STAT["loss"]]) & (self.first[0] < 0)
+        self.first = torch.where(bad, torch.cat([stats.new_tensor([step + 1.0]), stats]).double(), self.first)
+
+    def check(self, step, terms):
+        first = self.first.tolist()
+        if first[0] >= 0:
+            shown = {t: first[1 + STAT[f"{t}_loss"]] for t in terms}
+            raise SystemExit(f"error: the loss is {first[1]} at step {int(first[0])} (terms {shown}); stopped at step "
+                             f"{step + 1} before its optimiser step. The last good checkpoint is "
+                             f"{self.last_good or 'none (no checkpoint written yet)'}. Lower --lr, raise --warmup, or "
+                             f"check the data")
+
+
+def train_step(step, batches, model, encoder, banks, optimisers, guard, check, args, env):
+    """One optimiser step on the global batch: this rank's --accum micro-batches, one negative draw for the
+    whole step, losses that add up to the global-batch means (so no division by --accum), the gradient scale
+    and clip, the optimiser steps. Returns the step's statistics (a device vector in STATS order) and the
+    model FLOPs of its bank cosines. No host-device sync unless `check` (guard.check)."""
+    draws = draw_negatives(step, batches, banks, args, env)
+    N = args.num_regions if args.object_weight or args.ocr_weight else 0
+    stats, flops = torch.zeros(len(STATS), device=env.device), 0.0
+    for micro, (batch, draw) in enumerate(zip(batches, draws)):
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        pixels = workdir.normalize(batch["pixels"])
+        syncs = micro == len(batches) - 1 or not hasattr(model, "no_sync")   # DDP reduces on the last only
+        with contextlib.nullcontext() if syncs else model.no_sync():
+            with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+                out = model(pixels, batch["boxes"], batch["kind"] > 0) if N else model(pixels)
+                loss, terms = compute_losses(out, draw, banks, args)
+            loss.backward()
+        stats[STAT["loss"]] += loss.detach()
+        for t, v in terms.items():
+            stats[STAT[f"{t}_loss"]: STAT[f"{t}_loss"] + 3] += torch.stack([v.loss.detach(), v.positive, v.negative])
+            flops += 6.0 * embedding_dim(encoder.cfg) * v.rows * v.num_active * env.world
+    stats[STAT["grad_norm"]] = scale_and_clip_gradients(encoder, banks, args.grad_clip, env)
+    guard.note(step, stats)
+    if check:
+        guard.check(step, list(draws[0]))
+    for opt in optimisers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return stats, flops
+
+
+def record_skipped(batches, step, args, env) -> int:
+    """Images that failed to decode (the loader's ok flag, on the host) -> skipped_images.jsonl."""
+    bad = [(b, i) for b in batches for i in np.flatnonzero(~b["ok"].numpy())]
+    if bad:
+        env.table = env.table or workdir.read_image_table(args.work)
+        with open(os.path.join(args.run_dir, "skipped_images.jsonl"), "a") as f:
+            for b, i in bad:
+                row = int(b["row"][i])
+                f.write(json.dumps({"rank": env.rank, "step": step, "row": row, "status": b["status"][i],
+                                    "path": env.table.path(row)}) + "\n")
+    return len(bad)
+
+
+class Meter:
+    """Sums of the step statistics on the device and times on the host, between two log records."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.wait, self.flops = torch.zeros(len(STATS), device=self.device), 0, 0.0, 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, stats, flops, wait):
+        self.sums += stats
+        self.steps, self.flops, self.wait = self.steps + 1, self.flops + flops, self.wait + wait
+
+    def record(self, step, total, lr, skipped, terms, args, env, encoder_flops, peak, steps_per_epoch) -> dict:
+        """The log record (the host sync of a logging step: .tolist())."""
+        elapsed = time.perf_counter() - self.t0
+        host = torch.tensor([self.wait, float(skipped)], dtype=torch.float64)
+        if env.world > 1:
+            dist.all_reduce(host, group=env.host_group)          # mean data wait, all skipped images
+            host[0] /= env.world
+        mean = dict(zip(STATS, (self.sums / self.steps).tolist()))
+        step_s = elapsed / self.steps
+        sps = args.batch_size / step_s
+        flops = encoder_flops + self.flops / self.steps
+        rec = {"step": step, "epoch": round(step / max(steps_per_epoch, 1), 4), "samples": step * args.batch_size,
+               "lr": lr, **{k: round(v, 6) for k, v in mean.items() if k in ("loss", "grad_norm")
+                            or k.rsplit("_", 1)[0] in terms},
+               "samples_per_s": round(sps, 2), "samples_per_s_per_device": round(sps / env.world, 2),
+               "step_s": round(step_s, 4), "data_wait_s": round(float(host[0]) / self.steps, 4),
+               "data_wait_frac": round(float(host[0]) / elapsed, 4),
+               "tflops_per_device": round(flops / step_s / env.world / 1e12, 3),
+               "mfu": round(flops / step_s / env.world / (peak * 1e12), 4) if peak else None,
+               "eta_s": round((total - step) * step_s, 1), "skipped_images": int(host[1])}
+        if env.use_cuda:
+            rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(env.device) / 2 ** 30, 2)
+        self.reset()
+        return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    env = start_processes(args)
+    try:
+        return train(args, env, t_start)
+    finally:
+        workdir.unlock_folder(args.run_dir)
+
+
+def train(args, env, t_start):
+    workdir.on_rank0(lambda: open_run_folder(args))          # the lock; --force
+    data = workdir.on_rank0(lambda: prepare_data(args))      # every stage output checked once, on rank 0
+    encoder = build_encoder(args, env)
+    banks = build_banks(args, data, embedding_dim(encoder.cfg), env)
+    opt, bank_opt = build_optimisers(args, encoder, banks, env)
+    config = run_config(args, data, encoder.cfg, env.world)
+    start_step = resume(args, config, encoder, opt, banks, bank_opt, env)
+    if env.rank == 0:
+        workdir.write_json(os.path.join(args.run_dir, "config.json"), config)
+    n_train = data["n_train"]
     steps_per_epoch = n_train // args.batch_size if args.batch_size <= n_train else 0
     total = args.steps or max(1, math.ceil(args.epochs * max(steps_per_epoch, 1)))
-    if resumed is not None:
-        encoder.load_state_dict(resumed["encoder"])
-        opt.load_state_dict(resumed["optimizer"])
-        for name, bank in banks.items():
-            restore_bank_state(bank, bank_opt, resumed["banks"][name])
-        start_step = int(resumed["step"])
-        if rank == 0:       # keep the log up to the checkpoint: the steps after it are trained again
-            log_path = os.path.join(run, "log.jsonl")
-            if os.path.exists(log_path):
-                with open(log_path) as f:
-                    kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
-                with open(log_path + ".tmp", "w") as f:
-                    f.writelines(kept)
-                os.replace(log_path + ".tmp", log_path)
-        del resumed
-        workdir.say(f"train: resumed from {latest} at step {start_step}")
     if start_step >= total:
-        workdir.say(f"train: {run} is complete ({start_step} of {total} steps); --steps more, or --force")
-        return finish(args, run, start_step, total, None, t_start, rank)
-    if rank == 0 and os.path.exists(os.path.join(run, "manifest.json")):
-        os.remove(os.path.join(run, "manifest.json"))          # the run is not complete until it ends again
+        workdir.say(f"train: {args.run_dir} is complete ({start_step} of {total} steps); --steps more, or --force")
+        return finish(args, start_step, total, t_start, env)
+    if env.rank == 0 and os.path.exists(os.path.join(args.run_dir, "manifest.json")):
+        os.remove(os.path.join(args.run_dir, "manifest.json"))   # the run is not complete until it ends again
 
-    sampler = StepSampler(n_train, args.batch_size, args.accum, rank, world, args.seed, start_step, total,
+    S, N = encoder.cfg.image_size, args.num_regions if args.object_weight or args.ocr_weight else 0
+    sampler = StepSampler(n_train, args.batch_size, args.accum, env.rank, env.world, args.seed, start_step, total,
                           args.shuffle_block, args.shuffle_window)
-    dataset = RegionDataset(args.work, rows_path, S, args.num_regions, data["ocr"]["max_tokens"] if data["ocr"]
-                            else 10, args.image_topl, args.crop, args.min_box_visible, args.seed,
-                            bool(args.object_weight), bool(args.ocr_weight), bool(args.image_weight),
-                            args.min_crop_scale)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=use_cuda,
-                                         prefetch_factor=4 if args.workers else None,
-                                         persistent_workers=False)
-
+    dataset = RegionDataset(work=args.work, train_rows_path=data["rows_path"], size=S, num_regions=args.num_regions,
+                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, image_topl=args.image_topl,
+                            crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
+                            use_objects=bool(args.object_weight), use_ocr=bool(args.ocr_weight),
+                            use_image=bool(args.image_weight), min_crop_scale=args.min_crop_scale)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                                         pin_memory=env.use_cuda, prefetch_factor=4 if args.workers else None)
     model = encoder
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[local_rank] if use_cuda else None)
+    if env.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[env.local_rank] if env.use_cuda else None)
     if args.compile:
         model = torch.compile(model)
-
-    # FLOPs of one step, for MFU: encoder (incl. region path) on the global batch + the bank cosines
-    N = args.num_regions if args.method == "rice" and (args.object_weight or args.ocr_weight) else 0
-    encoder_flops = args.batch_size * flops_per_image(cfg, S, S, N)
-    peak = peak_tflops(args, device, dtype)
-
-    tb = None
-    if args.tensorboard and rank == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            fail("--tensorboard needs the tensorboard package: pip install tensorboard")
-        tb = SummaryWriter(os.path.join(run, "tensorboard"))
+    encoder_flops = args.batch_size * flops_per_image(encoder.cfg, S, S, N)   # for MFU, with the bank cosines
+    peak = peak_tflops(args, env.device, env.dtype)
+    terms = [t for t in TERMS if getattr(args, f"{t}_weight")]
+    tb = open_tensorboard(args, env)
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=env.rank != 0, dynamic_ncols=True)
     workdir.say(f"train: {args.method}, {args.model} at {S} px ({encoder.num_params() / 1e6:.2f}M params), "
-                f"{n_train} images ({data['counts']}), global batch {args.batch_size} = {world} x "
+                f"{n_train} images ({data['counts']}), global batch {args.batch_size} = {env.world} x "
                 f"{sampler.micro} x {args.accum}, {total} steps ({steps_per_epoch} per epoch), banks "
-                f"{ {k: b.num_classes for k, b in banks.items()} } on {device}, {dtype}")
+                f"{ {k: b.num_classes for k, b in banks.items()} } on {env.device}, {env.dtype}")
 
-    all_params = list(encoder.parameters())
-    bank_params = list(banks.parameters())
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "bank_flops": 0.0}
-    stats_keys = ["loss"] + [f"{t}_{p}" for t in ("object", "ocr", "image") for p in ("loss", "pos", "neg")]
-    acc = torch.zeros(len(stats_keys) + 3, dtype=torch.float64)
-    skipped = 0
-    data_iter = iter(loader)
-    step = start_step
-    last_good = latest if os.path.exists(latest) else None
-    while step < total:
+    latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
+    guard = NonFiniteGuard(env.device, latest if os.path.exists(latest) else None)
+    meter, skipped, data_iter = Meter(env.device), 0, iter(loader)
+    for step in range(start_step, total):            # the loop: lr, one step, log and save when due
         lr = lr_at(step, args, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for g in bank_opt.param_groups:
-            g["lr"] = lr * args.bank_lr_mult
-        step_terms = {}
-        step_loss = 0.0
-        for micro in range(args.accum):
-            t_wait = time.perf_counter()
-            batch = next(data_iter)
-            window["wait"] += time.perf_counter() - t_wait
-            bad = ~batch["ok"]
-            if bad.any():
-                skipped += int(bad.sum())
-                with open(os.path.join(run, "skipped_images.jsonl"), "a") as f:
-                    for i in np.flatnonzero(bad.numpy()):
-                        row = int(batch["row"][i])
-                        f.write(json.dumps({"rank": rank, "step": step, "row": row, "status": batch["status"][i],
-                                            "path": workdir.read_image_table(args.work).path(row)}) + "\n")
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            torch.manual_seed(step_seed(args.seed, step, micro, rank))   # negative sampling of this micro-step
-            pixels = workdir.normalize(batch["pixels"])
-            sync = world > 1 and micro < args.accum - 1
-            with (model.no_sync() if sync and hasattr(model, "no_sync") else contextlib.nullcontext()):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    if N:
-                        out = model(pixels, batch["boxes"], batch["kind"] > 0)
-                    else:
-                        out = model(pixels)
-                    loss, terms = compute_losses(out, batch, banks, args)
-                (loss / args.accum).backward()
-            step_loss += float(loss.detach()) / args.accum          # the same value on every rank
-            window["bank_flops"] += bank_flops(terms, {k: batch[f"rows_{k}"] for k in terms}, E, world)
-            for k, t in terms.items():
-                prev = step_terms.get(k, (0.0, 0.0, 0.0))
-                step_terms[k] = tuple(p + float(v) / args.accum for p, v in zip(prev, (t.loss.detach(), t.positive, t.negative)))
-
-        if not math.isfinite(step_loss):
-            bar.close()
-            raise SystemExit(f"error: the loss is {step_loss} at step {step + 1} (terms "
-                             f"{ {k: v[0] for k, v in step_terms.items()} }); stopped before the optimiser step. "
-                             f"The last good checkpoint is {last_good or 'none (no checkpoint written yet)'}. "
-                             f"Lower --lr, raise --warmup, or check the data")
-        # DDP averaged the backbone gradients over ranks; the banks' gradients are already those of the
-        # global mean loss: bring the backbone to the same scale (see the docstring)
-        grads = [p.grad for p in all_params if p.grad is not None]
-        if world > 1 and grads:
-            torch._foreach_mul_(grads, float(world))
-        bank_grads = [p.grad for p in bank_params if p.grad is not None]
-        sq = torch.zeros((), device=device)
-        if grads:
-            sq = sq + torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
-        bank_sq = torch.stack(torch._foreach_norm(bank_grads)).float().pow(2).sum() if bank_grads else torch.zeros((), device=device)
-        if world > 1:
-            dist.all_reduce(bank_sq, group=group)            # each rank holds a different shard
-        grad_norm = (sq + bank_sq).sqrt()
-        if args.grad_clip > 0:
-            coef = (args.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads + bank_grads, coef)
-        opt.step()
-        bank_opt.step()
-        opt.zero_grad(set_to_none=True)
-        bank_opt.zero_grad(set_to_none=True)
-        step += 1
-        window["steps"] += 1
-        vals = [step_loss] + [v for t in ("object", "ocr", "image") for v in step_terms.get(t, (0.0, 0.0, 0.0))]
-        acc += torch.tensor(vals + [float(grad_norm), 1.0, 0.0], dtype=torch.float64)
+        set_lr(opt, bank_opt, lr, args)
+        t_wait = time.perf_counter()
+        batches = [next(data_iter) for _ in range(args.accum)]
+        wait = time.perf_counter() - t_wait
+        skipped += record_skipped(batches, step, args, env)
+        logs = (step + 1) % args.log_every == 0 or step + 1 == total
+        saves = (step + 1) % args.save_every == 0 or step + 1 == total or \
+            bool(args.keep_every and (step + 1) % args.keep_every == 0)
+        stats, flops = train_step(step, batches, model, encoder, banks, (opt, bank_opt), guard, logs or saves,
+                                  args, env)
+        meter.add(stats, flops, wait)
         bar.update(1)
-
-        if step % args.log_every == 0 or step == total:
-            now = time.perf_counter()
-            elapsed = now - window["t0"]
-            wait = torch.tensor([window["wait"], float(skipped)], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(wait)                        # mean data wait, all skipped images
-                wait[0] /= world
-            n_steps = window["steps"]
-            mean = acc[: len(stats_keys)] / acc[-2]
-            rec = {"step": step, "epoch": round(step / max(steps_per_epoch, 1), 4), "samples": step * args.batch_size,
-                   "lr": lr, **{k: round(float(v), 6) for k, v in zip(stats_keys, mean) if k == "loss" or
-                                 any(k.startswith(t) for t in step_terms)},
-                   "grad_norm": round(float(acc[-3] / acc[-2]), 6)}
-            step_s = elapsed / n_steps
-            sps = args.batch_size / step_s
-            flops = encoder_flops + window["bank_flops"] / n_steps
-            rec.update(samples_per_s=round(sps, 2), samples_per_s_per_device=round(sps / world, 2),
-                       step_s=round(step_s, 4), data_wait_s=round(float(wait[0]) / n_steps, 4),
-                       data_wait_frac=round(float(wait[0]) / elapsed, 4),
-                       tflops_per_device=round(flops / step_s / world / 1e12, 3),
-                       mfu=round(flops / step_s / world / (peak * 1e12), 4) if peak else None,
-                       eta_s=round((total - step) * step_s, 1), skipped_images=int(wait[1]))
-            if use_cuda:
-                rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-            if rank == 0:
-                with open(os.path.join(run, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None:
-                    for k, v in rec.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            tb.add_scalar(k, v, step)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}",
-                                wait=f"{rec['data_wait_frac']:.0%}", **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
-            acc.zero_()
-            window.update(t0=time.perf_counter(), wait=0.0, steps=0, bank_flops=0.0)
-
-        if step % args.save_every == 0 or step == total or (args.keep_every and step % args.keep_every == 0):
-            state = {"step": step, "samples": step * args.batch_size, "config": config,
-                     "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-                     "encoder_config": asdict(cfg), "optimizer": opt.state_dict(),
-                     "banks": {name: gather_bank_state(bank, bank_opt) for name, bank in banks.items()}}
-            if rank == 0:
-                save_atomic(state, latest)
-                last_good = latest
-                if args.keep_every and step % args.keep_every == 0:
-                    keep = os.path.join(ckpt_dir, f"step_{step:08d}.pt")
-                    try:
-                        if os.path.exists(keep):
-                            os.remove(keep)
-                        os.link(latest, keep)
-                    except OSError:
-                        shutil.copyfile(latest, keep)
-            del state
-            workdir.barrier()
+        if logs:
+            rec = meter.record(step + 1, total, lr, skipped, terms, args, env, encoder_flops, peak, steps_per_epoch)
+            write_log(rec, tb, bar, args, env)
+        if saves:
+            guard.last_good = save_checkpoint(args, step + 1, config, encoder, opt, banks, bank_opt, env)
     bar.close()
     if tb is not None:
         tb.close()
-    return finish(args, run, step, total, skipped, t_start, rank)
+    return finish(args, total, total, t_start, env)
 
 
-def finish(args, run, step, total, skipped, t_start, rank):
+def open_tensorboard(args, env):
+    if not (args.tensorboard and env.rank == 0):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(os.path.join(args.run_dir, "tensorboard"))
+
+
+def write_log(rec, tb, bar, args, env):
+    if env.rank != 0:
+        return
+    with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if tb is not None:
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k != "step":
+                tb.add_scalar(k, v, rec["step"])
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}",
+                    wait=f"{rec['data_wait_frac']:.0%}", **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+
+
+def finish(args, step, total, t_start, env):
     manifest = None
-    if rank == 0:
+    run = args.run_dir
+    if env.rank == 0:
         last = None
         log_path = os.path.join(run, "log.jsonl")
         if os.path.exists(log_path):

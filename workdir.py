@@ -162,6 +162,54 @@ def from_rank0(obj):
     return box[0]
 
 
+def on_rank0(fn):
+    """fn() on rank 0 only; its result (small: it is broadcast), or the one-line error it exits with, on
+    every rank, so a refusal on rank 0 stops all ranks with the same line instead of leaving them waiting."""
+    result, error = None, None
+    if dist_info()[0] == 0:
+        try:
+            result = fn()
+        except SystemExit as e:
+            error = e.code if isinstance(e.code, str) else f"error: rank 0 stopped ({e.code})"
+    result, error = from_rank0((result, error))
+    if error is not None:
+        raise SystemExit(error)
+    return result
+
+
+_LOCKS: dict = {}
+
+
+def lock_folder(folder: str, what: str, hint: str) -> None:
+    """Hold <folder>/.lock for as long as this process runs (or until unlock_folder): a second process on
+    the same folder exits with one line naming the holder. fcntl.flock: the kernel drops the lock when the
+    holder dies, so a killed run leaves none behind (NFS v4 and Lustre with -o flock support it)."""
+    import fcntl
+    import socket
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SystemExit(f"error: {folder} is in use by {holder}; {hint}")
+    except OSError as e:                      # a file system without locks: say so, and go on
+        print(f"note: cannot lock {folder} ({e.strerror}); make sure no other run uses it", flush=True)
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})\n".encode(), 0)
+    _LOCKS[os.path.abspath(folder)] = fd
+
+
+def unlock_folder(folder: str) -> None:
+    fd = _LOCKS.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str, key: dict,
                unit: str = "img") -> tuple[int, set]:
     """Run `process(start, end) -> dict[name, array]` over the fixed chunks [c * chunk_size, (c + 1) * chunk_size)

@@ -112,9 +112,10 @@ def test_loss_falls(world, tmp_path, method):
     assert log[-1]["lr"] < log[2]["lr"]                # cosine decay after warm-up
 
     ckpt = torch.load(os.path.join(run, "ckpt", "latest.pt"), map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 30 and ckpt["banks"]["object"]["weight"].shape == (K, 64)
+    latest = os.path.join(run, "ckpt", "latest.pt")
+    assert ckpt["step"] == 30 and tr.read_bank(latest, "object")["weight"].shape == (K, 64)
     if method == "rice":
-        assert ckpt["banks"]["ocr"]["weight"].shape == (49408, 64)
+        assert tr.read_bank(latest, "ocr")["weight"].shape == (49408, 64)
     enc = model_py.load_encoder(os.path.join(run, "ckpt", "latest.pt"))
     assert torch.equal(enc.state_dict()["conv1.weight"], ckpt["encoder"]["conv1.weight"])
 
@@ -138,6 +139,7 @@ def test_two_processes_equal_one(world, tmp_path):
     # a two-process run resuming the one-process checkpoint of step 2 (banks saved whole, re-sharded)
     os.makedirs(os.path.join(mixed, "ckpt"))
     shutil.copyfile(os.path.join(one, "ckpt", "step_00000002.pt"), os.path.join(mixed, "ckpt", "latest.pt"))
+    shutil.copytree(os.path.join(one, "ckpt", "banks_00000002"), os.path.join(mixed, "ckpt", "banks_00000002"))
     torchrun(flags + ["--run-dir", mixed])
     a, b, c = read_log(one), read_log(two), read_log(mixed)
     la, lb = np.array([r["loss"] for r in a]), np.array([r["loss"] for r in b])
@@ -152,8 +154,9 @@ def test_two_processes_equal_one(world, tmp_path):
     for k, v in wa["encoder"].items():
         torch.testing.assert_close(wb["encoder"][k], v, atol=2e-4, rtol=1e-3)
     for name in ("object", "ocr"):
-        torch.testing.assert_close(wb["banks"][name]["weight"], wa["banks"][name]["weight"], atol=2e-4, rtol=1e-3)
-        torch.testing.assert_close(wb["banks"][name]["exp_avg_sq"], wa["banks"][name]["exp_avg_sq"], atol=1e-6, rtol=1e-2)
+        ba, bb = (tr.read_bank(os.path.join(r, "ckpt", "latest.pt"), name) for r in (one, two))
+        torch.testing.assert_close(bb["weight"], ba["weight"], atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(bb["exp_avg_sq"], ba["exp_avg_sq"], atol=1e-6, rtol=1e-2)
 
 
 def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
@@ -250,7 +253,8 @@ def test_dataset_samples_regions_by_the_rules(world, tmp_path):
     info = tr.load_stage_outputs(args)
     rows_path = str(tmp_path / "rows.npy")
     np.save(rows_path, info["rows"])
-    ds = tr.RegionDataset(work, rows_path, 64, 3, 10, 8, "random", 0.5, 0, True, True, False)
+    ds = tr.RegionDataset(work=work, train_rows_path=rows_path, size=64, num_regions=3, max_tokens=10, image_topl=8,
+                          crop="random", min_visible=0.5, seed=0, use_objects=True, use_ocr=True, use_image=False)
     reg_off = np.load(os.path.join(work, "regions", "region_offsets.npy"))
     labels = np.load(os.path.join(work, "clusters", "region_labels.npy"))
     line_off = np.load(os.path.join(work, "ocr", "line_offsets.npy"))
@@ -384,3 +388,91 @@ def test_step_sampler_blocks_windows_and_world():
     assert list(again) == steps[5:]                        # a resume at step 5 continues the same order
     full = tr.StepSampler(n, G, 1, 0, 1, 7, 0, 1, 64, 64).positions(0, 0, n)
     assert sorted(full.tolist()) == list(range(n)) and full.tolist() != list(range(n))
+
+
+@pytest.mark.parametrize("rho", ["1", "0.1"])
+def test_accumulation_equals_the_whole_batch(world, tmp_path, monkeypatch, rho):
+    """--accum 2 gives the gradient of the global-batch mean (one negative draw per step): the same losses,
+    gradients and weights as --accum 1, with every centre (rho = 1) and with sampled negatives."""
+    data, work = world
+    grads, real = {}, tr.scale_and_clip_gradients
+
+    def spy(encoder, banks, max_norm, env):
+        norm = real(encoder, banks, max_norm, env)
+        grads.setdefault(current[0], []).append(
+            {**{n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None},
+             **{f"bank.{n}": p.grad.clone() for n, p in banks.named_parameters() if p.grad is not None}})
+        return norm
+
+    monkeypatch.setattr(tr, "scale_and_clip_gradients", spy)
+    flags = ["--work", work, *TINY, "--batch-size", "16", "--steps", "3", "--log-every", "1", "--rho", rho]
+    current = [None]
+    for accum in (1, 2, 4):
+        current[0] = accum
+        tr.main(flags + ["--accum", str(accum), "--run-dir", str(tmp_path / f"accum{accum}")])
+    ref = read_log(str(tmp_path / "accum1"))
+    for accum in (2, 4):
+        got = read_log(str(tmp_path / f"accum{accum}"))
+        for k in ("loss", "object_loss", "ocr_loss", "object_neg", "grad_norm"):
+            np.testing.assert_allclose([r[k] for r in got], [r[k] for r in ref], rtol=1e-5, err_msg=f"{accum} {k}")
+        for step, (a, b) in enumerate(zip(grads[1], grads[accum])):
+            assert a.keys() == b.keys()
+            for name in a:
+                scale = a[name].abs().max().item() + 1e-12
+                diff = (a[name] - b[name]).abs().max().item()
+                assert diff <= 1e-5 * scale + 1e-9, (accum, step, name, diff, scale)
+    print(f"rho {rho}: --accum 2 and 4 equal --accum 1 over {len(ref)} steps, losses {[r['loss'] for r in ref]}")
+
+
+def test_two_processes_with_accumulation_equal_one(world, tmp_path):
+    # rho = 0.1: the draw is keyed by (seed, step, term) and class-id blocks, the same for any world size
+    data, work = world
+    flags = ["--work", work, *TINY, "--batch-size", "16", "--steps", "3", "--log-every", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    tr.main(flags + ["--run-dir", one])
+    torchrun(flags + ["--run-dir", two, "--accum", "2"])
+    a, b = read_log(one), read_log(two)
+    for k in ("loss", "object_loss", "ocr_loss", "grad_norm"):
+        np.testing.assert_allclose([r[k] for r in b], [r[k] for r in a], rtol=1e-5, err_msg=k)
+    for name in ("object", "ocr"):
+        ba, bb = (tr.read_bank(os.path.join(r, "ckpt", "latest.pt"), name) for r in (one, two))
+        torch.testing.assert_close(bb["weight"], ba["weight"], atol=2e-4, rtol=1e-3)
+
+
+def test_a_refusal_on_rank_0_stops_every_rank(world, tmp_path):
+    data, work = world
+    w = copy_work(work, tmp_path / "w")
+    labels = np.load(os.path.join(w, "clusters", "region_labels.npy"))
+    labels[3] = K + 5
+    workdir.write_npy(os.path.join(w, "clusters", "region_labels.npy"), labels)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           SCRIPT, "--work", w, "--run-dir", str(tmp_path / "r"), *TINY, "--batch-size", "8", "--steps", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    assert "region labels must be in [0, 16)" in res.stderr + res.stdout
+
+
+def test_a_second_run_on_the_same_folder_is_refused(world, tmp_path):
+    data, work = world
+    run = str(tmp_path / "run")
+    flags = ["--work", work, *TINY, "--batch-size", "8", "--steps", "400", "--log-every", "1", "--save-every", "2"]
+    first = subprocess.Popen([sys.executable, SCRIPT, *flags, "--run-dir", run], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(os.path.join(run, "log.jsonl")) and
+                                              os.path.exists(os.path.join(run, "ckpt", "latest.pt"))):
+            time.sleep(0.05)
+        with pytest.raises(SystemExit) as e:
+            tr.main(flags + ["--run-dir", run, "--steps", "2"])
+        msg = str(e.value)
+        print(msg)
+        assert f"{run} is in use by 04_train.py (pid {first.pid}" in msg and "another --run-dir" in msg
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # the dead run leaves no lock behind: the same command resumes
+    n_before = len(read_log(run))
+    m = tr.main(flags + ["--run-dir", run, "--steps", str(n_before + 2)])
+    assert m["complete"] and [r["step"] for r in read_log(run)] == list(range(1, n_before + 3))
