@@ -17,7 +17,9 @@ Continue from released weights: `--init-from /models/rice-vit-large-patch14-560`
 
 Reads <work>/images/, <work>/regions/ (01), <work>/ocr/ (02, RICE's OCR loss) and <work>/clusters/ (03) and
 the images themselves. Checks every stage output at start-up (complete manifests, matching lengths, labels
-below K, 03 run on these regions, 01/02 run on this image table) before any GPU time is spent.
+below K, 03 run on these regions, 01/02 run on this image table) before any GPU time is spent, on rank 0
+only, reading each array once in blocks; a refusal stops every rank with the same line. A second trainer on
+the same run folder is refused (.lock, held while the run lives; a killed run leaves none).
 Writes the run folder (--run-dir, default <work>/train/):
     config.json          the settings; a resume with other data or model settings is refused
     train_images.npy     int64, the image-table rows that train (their order fixes the data order)
@@ -26,6 +28,9 @@ Writes the run folder (--run-dir, default <work>/train/):
     ckpt/latest.pt       written atomically every --save-every steps and at the end; ckpt/step_*.pt every
                          --keep-every steps (hard links). Plain dicts of tensors and numbers:
                          torch.load(path, weights_only=True); model.load_encoder(path) takes them directly.
+    ckpt/banks_<step>/   the banks as each rank holds them: <bank>.<rank>-of-<world>.pt, rows [start, stop)
+                         with both AdamW moments; latest.pt lists them. Saving needs no rank to hold a whole
+                         bank, and a run resumes on any number of ranks (read_bank loads one whole).
     manifest.json        written last, when the run has reached its final step
 
 The method (method notes 1.2-1.4, 2.3-2.5):
@@ -39,7 +44,9 @@ The method (method notes 1.2-1.4, 2.3-2.5):
                     the box). An optional image term L_img as in MLCD (--image-weight, default 0 for rice).
     loss = --object-weight * L_obj + --ocr-weight * L_ocr + --image-weight * L_img, each term the mean over
     the rows (regions or images) of the global batch that have a label. Both banks: s = 64, m = 0.3 (ArcFace
-    margin on positives), rho = 0.1 uniform negatives, drawn afresh for every term at every step.
+    margin on positives), negatives a uniform rho = 0.1 of each row's non-positive classes (--negatives
+    per-row; shared and partial-fc are the other rules of losses.py), drawn afresh for every term at every
+    step, once for the whole step however many micro-batches (--accum) it has.
 
 Data: a map-style dataset read by DataLoader workers (--workers): each worker opens the memmaps lazily, reads
 the image through the image table (a loose file, or its tar member with one pread at the offset the table
@@ -57,19 +64,25 @@ permuted, each window of --shuffle-window blocks is permuted inside (StepSampler
 window when block x window >= the training images); step t takes positions [t*G, (t+1)*G) of that order,
 sorted, cut into --accum micro-batches and those into world slices, so a loader worker reads a few shards per
 micro-batch. Every sample's random crop and region draw comes from a generator seeded by (seed, epoch, its
-position in train_images), and the losses' negative sampling from one seeded by (seed, step,
-micro-step, rank), so restoring the step restores the data position and every random stream, with any number
-of workers: a run killed and resumed follows the uninterrupted run's loss curve (tests/test_train.py). The
-banks and their optimiser moments are saved whole, so a run may resume on another number of processes.
+position in train_images), and the losses' negative sample from one keyed by (seed, step, term) and blocks of
+class ids, so restoring the step restores the data position and every random stream, with any number of
+workers or ranks: a run killed and resumed follows the uninterrupted run's loss curve, and its log.jsonl
+keeps only the records up to the checkpoint before the replayed steps log again (tests/test_train.py).
 
 Optimisation: AdamW (papers: lr 1e-3, decoupled weight decay 0.2; biases, LayerNorms, the class token and its
 rotary angles take no decay), linear warm-up for --warmup steps (MLCD Tab. 10: 2,000) then cosine to
 --min-lr-ratio x lr; the banks have their own optimiser with lr x --bank-lr-mult; the gradient norm over
 encoder and banks together is clipped to --grad-clip. Gradient scale: the banks give every rank the
 gradient of the global-batch mean loss (losses.py), and DDP averages the backbone gradients over ranks, so
-the backbone gradients are multiplied by the world size before clipping: the clipped gradient is that of
-the global-batch mean loss, the same as one process with the whole batch. bf16 autocast on GPUs (--dtype),
-fp32 cosines in the banks; --compile (torch.compile), --grad-checkpointing, --accum.
+the backbone gradients are multiplied by the world size before clipping (scale_and_clip_gradients): the
+clipped gradient is that of the global-batch mean loss, the same as one process with the whole batch. With
+--accum k each micro-batch's loss is its rows' share of the step's mean (the denominator is the step's
+labelled rows, counted on the host), so the accumulated gradient is exact, not a mean of micro-batch means.
+bf16 autocast on GPUs (--dtype), fp32 cosines in the banks; --compile (torch.compile), --grad-checkpointing.
+
+The step (train_step) makes no host-device sync: the labels and the negative draw live on the host (the
+loader's tensors, a gloo all-gather), the statistics stay on the device, and the only syncs are on steps that
+log (Meter.record reads the statistics) or save (NonFiniteGuard.check, before the optimiser step).
 
 Logs (every --log-every steps, console via tqdm and log.jsonl; --tensorboard also writes TensorBoard):
     step, epoch, samples, lr, loss, loss_object, loss_ocr, loss_image (and their positive / negative parts),
@@ -78,8 +91,8 @@ Logs (every --log-every steps, console via tqdm and log.jsonl; --tensorboard als
     encoder incl. the region path, plus 6 x rows x active centres x D for the bank cosines) / (step time x
     devices x peak); the peak is --peak-tflops, or looked up for known GPUs (H100/H200 989 bf16 dense), else
     MFU is not reported.
-A non-finite loss stops the run before the optimiser step, with the step and the terms; the last checkpoint is
-left as it was.
+A non-finite loss stops the run at the next step that logs or saves, before its optimiser step, naming the
+first non-finite step and its terms; no checkpoint holds it, the last one is left as it was.
 """
 from __future__ import annotations
 
@@ -245,9 +258,10 @@ def check_ids(a, low, high, path, what):
             fail(f"{path}: {what} must be in [{low}, {high}); found {bad.tolist()}")
 
 
-def load_stage_outputs(args) -> dict:
-    """Paths and sizes of everything the dataset reads, and the rows that train. Exits with a clear message
-    on any inconsistency."""
+def load_stage_outputs(args, rows_path) -> dict:
+    """Paths and sizes of everything the dataset reads; the image-table rows that train are streamed to
+    rows_path (int64 .npy, in blocks: memory does not grow with the data). Exits with a clear message on any
+    inconsistency."""
     work = args.work
     img_folder, img_m = complete_manifest(work, "images", "01_mine_regions.py (it writes the image table)")
     table = workdir.read_image_table(work)
@@ -291,7 +305,8 @@ def load_stage_outputs(args) -> dict:
                    max_tokens=int(ocr_m.get("tokenizer", {}).get("max_tokens", 10)))
 
     # the training rows, in blocks of images: memory is the rows themselves, not a few arrays per image
-    rows, sums = [], {"status_ok": 0, "object_regions": 0, "text_regions": 0, "with_image_labels": 0}
+    rows, sums = workdir.NpyAppender(rows_path, np.int64), {"status_ok": 0, "object_regions": 0, "text_regions": 0,
+                                                             "with_image_labels": 0}
     for s in range(0, n, 1 << 22):
         e = min(n, s + (1 << 22))
         ok = np.asarray(table.status[s:e]) == workdir.OK
@@ -312,19 +327,19 @@ def load_stage_outputs(args) -> dict:
         if args.image_weight:
             trains |= has_image_label
         sel = np.flatnonzero(ok & trains)
-        rows.append((s + sel).astype(np.int64))
+        rows.add(s + sel)
         sums["status_ok"] += int(ok.sum())
         sums["object_regions"] += int(obj_count[sel].sum()) if args.object_weight else 0
         sums["text_regions"] += int(text_count[sel].sum()) if args.ocr_weight else 0
         sums["with_image_labels"] += int(has_image_label[sel].sum()) if args.image_weight else 0
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    counts = {"images": n, "status_ok": sums["status_ok"], "train_images": len(rows),
+    rows.close()
+    counts = {"images": n, "status_ok": sums["status_ok"], "train_images": rows.n,
               **{k: sums[k] for k in ("object_regions", "text_regions", "with_image_labels")}}
-    if not len(rows):
+    if not rows.n:
         fail(f"no image has a label for the enabled terms (object {args.object_weight}, ocr {args.ocr_weight}, "
              f"image {args.image_weight}); {counts}")
     del reg_status, boxes
-    return dict(work=work, n=n, K=K, rows=rows, counts=counts, ocr=ocr, clusters=cl_folder, regions=reg_folder,
+    return dict(work=work, n=n, K=K, n_train=rows.n, counts=counts, ocr=ocr, clusters=cl_folder, regions=reg_folder,
                 fingerprints={"images": img_m.get("fingerprint"), "regions": regions_fp,
                               "clusters": cl_m.get("finished")})
 
@@ -642,16 +657,18 @@ def open_run_folder(args) -> None:
 
 
 def prepare_data(args) -> dict:
-    """(rank 0) Check the stage outputs and write train_images.npy; every rank gets the small summary."""
-    data = load_stage_outputs(args)
+    """(rank 0) Check the stage outputs and write train_images.npy; every rank gets the small summary. A
+    resume checks that the rows are the ones it trained on, compared in blocks."""
     rows_path = os.path.join(args.run_dir, "train_images.npy")
+    data = load_stage_outputs(args, rows_path + ".new.npy")
     latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
-    if os.path.exists(latest) and os.path.exists(rows_path) and not np.array_equal(np.load(rows_path, mmap_mode="r"),
-                                                                                  data["rows"]):
-        fail(f"{rows_path} differs from the rows the stage outputs give now: the data changed; use --force")
-    rows = data.pop("rows")
-    workdir.write_npy(rows_path, rows)
-    return {**data, "rows_path": rows_path, "n_train": len(rows)}
+    if os.path.exists(latest) and os.path.exists(rows_path):
+        old, new = np.load(rows_path, mmap_mode="r"), np.load(rows_path + ".new.npy", mmap_mode="r")
+        if len(old) != len(new) or any(not np.array_equal(old[s: s + (1 << 24)], new[s: s + (1 << 24)])
+                                       for s in range(0, len(new), 1 << 24)):
+            fail(f"{rows_path} differs from the rows the stage outputs give now: the data changed; use --force")
+    os.replace(rows_path + ".new.npy", rows_path)
+    return {**data, "rows_path": rows_path}
 
 
 def run_config(args, data, cfg, world) -> dict:

@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108
 	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --image-size 96 \
-		--batch-size 64 --steps 900 --warmup 90 --scale 16 --workers 2 --log-every 25 --save-every 50
+		--batch-size 64 --steps 900 --warmup 90 --scale 16 --negatives shared --workers 2 --log-every 25 --save-every 50
 	$(PY) 05_eval.py --images $(DEMO)/eval_data/shards --coco $(DEMO)/eval_data/coco.json \
 		--masks $(DEMO)/eval_data/masks --out $(DEMO)/eval \
 		--encoder trained=$(DEMO_CKPT) --encoder random=random:$(DEMO_CKPT)

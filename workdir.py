@@ -594,46 +594,61 @@ def iter_listed(src: Source):
                 yield line.strip()
 
 
+class NpyAppender:
+    """Append 1-D blocks of one dtype to <path> (.npy) without holding them in memory: the bytes go to a side
+    file, and close() writes the .npy (open_memmap, copied in 16 MB blocks) atomically."""
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
+        self.raw = open(path + ".raw.tmp", "wb")
+
+    def add(self, block) -> None:
+        a = np.ascontiguousarray(block, self.dtype).reshape(-1)
+        self.raw.write(memoryview(a).cast("B"))
+        self.n += len(a)
+
+    def close(self) -> None:
+        self.raw.close()
+        out = np.lib.format.open_memmap(self.path + ".tmp.npy", mode="w+", dtype=self.dtype, shape=(self.n,))
+        step = max(1, (16 << 20) // self.dtype.itemsize)
+        with open(self.path + ".raw.tmp", "rb") as fh:
+            for at in range(0, self.n, step):
+                out[at: at + step] = np.fromfile(fh, self.dtype, count=min(step, self.n - at))
+        out.flush()
+        del out
+        os.replace(self.path + ".tmp.npy", self.path)
+        os.remove(self.path + ".raw.tmp")
+
+
 class StringsWriter:
     """Append strings to a CSR pair (offsets int64, utf-8 bytes) on disk without holding them in memory."""
 
     def __init__(self, path_stem: str):
-        self.stem, self.n, self.nbytes = path_stem, 0, 0
-        self.data = open(path_stem + ".bytes.tmp", "wb")
-        self.ends = open(path_stem + ".ends.tmp", "wb")
+        self.stem, self.nbytes = path_stem, 0
+        self.ends, self.data = NpyAppender(path_stem + ".ends", np.int64), NpyAppender(path_stem + ".bytes", np.uint8)
+        self.ends.add([0])
         self.buf_ends = []
+
+    @property
+    def n(self) -> int:
+        return self.ends.n - 1 + len(self.buf_ends)
 
     def add(self, s: str) -> None:
         b = s.encode("utf-8")
-        self.data.write(b)
+        self.data.raw.write(b)
+        self.data.n += len(b)
         self.nbytes += len(b)
-        self.n += 1
         self.buf_ends.append(self.nbytes)
         if len(self.buf_ends) >= 1 << 16:
-            self.ends.write(np.asarray(self.buf_ends, np.int64).tobytes())
+            self.ends.add(self.buf_ends)
             self.buf_ends = []
 
     def close(self, offsets_path: str, bytes_path: str) -> None:
-        self.ends.write(np.asarray(self.buf_ends, np.int64).tobytes())
-        self.data.close(), self.ends.close()
-        for src, dst, dtype, n, lead in ((self.stem + ".ends.tmp", offsets_path, np.int64, self.n + 1, True),
-                                         (self.stem + ".bytes.tmp", bytes_path, np.uint8, self.nbytes, False)):
-            out = np.lib.format.open_memmap(dst + ".tmp.npy", mode="w+", dtype=dtype, shape=(n,))
-            at = 1 if lead else 0
-            if lead and n:
-                out[0] = 0
-            with open(src, "rb") as fh:
-                while True:
-                    chunk = fh.read(1 << 24)
-                    if not chunk:
-                        break
-                    a = np.frombuffer(chunk, dtype)
-                    out[at: at + len(a)] = a
-                    at += len(a)
-            out.flush()
-            del out
-            os.replace(dst + ".tmp.npy", dst)
-            os.remove(src)
+        self.ends.add(self.buf_ends)
+        self.buf_ends = []
+        for appender, dst in ((self.ends, offsets_path), (self.data, bytes_path)):
+            appender.close()
+            os.replace(appender.path, dst)
 
 
 def write_listing(src: Source, folder: str) -> dict:

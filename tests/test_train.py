@@ -250,9 +250,9 @@ def test_boxes_move_with_the_pixels():
 def test_dataset_samples_regions_by_the_rules(world, tmp_path):
     data, work = world
     args = tr.parse_args(["--work", work, *TINY, "--num-regions", "3"])
-    info = tr.load_stage_outputs(args)
     rows_path = str(tmp_path / "rows.npy")
-    np.save(rows_path, info["rows"])
+    info = tr.load_stage_outputs(args, rows_path)
+    assert len(np.load(rows_path)) == info["n_train"] == info["counts"]["train_images"]
     ds = tr.RegionDataset(work=work, train_rows_path=rows_path, size=64, num_regions=3, max_tokens=10, image_topl=8,
                           crop="random", min_visible=0.5, seed=0, use_objects=True, use_ocr=True, use_image=False)
     reg_off = np.load(os.path.join(work, "regions", "region_offsets.npy"))
@@ -260,7 +260,7 @@ def test_dataset_samples_regions_by_the_rules(world, tmp_path):
     line_off = np.load(os.path.join(work, "ocr", "line_offsets.npy"))
     tok_off, toks = np.load(os.path.join(work, "ocr", "token_offsets.npy")), np.load(os.path.join(work, "ocr", "tokens.npy"))
     seen_padding, seen_subset = False, False
-    for pos in range(len(info["rows"])):
+    for pos in range(info["n_train"]):
         item = ds[(0, pos)]
         again = ds[(0, pos)]
         assert all(np.array_equal(item[k], again[k]) for k in item if k != "status")   # seeded per sample
