@@ -13,7 +13,8 @@ rank, resident). Then one of:
                 way to save a sharded bank whole) and rank 0 writes them in one torch.save
   restore       04_train.restore_bank of the `shards` files into a fresh bank (mmap, only this rank's rows)
 Measured per rank: RSS before, peak RSS during (ru_maxrss; the setup's own peak is the live shards), the
-difference, and wall time. The whole gather needs about 2 x 3 x K x D x 4 B per rank (the gathered tensors
+difference, the anonymous RSS after (RssAnon: the restore's peak also counts the mapped shard file's pages,
+which are page cache, not memory the process keeps), and wall time. The whole gather needs about 2 x 3 x K x D x 4 B per rank (the gathered tensors
 and the all-gather's buffers), so at K = 1M, D = 1024 it does not fit a 24 GB machine: it is measured at
 smaller K and its bytes per centre row scale linearly (the table says which rows are measured).
 """
@@ -43,6 +44,12 @@ GIB = 1024 ** 3
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_anon() -> int:
+    """Anonymous resident memory now (RssAnon): without the file pages a mapped checkpoint brings in."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
 
 
 def load_train():
@@ -89,7 +96,8 @@ def worker(rank, world, init, variant, K, D, folder, out):
             dist.barrier()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch.save({"before": before, "peak": peak, "wall": wall}, os.path.join(out, f"{variant}.{rank}.pt"))
+    torch.save({"before": before, "peak": peak, "wall": wall, "anon_after": rss_anon()},
+               os.path.join(out, f"{variant}.{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -98,7 +106,8 @@ def measure(variant, K, D, folder, world=2) -> list[dict]:
         mp.spawn(worker, args=(world, os.path.join(tmp, "init"), variant, K, D, folder, tmp), nprocs=world, join=True)
         res = [torch.load(os.path.join(tmp, f"{variant}.{r}.pt"), weights_only=True) for r in range(world)]
     return [{"rank": r, "before_gib": x["before"] / GIB, "peak_gib": x["peak"] / GIB,
-             "added_gib": (x["peak"] - x["before"]) / GIB, "wall_s": x["wall"]} for r, x in enumerate(res)]
+             "added_gib": (x["peak"] - x["before"]) / GIB, "anon_after_gib": x["anon_after"] / GIB,
+             "wall_s": x["wall"]} for r, x in enumerate(res)]
 
 
 def main(argv=None):
@@ -128,12 +137,14 @@ def main(argv=None):
     finally:
         if args.folder is None:
             shutil.rmtree(base, ignore_errors=True)
-    print("\n| variant | K | D | RSS before / rank | peak / rank | added / rank | wall |\n|---|---|---|---|---|---|---|")
+    print("\n| variant | K | D | RSS before / rank | peak / rank | added / rank | anonymous after / rank | wall |\n"
+          "|---|---|---|---|---|---|---|---|")
     for v in ("whole_gather", "shards", "restore"):
         for k in sorted({r["K"] for r in rows if r["variant"] == v}):
             sel = [r for r in rows if r["variant"] == v and r["K"] == k]
             print(f"| {v} | {k:,} | {D} | {max(r['before_gib'] for r in sel):.2f} GiB | "
                   f"{max(r['peak_gib'] for r in sel):.2f} GiB | {max(r['added_gib'] for r in sel):.2f} GiB | "
+                  f"{max(r['anon_after_gib'] for r in sel):.2f} GiB | "
                   f"{max(r['wall_s'] for r in sel):.1f} s |")
     if args.json_out:
         with open(args.json_out, "w") as f:
