@@ -1019,20 +1019,8 @@ def train(args, env, t_start):
         os.remove(os.path.join(args.run_dir, "manifest.json"))   # the run is not complete until it ends again
 
     S, N = encoder.cfg.image_size, args.num_regions if args.object_weight or args.ocr_weight else 0
-    sampler = StepSampler(n_train, args.batch_size, args.accum, env.rank, env.world, args.seed, start_step, total,
-                          args.shuffle_block, args.shuffle_window)
-    dataset = RegionDataset(work=args.work, train_rows_path=data["rows_path"], size=S, num_regions=args.num_regions,
-                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, image_topl=args.image_topl,
-                            crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
-                            use_objects=bool(args.object_weight), use_ocr=bool(args.ocr_weight),
-                            use_image=bool(args.image_weight), min_crop_scale=args.min_crop_scale)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                                         pin_memory=env.use_cuda, prefetch_factor=4 if args.workers else None)
-    model = encoder
-    if env.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[env.local_rank] if env.use_cuda else None)
-    if args.compile:
-        model = torch.compile(model)
+    loader, sampler = build_loader(args, data, S, start_step, total, env)
+    model = parallel_model(encoder, args, env)
     encoder_flops = args.batch_size * flops_per_image(encoder.cfg, S, S, N)   # for MFU, with the bank cosines
     peak = peak_tflops(args, env.device, env.dtype)
     terms = [t for t in TERMS if getattr(args, f"{t}_weight")]
@@ -1070,6 +1058,28 @@ def train(args, env, t_start):
     if tb is not None:
         tb.close()
     return finish(args, total, total, t_start, env)
+
+
+def build_loader(args, data, size, start_step, total, env):
+    """The DataLoader of this rank's micro-batches from `start_step` on (StepSampler, RegionDataset)."""
+    sampler = StepSampler(data["n_train"], args.batch_size, args.accum, env.rank, env.world, args.seed, start_step,
+                          total, args.shuffle_block, args.shuffle_window)
+    dataset = RegionDataset(work=args.work, train_rows_path=data["rows_path"], size=size, num_regions=args.num_regions,
+                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, image_topl=args.image_topl,
+                            crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
+                            use_objects=bool(args.object_weight), use_ocr=bool(args.ocr_weight),
+                            use_image=bool(args.image_weight), min_crop_scale=args.min_crop_scale)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                                         pin_memory=env.use_cuda, prefetch_factor=4 if args.workers else None)
+    return loader, sampler
+
+
+def parallel_model(encoder, args, env):
+    """DDP over the ranks (the backbone is data-parallel; the banks are sharded, not wrapped), then compile."""
+    model = encoder
+    if env.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[env.local_rank] if env.use_cuda else None)
+    return torch.compile(model) if args.compile else model
 
 
 def open_tensorboard(args, env):

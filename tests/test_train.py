@@ -476,3 +476,28 @@ def test_a_second_run_on_the_same_folder_is_refused(world, tmp_path):
     n_before = len(read_log(run))
     m = tr.main(flags + ["--run-dir", run, "--steps", str(n_before + 2)])
     assert m["complete"] and [r["step"] for r in read_log(run)] == list(range(1, n_before + 3))
+
+
+@pytest.mark.parametrize("rule", ["shared", "partial-fc"])
+def test_other_negative_rules_train(world, tmp_path, rule):
+    data, work = world
+    run = str(tmp_path / "run")
+    m = tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--steps", "2", "--log-every", "1",
+                 "--negatives", rule])
+    log = read_log(run)
+    assert m["complete"] and len(log) == 2 and all(np.isfinite(r["loss"]) for r in log)
+    assert json.load(open(os.path.join(run, "config.json")))["negatives"] == rule
+
+
+def test_resume_drops_log_records_past_the_checkpoint(world, tmp_path):
+    """A log that ran past the checkpoint (and ends in a line cut off by a kill) is cut back to the
+    checkpoint's step on resume, so the replayed steps appear once."""
+    data, work = world
+    run = str(tmp_path / "run")
+    flags = ["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--log-every", "1", "--save-every", "2"]
+    tr.main(flags + ["--steps", "4"])
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')     # steps after the checkpoint
+    tr.main(flags + ["--steps", "6"])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    assert read_log(run)[4]["loss"] != 1.0
