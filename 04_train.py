@@ -889,7 +889,8 @@ class NonFiniteGuard:
 
     def note(self, step, stats):
         bad = ~torch.isfinite(stats[STAT["loss"]]) & (self.first[0] < 0)
-        self.first = torch.where(bad, torch.cat([stats.new_tensor([step + 1.0]), stats]).double(), self.first)
+        now = torch.cat([stats.new_full((1,), step + 1.0), stats]).double()     # new_full: no host copy, no sync
+        self.first = torch.where(bad, now, self.first)
 
     def check(self, step, terms):
         first = self.first.tolist()
@@ -924,7 +925,7 @@ def train_step(step, batches, model, encoder, banks, optimisers, guard, check, a
             flops += 6.0 * embedding_dim(encoder.cfg) * v.rows * v.num_active * env.world
     stats[STAT["grad_norm"]] = scale_and_clip_gradients(encoder, banks, args.grad_clip, env)
     guard.note(step, stats)
-    if check:
+    if check:                           # the step's only host sync, and only on a step that logs or saves
         guard.check(step, list(draws[0]))
     for opt in optimisers:
         opt.step()

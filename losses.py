@@ -368,7 +368,8 @@ class CentreBank(nn.Module):
         if draw.negative is not None:
             z_neg = z_neg.masked_fill(~_on(device, draw.negative), -math.inf)
         rows, slots = np.nonzero(draw.col >= 0)
-        z_neg = z_neg.index_put((_on(device, rows), _on(device, draw.col[rows, slots])), cos.new_tensor(-math.inf))
+        # (new_full, not new_tensor: a tensor made from a host value is a copy that waits for the device)
+        z_neg = z_neg.index_put((_on(device, rows), _on(device, draw.col[rows, slots])), cos.new_full((), -math.inf))
         neg_term = log_one_plus_sum_exp(z_neg, self.group)
 
         valid = _on(device, draw.valid).float()
