@@ -1036,26 +1036,26 @@ def train(args, env, t_start):
     latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
     guard = NonFiniteGuard(env.device, latest if os.path.exists(latest) else None)
     meter, skipped, data_iter = Meter(env.device), 0, iter(loader)
-    for step in range(start_step, total):            # the loop: lr, one step, log and save when due
-        lr = lr_at(step, args, total)
-        set_lr(opt, bank_opt, lr, args)
-        t_wait = time.perf_counter()
-        batches = [next(data_iter) for _ in range(args.accum)]
-        wait = time.perf_counter() - t_wait
-        skipped += record_skipped(batches, step, args, env)
-        logs = (step + 1) % args.log_every == 0 or step + 1 == total
-        saves = (step + 1) % args.save_every == 0 or step + 1 == total or \
-            bool(args.keep_every and (step + 1) % args.keep_every == 0)
-        stats, flops = train_step(step, batches, model, encoder, banks, (opt, bank_opt), guard, logs or saves,
-                                  args, env)
-        meter.add(stats, flops, wait)
-        bar.update(1)
-        if logs:
-            rec = meter.record(step + 1, total, lr, skipped, terms, args, env, encoder_flops, peak, steps_per_epoch)
-            write_log(rec, tb, bar, args, env)
-        if saves:
-            guard.last_good = save_checkpoint(args, step + 1, config, encoder, opt, banks, bank_opt, env)
-    bar.close()
+    with bar:                                            # closed however the loop ends
+        for step in range(start_step, total):            # the loop: lr, one step, log and save when due
+            lr = lr_at(step, args, total)
+            set_lr(opt, bank_opt, lr, args)
+            t_wait = time.perf_counter()
+            batches = [next(data_iter) for _ in range(args.accum)]
+            wait = time.perf_counter() - t_wait
+            skipped += record_skipped(batches, step, args, env)
+            logs = (step + 1) % args.log_every == 0 or step + 1 == total
+            saves = (step + 1) % args.save_every == 0 or step + 1 == total or \
+                bool(args.keep_every and (step + 1) % args.keep_every == 0)
+            stats, flops = train_step(step, batches, model, encoder, banks, (opt, bank_opt), guard, logs or saves,
+                                      args, env)
+            meter.add(stats, flops, wait)
+            bar.update(1)
+            if logs:
+                write_log(meter.record(step + 1, total, lr, skipped, terms, args, env, encoder_flops, peak,
+                                       steps_per_epoch), tb, bar, args, env)
+            if saves:
+                guard.last_good = save_checkpoint(args, step + 1, config, encoder, opt, banks, bank_opt, env)
     if tb is not None:
         tb.close()
     return finish(args, total, total, t_start, env)
