@@ -67,6 +67,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -105,6 +106,9 @@ def parse_args(argv):
     p.add_argument("--image-statuses", default=IMAGE_STATUSES, help="regions statuses whose images get labels")
     p.add_argument("--assign-chunk", type=int, default=ASSIGN_CHUNK)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"],
+                   help="search and update: faiss (its GPU index when it has GPUs), torch (fp32 matmul; the GPU "
+                   "path when faiss has none); auto picks faiss GPU, then torch GPU, then faiss CPU")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
     if args.k < 1 or args.iters < 0 or args.refine_iters < 0 or args.seed < 0 or args.assign_chunk < 1:
@@ -128,22 +132,88 @@ def all_reduce(*arrays):
             dist.all_reduce(torch.from_numpy(a))
 
 
-def use_gpu(device: str) -> bool:
+class Backend(NamedTuple):
+    """Where the k-means search and update run: faiss (CPU, or its GPU index when faiss has GPUs) or torch
+    (fp32 matmul on this rank's GPU when faiss has none; on the CPU only when asked, --backend torch)."""
+    kind: str                     # "faiss" or "torch"
+    device: str                   # "cpu" or "cuda:<local rank>"
+    nccl: object = None           # torch on GPUs with several ranks: the NCCL group of the sums' all-reduce
+
+    @property
+    def gpu(self) -> bool:
+        return self.device != "cpu"
+
+
+def choose_backend(backend: str, device: str) -> Backend:
+    """--backend auto: faiss's GPU index if faiss has GPUs, else torch on the GPU if torch sees one, else faiss
+    on the CPU. --device cpu keeps everything on the CPU; --device cuda insists on a GPU."""
     import faiss
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if device == "cuda" and not gpus:
-        raise SystemExit("error: --device cuda, but this faiss has no GPU (install faiss-gpu)")
-    return device != "cpu" and gpus > 0
+    import torch
+    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    torch_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda" and not (torch_gpus or faiss_gpus):
+        raise SystemExit("error: --device cuda, but neither faiss nor torch sees a GPU")
+    if backend == "faiss" and device == "cuda" and not faiss_gpus:
+        raise SystemExit("error: --backend faiss --device cuda, but this faiss has no GPU: use --backend torch "
+                         "(or auto), or install a faiss built with CUDA")
+    if device != "cpu" and faiss_gpus and backend in ("auto", "faiss"):
+        return Backend("faiss", f"cuda:{local % faiss_gpus}")
+    if device != "cpu" and torch_gpus and backend in ("auto", "torch"):
+        nccl = None
+        if workdir.dist_info()[1] > 1:
+            import torch.distributed as dist
+            nccl = dist.new_group(backend="nccl")
+        return Backend("torch", f"cuda:{local % torch_gpus}", nccl)
+    return Backend("torch" if backend == "torch" else "faiss", "cpu")
 
 
+CPU = Backend("faiss", "cpu")
 _GPU_RES = {}
+TORCH_BLOCK_BYTES = 256 << 20    # torch search: rows per block so that the (rows, K) scores stay this small
 
 
-def make_index(centres: np.ndarray, gpu: bool):
-    """Exact inner-product index over the centres: on this rank's GPU, or on the CPU."""
+class TorchIndex:
+    """Exact inner-product search over the centres with torch: fp32 matmul (TF32 off), then max / topk, in
+    blocks of rows. The same labels as faiss's IndexFlatIP up to fp32 rounding of near-ties (tested)."""
+
+    def __init__(self, centres: np.ndarray, device: str):
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+        self.c = torch.from_numpy(np.ascontiguousarray(centres, np.float32)).to(self.device)
+        self.block = max(1, min(65536, TORCH_BLOCK_BYTES // (4 * max(1, len(centres)))))
+
+    def search_tensor(self, xt, topl: int):
+        """(sims, labels) of device rows xt, most similar first."""
+        torch = self.torch
+        sims, labels = [], []
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False          # exact fp32 products
+        try:
+            for s in range(0, len(xt), self.block):
+                scores = xt[s: s + self.block] @ self.c.T
+                v, i = scores.max(1, keepdim=True) if topl == 1 else scores.topk(topl, dim=1)
+                sims.append(v)
+                labels.append(i)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        if not sims:
+            return xt.new_zeros((0, topl)), torch.zeros((0, topl), dtype=torch.long, device=xt.device)
+        return torch.cat(sims), torch.cat(labels)
+
+    def search(self, x: np.ndarray, topl: int):
+        sims, labels = self.search_tensor(self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device), topl)
+        return sims.cpu().numpy(), labels.cpu().numpy()
+
+
+def make_index(centres: np.ndarray, backend: Backend = CPU):
+    """Exact inner-product index over the centres (.search(x, l) -> (sims, labels)): faiss IndexFlatIP or
+    GpuIndexFlatIP, or a TorchIndex."""
+    if backend.kind == "torch":
+        return TorchIndex(centres, backend.device)
     import faiss
-    if gpu:
-        dev = int(os.environ.get("LOCAL_RANK", 0)) % faiss.get_num_gpus()
+    if backend.gpu:
+        dev = int(backend.device.split(":")[1])
         if dev not in _GPU_RES:
             _GPU_RES[dev] = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
@@ -155,6 +225,118 @@ def make_index(centres: np.ndarray, gpu: bool):
     return index
 
 
+BOUND_EPS = 1e-5      # margin of the kept rows over their bound: far above fp32 rounding of a cosine
+BOUND_WATCH = 64      # centres checked exactly every iteration (the largest moves), outside the bound
+
+
+class Bounds:
+    """Per row of this rank: its centre and an upper bound on its second-best cosine, kept across the Lloyd
+    iterations of one k-means (Hamerly's bound, on the sphere). When centre j moves by delta_j, the cosine of
+    a unit row to it grows by at most delta_j; a row whose cosine to its own moved centre still beats its
+    bound (grown by the largest move of any other centre) by BOUND_EPS cannot change centre, so it is not
+    searched. The labels are those of a full search (fp32 rounding is far below BOUND_EPS); once most rows
+    have settled an iteration searches a small share of them. 16 bytes per row."""
+
+    def __init__(self, n):
+        self.label = np.full(n, -1, np.int64)
+        self.upper = np.full(n, np.inf, np.float32)
+        self.centres = None                     # the centres the bounds refer to
+
+    def stale(self, x, centres, chunk, watch=BOUND_WATCH):
+        """Rows that must be searched again now that the centres are `centres`; the others' bounds grow.
+        The `watch` centres that moved most (re-seeded ones jump) are checked exactly for every row (a rows x
+        watch product), so one large move does not void every bound; the bound grows by the largest move of
+        the other centres (not counting the row's own)."""
+        k = len(centres)
+        moved = np.linalg.norm(centres.astype(np.float64) - self.centres, axis=1)
+        order = np.argsort(-moved, kind="stable")
+        m = min(watch, max(0, k - 3))
+        watched, rest = order[:m], order[m:]
+        first, second = moved[rest[0]], moved[rest[1]] if len(rest) > 1 else 0.0
+        grown = self.upper + np.where(self.label == rest[0], second, first).astype(np.float32)
+        todo = []
+        for s in range(0, len(x), chunk):
+            rows, lab = x[s: s + chunk], self.label[s: s + chunk]
+            bound = grown[s: s + chunk]
+            if m:
+                cos = rows @ centres[watched].T
+                cos[watched[None, :] == lab[:, None]] = -np.inf
+                bound = np.maximum(bound, cos.max(1))
+            own = np.einsum("ij,ij->i", rows, centres[lab])
+            keep = own >= bound + BOUND_EPS
+            self.upper[s: s + chunk] = np.where(keep, bound, self.upper[s: s + chunk])
+            todo.append(s + np.flatnonzero(~keep))
+        return np.concatenate(todo) if todo else np.zeros(0, np.int64)
+
+
+
+
+def own_cosines(x, centres, label, chunk):
+    """x_i . c_label[i] in fixed chunks of rows (the same values whichever rows were searched)."""
+    out = np.empty(len(x), np.float32)
+    for s in range(0, len(x), chunk):
+        out[s: s + chunk] = np.einsum("ij,ij->i", x[s: s + chunk], centres[label[s: s + chunk]])
+    return out
+
+
+def lloyd_pass(x, centres, backend: Backend, chunk: int, desc: str | None = None, bounds: Bounds | None = None):
+    """One assignment pass over this rank's rows: (sums float64 (k, C), counts and the sum of cosines float64
+    (k + 1,), reduced, rows searched). On the host (faiss search, or torch on the CPU): only the rows that
+    `bounds` cannot keep are searched (top-2), then each chunk's sums are one sparse one-hot (k x rows) times
+    rows product (scipy CSR, float32, in row order) added into float64, single-threaded, so the update does
+    not fight the search's OpenMP threads for the cores. With torch on a GPU everything stays on the device
+    (index_add_ in float64, the deterministic sort-based kernel; no bounds) and sums, counts and objective are
+    all-reduced over NCCL here (reduced = True); otherwise the caller all-reduces them over gloo."""
+    from tqdm import tqdm
+    k, dim = len(centres), x.shape[1]
+    index = make_index(centres, backend)
+    if not backend.gpu or backend.kind == "faiss":
+        import scipy.sparse
+        bounds = bounds or Bounds(len(x))
+        if bounds.centres is None or not len(x):
+            todo = np.arange(len(x))
+        else:
+            todo = bounds.stale(x, centres, chunk)
+        topl = min(2, k)
+        for s in tqdm(range(0, len(todo), chunk), desc=desc, leave=False, disable=desc is None):
+            rows = todo[s: s + chunk]
+            sims, labels = index.search(x[rows], topl)
+            bounds.label[rows] = labels[:, 0]
+            bounds.upper[rows] = sims[:, 1] if topl == 2 else -np.inf
+        bounds.centres = centres.astype(np.float64)
+        own = own_cosines(x, centres, bounds.label, chunk)
+        sums, counts = np.zeros((k, dim), np.float64), np.zeros(k + 1, np.float64)
+        for s in range(0, len(x), chunk):
+            lab = bounds.label[s: s + chunk]
+            one_hot = scipy.sparse.csr_matrix((np.ones(len(lab), np.float32), (lab, np.arange(len(lab)))),
+                                              shape=(k, len(lab)))
+            sums += one_hot @ x[s: s + chunk]
+        counts[:k] = np.bincount(bounds.label, minlength=k)
+        counts[k] = own.sum(dtype=np.float64)
+        return sums, counts, False, len(todo)
+    chunks = tqdm(range(0, len(x), chunk), desc=desc, leave=False, disable=desc is None)
+    import torch
+    dev = torch.device(backend.device)
+    sums = torch.zeros((k, dim), dtype=torch.float64, device=dev)
+    counts = torch.zeros(k + 1, dtype=torch.float64, device=dev)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for s in chunks:
+            rows = torch.from_numpy(np.ascontiguousarray(x[s: s + chunk])).to(dev)
+            sims, labels = index.search_tensor(rows, 1)
+            sums.index_add_(0, labels[:, 0], rows.double())
+            counts[:k] += torch.bincount(labels[:, 0], minlength=k).double()
+            counts[k] += sims.double().sum()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    if backend.nccl is not None:
+        import torch.distributed as dist
+        for t in (sums, counts):
+            dist.all_reduce(t, group=backend.nccl)
+    return sums.cpu().numpy(), counts.cpu().numpy(), backend.nccl is not None, len(x)
+
+
 def unit(x) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -164,13 +346,12 @@ def unit(x) -> np.ndarray:
 
 
 def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
-                     gpu=False, ckpt=None, log=None):
+                     backend=CPU, ckpt=None, log=None):
     """k centres of unit rows. x: this rank's rows offset .. offset + len(x) of the n_total training points
     (float32, L2-normalised). tag: (phase, cell) for the seeds. init: "random" (k distinct training points),
     "kmeans++" (greedy k-means++ on a sample of INIT_POOL x k points), "auto" (k-means++ up to KMEANSPP_MAX_K)
     or an array of centres. ckpt: (folder, name) to checkpoint after each iteration and resume from.
     Returns (centres float32 (k, C), {"objective_sum": per iteration, "reseeded": per iteration, "points"})."""
-    from tqdm import tqdm
     n_total = len(x) if n_total is None else int(n_total)
     stats = {"objective_sum": [], "reseeded": [], "points": n_total}
     start, state = 0, read_ckpt(ckpt)
@@ -187,19 +368,14 @@ def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="
         centres[mine] = x[pick[mine] - offset]
         all_reduce(centres)                     # each row comes from exactly one rank
         if pp:
-            centres = kmeanspp(centres, k, rng, gpu)
+            centres = kmeanspp(centres, k, rng, backend)
+    bounds = Bounds(len(x))                     # rows that cannot change centre are not searched again
     for it in range(start, iters):
         t0 = time.time()
-        index = make_index(centres, gpu)
-        sums = np.zeros(centres.shape, np.float64)
-        counts_obj = np.zeros(k + 1, np.float64)    # counts (exact in float64), then the sum of cosines
-        for s in tqdm(range(0, len(x), chunk), desc=f"k-means {it + 1}/{iters}", leave=False,
-                      disable=log is None or len(x) <= 8 * chunk):
-            sims, labels = index.search(x[s: s + chunk], 1)
-            accumulate(sums, x[s: s + chunk], labels[:, 0])
-            counts_obj[:k] += np.bincount(labels[:, 0], minlength=k)
-            counts_obj[k] += sims.sum(dtype=np.float64)
-        all_reduce(sums, counts_obj)
+        sums, counts_obj, reduced, searched = lloyd_pass(
+            x, centres, backend, chunk, f"k-means {it + 1}/{iters}" if log and len(x) > 8 * chunk else None, bounds)
+        if not reduced:
+            all_reduce(sums, counts_obj)
         centres, reseeded = update(centres, sums, counts_obj[:k], np.random.default_rng([seed, *tag, 1, it]))
         stats["objective_sum"].append(float(counts_obj[k]))
         stats["reseeded"].append(reseeded)
@@ -210,14 +386,14 @@ def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="
     return centres, stats
 
 
-def kmeanspp(pool, k, rng, gpu=False):
+def kmeanspp(pool, k, rng, backend=CPU):
     """Greedy k-means++ (sklearn's: 2 + ln k candidates drawn by squared distance, keep the one that lowers
     the potential most). Plain random init leaves some natural clusters without a centre and gives others
     two, which Lloyd iterations rarely undo. Each of the k steps reads the whole pool once (memory-bound), so
     the pool's products run on the GPU when there is one (the sampling stays in numpy)."""
-    if gpu:
+    if backend.gpu:
         import torch
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dev = torch.device(backend.device)
         on_dev = torch.from_numpy(pool).to(dev)
         dots = lambda idx: (on_dev @ on_dev[torch.as_tensor(idx, device=dev)].T).cpu().numpy()  # noqa: E731
     else:
@@ -233,16 +409,6 @@ def kmeanspp(pool, k, rng, gpu=False):
         idx.append(int(cand[best]))
         d2 = d2c[:, best]
     return pool[idx]
-
-
-def accumulate(sums: np.ndarray, x: np.ndarray, labels: np.ndarray) -> None:
-    """sums[labels[i]] += x[i] in float64, in a fixed order (sorted by label, then row): deterministic."""
-    if not len(labels):
-        return
-    order = np.argsort(labels, kind="stable")
-    lab = labels[order]
-    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    sums[lab[starts]] += np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
 
 
 def update(centres, sums, counts, rng):
@@ -316,7 +482,7 @@ def allocate(points, k):
 
 
 def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
-              gpu=False, ckpt_dir=None, log=None):
+              backend=CPU, ckpt_dir=None, log=None):
     """faiss.contrib.clustering.two_level_clustering, spherical and distributed: K1 = round(sqrt(k)) coarse
     cells, then a k-means inside each cell with allocate()'s share of the k centres, then refine_iters flat
     iterations over the union. Returns (centres, {"coarse", "fine", "refine"} stats, cell info)."""
@@ -326,8 +492,8 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
     k1 = max(1, round(math.sqrt(k)))
     ck = (lambda name: (ckpt_dir, name)) if ckpt_dir else (lambda name: None)
     coarse, coarse_stats = spherical_kmeans(x, k1, iters, seed, (PHASES.index("coarse"),), n_total, offset, init,
-                                            chunk=chunk, gpu=gpu, ckpt=ck("coarse"), log=log)
-    cell = nearest(make_index(coarse, gpu), x, 1, chunk)[1][:, 0]
+                                            chunk=chunk, backend=backend, ckpt=ck("coarse"), log=log)
+    cell = nearest(make_index(coarse, backend), x, 1, chunk)[1][:, 0]
     local = np.bincount(cell, minlength=k1).astype(np.int64)
     per_rank = np.zeros((world, k1), np.int64)
     per_rank[rank] = local
@@ -348,7 +514,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
                 cc, st = z["centres"], {"objective_sum": z["objective_sum"], "reseeded": z["reseeded"]}
         else:
             cc, st = spherical_kmeans(x[order[at[c]: at[c + 1]]], int(k_cell[c]), iters, seed,
-                                      (PHASES.index("cell"), int(c)), n_cell[c], before[c], init, chunk, gpu)
+                                      (PHASES.index("cell"), int(c)), n_cell[c], before[c], init, chunk, backend)
             if path and rank == 0:
                 with open(path + ".tmp", "wb") as f:
                     np.savez(f, centres=cc, objective_sum=st["objective_sum"], reseeded=st["reseeded"])
@@ -360,7 +526,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
                                               "reseeded": fine["reseeded"].tolist(), "points": n_total}}
     if refine_iters:
         centres, stats["refine"] = spherical_kmeans(x, k, refine_iters, seed, (PHASES.index("refine"),), n_total,
-                                                    offset, init=centres, chunk=chunk, gpu=gpu,
+                                                    offset, init=centres, chunk=chunk, backend=backend,
                                                     ckpt=ck("refine"), log=log)
     return centres, stats, {"k1": k1, "cell_points": n_cell.tolist(), "cell_centres": k_cell.tolist()}
 
@@ -446,11 +612,11 @@ def load_rows(inp, fit_on, rows):
 # main ---------------------------------------------------------------------------------------------------------
 
 
-def label_all(folder, inp, centres, args, gpu):
+def label_all(folder, inp, centres, args, backend):
     """RICE Eq. 1: each region's nearest centre; MLCD Sec. 3.2: each image's top-l centres, most similar first.
     Fixed chunks of --assign-chunk rows, rank r takes chunks r, r + world, ... (workdir.run_chunks: resumable,
     and the same bytes whatever the number of processes); every rank copies its chunks into folder/."""
-    index = make_index(centres, gpu)
+    index = make_index(centres, backend)
     l = args.image_topl
 
     def regions(start, end):
@@ -513,8 +679,8 @@ def main(argv=None):
     if n_train < args.k:
         raise SystemExit(f"error: K = {args.k} centres but only {population} training points (--fit-on "
                          f"{args.fit_on}): use a smaller --k")
-    gpu = use_gpu(args.device)
-    if not gpu and world > 1:                    # the ranks share the node's cores
+    backend = choose_backend(args.backend, args.device)
+    if not backend.gpu and world > 1:                    # the ranks share the node's cores
         import faiss
         faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # checkpoints of other settings or other inputs are discarded, never mixed in
@@ -539,7 +705,7 @@ def main(argv=None):
     x = load_rows(inp, args.fit_on, sample[lo:hi])
     del sample
     workdir.say(f"clustering {n_train} points ({args.fit_on}) of dim {inp['C']} into K = {args.k} "
-                f"({args.mode}, {'GPU' if gpu else 'CPU'}, {world} process{'es' if world > 1 else ''})")
+                f"({args.mode}, {backend.kind} on {backend.device}, {world} process{'es' if world > 1 else ''})")
 
     def log(phase, it, iters, obj, reseeded, dt):
         workdir.say(f"{phase} k-means {it + 1}/{iters}: objective {obj:.5f}, {reseeded} empty re-seeded, {dt:.1f} s")
@@ -547,11 +713,11 @@ def main(argv=None):
     info = {}
     if args.mode == "flat":
         centres, st = spherical_kmeans(x, args.k, args.iters, args.seed, (PHASES.index("flat"),), n_train, lo,
-                                       args.init, args.assign_chunk, gpu, (ckpt_dir, "flat"), log)
+                                       args.init, args.assign_chunk, backend, (ckpt_dir, "flat"), log)
         stats = {"flat": st}
     else:
         centres, stats, info = two_level(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
-                                         args.init, args.assign_chunk, gpu, ckpt_dir, log)
+                                         args.init, args.assign_chunk, backend, ckpt_dir, log)
     del x
     if world > 1:                                # the same bytes on every rank, whatever the all-reduce did
         import torch
@@ -560,7 +726,7 @@ def main(argv=None):
     if rank == 0:
         workdir.write_npy(os.path.join(folder, "centres.npy"), centres)
     t_fit = time.time() - t0
-    label_all(folder, inp, centres, args, gpu)
+    label_all(folder, inp, centres, args, backend)
 
     manifest = None
     if rank == 0:
@@ -572,7 +738,7 @@ def main(argv=None):
         manifest = workdir.finish_stage(folder, {
             "stage": "clusters", "config": {k: v for k, v in vars(args).items() if k != "force"},
             "k": args.k, "dim": inp["C"], "image_topl": args.image_topl, "mode": args.mode,
-            "device": "gpu" if gpu else "cpu", "world": world,
+            "device": backend.device, "backend": backend.kind, "world": world,
             "rows": {"regions": inp["R"], "images": inp["n"], "images_labelled": n_img, "train_points": n_train},
             "objective": objective, "reseeded": {p: st["reseeded"] for p, st in stats.items()},
             "final_objective": final[-1] if final else None, "mean_cosine": cosine,

@@ -97,15 +97,38 @@ def log(phase, it, iters, obj, reseeded, dt):
     print(f"  {phase} iteration {it + 1}/{iters}: objective {obj:.4f}, {reseeded} re-seeded, {dt:.1f} s", flush=True)
 
 
-def run_ours(x, args, gpu=False):
+def initial_centres(x, args):
+    """03's initial centres (--init auto: greedy k-means++ on 8 x K points up to K = 4096, else K random points),
+    given to every method that takes them, so the runs differ only in their iterations."""
     t0 = time.perf_counter()
-    if args.mode == "flat":
-        centres, stats = cl.spherical_kmeans(x, args.k, args.iters, args.seed, init=args.init, gpu=gpu, log=log)
+    centres, _ = cl.spherical_kmeans(x, args.k, 0, args.seed, init=args.init)
+    return centres, time.perf_counter() - t0
+
+
+def run_ours(x, args, init, backend=cl.CPU, mode="flat"):
+    t0 = time.perf_counter()
+    if mode == "flat":
+        centres, stats = cl.spherical_kmeans(x, args.k, args.iters, args.seed, init=init, backend=backend, log=log)
         reseeded = sum(stats["reseeded"])
+    elif mode == "shard-merge":
+        centres, stats, _ = cl.shard_merge(x, args.k, args.iters, args.seed, init=args.init, backend=backend,
+                                           log=log, shards=args.shards)
+        reseeded = sum(sum(st["reseeded"]) for st in stats.values())
     else:
-        centres, stats, _ = cl.two_level(x, args.k, args.iters, args.seed, init=args.init, gpu=gpu, log=log)
+        centres, stats, _ = cl.two_level(x, args.k, args.iters, args.seed, refine_iters=args.refine_iters,
+                                         init=args.init, backend=backend, log=log)
         reseeded = sum(sum(st["reseeded"]) for st in stats.values())
     return centres, time.perf_counter() - t0, reseeded
+
+
+def run_faiss_kmeans(x, args, init):
+    """faiss.Kmeans(spherical=True), the library 03 builds on, from the same initial centres."""
+    import faiss
+    km = faiss.Kmeans(x.shape[1], args.k, niter=args.iters, spherical=True, seed=args.seed, verbose=False,
+                      max_points_per_centroid=1 << 30)
+    t0 = time.perf_counter()
+    km.train(x, init_centroids=np.ascontiguousarray(init))
+    return km.centroids, time.perf_counter() - t0
 
 
 def run_sklearn(x, args, pp):
@@ -133,6 +156,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--eval-points", type=int, default=EVAL_POINTS, help="points scored for the objective")
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--modes", default="flat", help="cpu: 03's modes to run, comma-separated (flat, two-level, "
+                   "shard-merge); flat starts from the shared initial centres")
+    p.add_argument("--refine-iters", type=int, default=None, help="two-level: 03's default unless given")
+    p.add_argument("--shards", type=int, default=4, help="shard-merge: shards of the points (03: one per rank)")
+    p.add_argument("--torch-cpu", action="store_true", help="also run 03 with --backend torch on the CPU")
+    p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="cuda: 03's backend")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     defaults = GPU if args.device == "cuda" else CPU
@@ -142,8 +171,7 @@ def main(argv=None):
     args.mix = args.mix or args.k
     args.mode = args.mode or ("two-level" if args.device == "cuda" else "flat")
     import faiss
-    if args.device == "cuda" and not faiss.get_num_gpus():
-        raise SystemExit("error: --device cuda needs faiss with GPU support (faiss-gpu) and a GPU")
+    args.refine_iters = cl.REFINE_ITERS if args.refine_iters is None else args.refine_iters
     pp = args.init == "kmeans++" or (args.init == "auto" and args.k <= cl.KMEANSPP_MAX_K)
     print(f"data: {args.n:,} x {args.dim} float32 from {args.mix:,} unit centres + noise {args.noise}; "
           f"K = {args.k:,}, {args.iters} iterations, init {'k-means++' if pp else 'random'}; "
@@ -157,16 +185,32 @@ def main(argv=None):
         2 * args.n * args.dim * (round(args.k ** 0.5) + args.k / round(args.k ** 0.5))
     rows = []
     if args.device == "cuda":
+        backend = cl.choose_backend(args.backend, "cuda")
         with GpuMemoryPeak() as mem:
-            centres, wall, reseeded = run_ours(x, args, gpu=True)
-        rows.append(dict(method=f"03 spherical k-means, {args.mode}, GPU", wall_s=wall, iters=args.iters,
-                         reseeded=reseeded, gpu_peak_gib=(mem.peak - mem.base) / 2 ** 30,
-                         objective=mean_cosine(ev, centres, gpu=True)))
+            init, t_init = initial_centres(x, args) if args.mode == "flat" else (args.init, 0.0)
+            centres, wall, reseeded = run_ours(x, args, init, backend, args.mode)
+        rows.append(dict(method=f"03 spherical k-means, {args.mode}, {backend.kind} on {backend.device}",
+                         wall_s=wall + t_init, iters=args.iters, reseeded=reseeded,
+                         gpu_peak_gib=(mem.peak - mem.base) / 2 ** 30,
+                         objective=mean_cosine(ev, centres, gpu=backend.kind == "faiss")))
     else:
-        centres, wall, reseeded = run_ours(x, args)
-        rows.append(dict(method=f"03 spherical k-means, {args.mode}", wall_s=wall, iters=args.iters,
-                         reseeded=reseeded, objective=mean_cosine(ev, centres)))
-        print(f"ours: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
+        init, t_init = initial_centres(x, args)
+        print(f"initial centres (03's --init {args.init}): {t_init:.1f} s, given to 03 and faiss.Kmeans", flush=True)
+        for mode in args.modes.split(","):
+            centres, wall, reseeded = run_ours(x, args, init if mode == "flat" else None, cl.CPU, mode)
+            rows.append(dict(method=f"03 spherical k-means, {mode}" + (f", --refine-iters {args.refine_iters}"
+                                                                      if mode == "two-level" else ""),
+                             wall_s=wall, iters=args.iters, reseeded=reseeded, objective=mean_cosine(ev, centres)))
+            print(f"{rows[-1]['method']}: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
+        centres, wall = run_faiss_kmeans(x, args, init)
+        rows.append(dict(method="faiss.Kmeans(spherical=True), same initial centres", wall_s=wall, iters=args.iters,
+                         objective=mean_cosine(ev, centres)))
+        print(f"faiss.Kmeans: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
+        if args.torch_cpu:
+            centres, wall, reseeded = run_ours(x, args, init, cl.Backend("torch", "cpu"))
+            rows.append(dict(method="03 spherical k-means, flat, --backend torch (CPU)", wall_s=wall,
+                             iters=args.iters, reseeded=reseeded, objective=mean_cosine(ev, centres)))
+            print(f"torch backend: {wall:.1f} s, objective {rows[-1]['objective']:.4f}", flush=True)
         if not args.skip_sklearn:
             centres, wall, steps = run_sklearn(x, args, pp)
             rows.append(dict(method=f"sklearn MiniBatchKMeans, batch {args.batch}", wall_s=wall, iters=args.iters,
@@ -182,8 +226,8 @@ def main(argv=None):
               f"{r['wall_s'] / base['wall_s']:.2f}x | {r['objective'] - base['objective']:+.4f} |")
     if "gpu_peak_gib" in base:
         print(f"\nGPU memory in use, peak above the start: {base['gpu_peak_gib']:.2f} GiB")
-    print(f"\nours: {flop:.2e} FLOP per iteration ({args.mode}), {flop * args.iters / base['wall_s'] / 1e9:.1f} "
-          "GFLOP/s over the fit")
+    print(f"\n03 {args.mode}: {flop:.2e} FLOP per iteration, {flop * args.iters / base['wall_s'] / 1e9:.1f} "
+          "GFLOP/s over the fit; the initial centres are not in the flat rows' times")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"config": vars(args), "rows": rows}, f, indent=2)

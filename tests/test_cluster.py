@@ -298,3 +298,47 @@ def test_demo_world_nmi(tmp_path):
     # measured: 0.745-0.774 over seeds 0-4 (0.78-0.79 with --fit-on regions; sklearn KMeans, 10 k-means++
     # restarts on the regions alone: 0.80). Pixel stand-in features mix shapes of one colour, so not 1.
     assert nmi > 0.7 and nmi > chance + 0.1
+
+
+def test_bounds_skip_only_rows_that_cannot_move(monkeypatch):
+    """The bounded Lloyd pass (rows whose centre cannot change are not searched) gives exactly the centres and
+    objective of searching every row every iteration, and searches far fewer rows once they settle."""
+    rng = np.random.default_rng(3)
+    x, _ = blobs(seed=2)
+    x = cl.unit(x + 0.3 * rng.standard_normal(x.shape).astype(np.float32))   # overlapping blobs: rows move
+    searched, real = [], cl.lloyd_pass
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        searched.append(out[3])
+        return out
+    monkeypatch.setattr(cl, "lloyd_pass", spy)
+    fast, fast_stats = cl.spherical_kmeans(x, 20, 12, 0, init="random", chunk=500)
+    monkeypatch.setattr(cl.Bounds, "stale", lambda self, x, centres, chunk: np.arange(len(x)))
+    plain, plain_stats = cl.spherical_kmeans(x, 20, 12, 0, init="random", chunk=500)
+    print(f"rows searched per iteration: {searched[:12]} of {len(x)}")
+    assert fast.tobytes() == plain.tobytes()
+    assert fast_stats == plain_stats
+    assert searched[0] == len(x) and sum(searched[:12]) < 0.6 * 12 * len(x)
+
+
+@pytest.mark.parametrize("mode", ["flat", "two-level"])
+def test_torch_backend_equals_faiss(blob_work, tmp_path, mode):
+    """--backend torch (the GPU path when faiss has none), forced on the CPU: the same labels as faiss."""
+    a = fresh(blob_work[0], tmp_path / "faiss")
+    b = fresh(blob_work[0], tmp_path / "torch")
+    run(a, "--mode", mode, "--backend", "faiss")
+    m = run(b, "--mode", mode, "--backend", "torch")
+    assert m["backend"] == "torch" and m["device"] == "cpu"
+    oa, ob = outputs(a), outputs(b)
+    for k in ("region_labels", "image_labels", "cluster_sizes"):
+        assert np.array_equal(oa[k], ob[k]), k
+    np.testing.assert_allclose(oa["centres"], ob["centres"], atol=1e-6)
+    np.testing.assert_allclose(oa["region_sims"], ob["region_sims"], atol=1e-5)
+    # the index alone, on the same centres
+    x = cl.unit(np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32))
+    c = x[:300]
+    sf, lf = cl.make_index(c).search(x, 5)
+    st, lt = cl.make_index(c, cl.Backend("torch", "cpu")).search(x, 5)
+    assert np.array_equal(lf, lt)
+    np.testing.assert_allclose(sf, st, atol=1e-6)
