@@ -60,6 +60,7 @@ same command after any interruption; a complete stage is skipped unless `--force
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -84,11 +85,11 @@ MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 2
 FLAT_MAX_K = 65_536          # --mode auto: flat k-means up to this K, two-level above
 KMEANSPP_MAX_K = 4096        # --init auto: k-means++ up to this K (every phase of two-level up to K ~ 16M)
 INIT_POOL = 8                # k-means++ runs on INIT_POOL x K training points drawn from the seed
-REFINE_ITERS = 0
+REFINE_ITERS = 10            # two-level: flat iterations over the union (bounded: settled rows are skipped)
 ASSIGN_CHUNK = 65_536        # rows per search call and per resumable labelling chunk
 IMAGE_STATUSES = "ok,too_small,no_regions"   # 01 computed a whole-image feature for these
 SPLIT_EPS = 1.0 / 1024       # faiss's perturbation when an empty cluster takes half of a large one
-PHASES = ["flat", "coarse", "cell", "refine"]   # the first number of a k-means's seed tag
+PHASES = ["flat", "coarse", "cell", "refine", "shard", "merge"]   # the first number of a k-means's seed tag
 
 
 def parse_args(argv):
@@ -97,7 +98,11 @@ def parse_args(argv):
     p.add_argument("--k", type=int, default=K, help="number of centres")
     p.add_argument("--image-topl", type=int, default=IMAGE_TOPL, help="centres per image (MLCD's l)")
     p.add_argument("--fit-on", default="both", choices=["regions", "images", "both"])
-    p.add_argument("--mode", default="auto", choices=["auto", "flat", "two-level"])
+    p.add_argument("--mode", default="auto", choices=["auto", "flat", "two-level", "shard-merge"],
+                   help="auto: flat up to K = 65,536, two-level above; shard-merge: the authors' recipe "
+                   "(each shard into K, then the shards' centres into K)")
+    p.add_argument("--merge-shards", type=int, default=0, help="shard-merge: shards of the training sample "
+                   "(default: one per process; a multiple of the number of processes)")
     p.add_argument("--iters", type=int, default=ITERS, help="k-means iterations (per phase in two-level mode)")
     p.add_argument("--refine-iters", type=int, default=REFINE_ITERS, help="two-level: flat iterations at the end")
     p.add_argument("--init", default="auto", choices=["auto", "random", "kmeans++"])
@@ -123,9 +128,30 @@ def parse_args(argv):
 # processes and faiss ---------------------------------------------------------------------------------------
 
 
+_ALONE = [False]     # shard-merge's first phase: each rank clusters its own shard, no collective
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside: k-means on this rank's rows only (no all-reduce; this rank writes its own checkpoints)."""
+    _ALONE[0] = True
+    try:
+        yield
+    finally:
+        _ALONE[0] = False
+
+
+def shared() -> bool:
+    return workdir.dist_info()[1] > 1 and not _ALONE[0]
+
+
+def writes_ckpt() -> bool:
+    return _ALONE[0] or workdir.dist_info()[0] == 0
+
+
 def all_reduce(*arrays):
-    """Sum numpy arrays in place over ranks (gloo, CPU); nothing in a one-process run."""
-    if workdir.dist_info()[1] > 1:
+    """Sum numpy arrays in place over ranks (gloo, CPU); nothing in a one-process run or alone()."""
+    if shared():
         import torch
         import torch.distributed as dist
         for a in arrays:
@@ -330,11 +356,11 @@ def lloyd_pass(x, centres, backend: Backend, chunk: int, desc: str | None = None
             counts[k] += sims.double().sum()
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    if backend.nccl is not None:
+    if backend.nccl is not None and shared():
         import torch.distributed as dist
         for t in (sums, counts):
             dist.all_reduce(t, group=backend.nccl)
-    return sums.cpu().numpy(), counts.cpu().numpy(), backend.nccl is not None, len(x)
+    return sums.cpu().numpy(), counts.cpu().numpy(), backend.nccl is not None and shared(), len(x)
 
 
 def unit(x) -> np.ndarray:
@@ -379,7 +405,7 @@ def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="
         centres, reseeded = update(centres, sums, counts_obj[:k], np.random.default_rng([seed, *tag, 1, it]))
         stats["objective_sum"].append(float(counts_obj[k]))
         stats["reseeded"].append(reseeded)
-        if ckpt is not None and workdir.dist_info()[0] == 0:
+        if ckpt is not None and writes_ckpt():
             write_ckpt(ckpt, it + 1, centres, stats)
         if log:
             log(PHASES[tag[0]], it, iters, counts_obj[k] / max(n_total, 1), reseeded, time.time() - t0)
@@ -487,7 +513,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
     cells, then a k-means inside each cell with allocate()'s share of the k centres, then refine_iters flat
     iterations over the union. Returns (centres, {"coarse", "fine", "refine"} stats, cell info)."""
     from tqdm import tqdm
-    rank, world = workdir.dist_info()
+    rank, world = workdir.dist_info() if shared() else (0, 1)
     n_total = len(x) if n_total is None else int(n_total)
     k1 = max(1, round(math.sqrt(k)))
     ck = (lambda name: (ckpt_dir, name)) if ckpt_dir else (lambda name: None)
@@ -503,7 +529,8 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
     k_cell = allocate(n_cell, k)
     first = workdir.offsets_from_counts(k_cell)
     order, at = np.argsort(cell, kind="stable"), workdir.offsets_from_counts(local)
-    workdir.barrier()                           # every rank sees the same finished cells
+    if shared():
+        workdir.barrier()                       # every rank sees the same finished cells
     done = {c for c in range(k1) if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, f"cell_{c:07d}.npz"))}
     centres = np.zeros((k, x.shape[1]), np.float32)
     fine = {"objective_sum": np.zeros(iters), "reseeded": np.zeros(iters, np.int64), "points": n_total}
@@ -515,7 +542,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
         else:
             cc, st = spherical_kmeans(x[order[at[c]: at[c + 1]]], int(k_cell[c]), iters, seed,
                                       (PHASES.index("cell"), int(c)), n_cell[c], before[c], init, chunk, backend)
-            if path and rank == 0:
+            if path and writes_ckpt():
                 with open(path + ".tmp", "wb") as f:
                     np.savez(f, centres=cc, objective_sum=st["objective_sum"], reseeded=st["reseeded"])
                 os.replace(path + ".tmp", path)
@@ -529,6 +556,72 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
                                                     offset, init=centres, chunk=chunk, backend=backend,
                                                     ckpt=ck("refine"), log=log)
     return centres, stats, {"k1": k1, "cell_points": n_cell.tolist(), "cell_centres": k_cell.tolist()}
+
+
+def shard_merge(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
+                backend=CPU, ckpt_dir=None, log=None, shards=None):
+    """The authors' recipe (unicom issue 20: each GPU clusters its shard of 20M points into 1M centroids, then
+    the pooled centroids are clustered into the final 1M): every contiguous shard of the n_total training
+    points is clustered into k on its own (flat, or two-level above FLAT_MAX_K), then the union of the shards'
+    centres, shards x k unit points, is clustered into k over all ranks the same way. shards: default one per
+    rank; a multiple of the world size, each rank taking its own in turn, so one process with --merge-shards 2
+    equals two ranks. Each finished shard is checkpointed (and resumed) as one file; the merge phase like
+    flat / two-level. Returns (centres, {"shards", "merge"...} stats, info)."""
+    rank, world = workdir.dist_info()
+    n_total = len(x) if n_total is None else int(n_total)
+    shards = shards or world
+    if shards % world:
+        raise SystemExit(f"error: --merge-shards {shards} is not a multiple of the {world} processes")
+    mine = range(rank * shards // world, (rank + 1) * shards // world)
+    pieces, last = [], np.zeros(2)                       # the shards' final objective sum and re-seeded count
+    for j in mine:
+        lo, hi = n_total * j // shards, n_total * (j + 1) // shards
+        if hi - lo < k:
+            raise SystemExit(f"error: a shard of {hi - lo} training points cannot hold K = {k} centres: use fewer "
+                             f"--merge-shards or a smaller --k")
+        sub = os.path.join(ckpt_dir, f"shard_{j:05d}") if ckpt_dir else None
+        if sub and os.path.exists(sub + ".npz"):
+            with np.load(sub + ".npz") as z:
+                c, obj = z["centres"], z["objective"]
+        else:
+            if sub:
+                os.makedirs(sub, exist_ok=True)
+            rows = x[lo - offset: hi - offset]
+            with alone():
+                if k <= FLAT_MAX_K:
+                    c, st = spherical_kmeans(rows, k, iters, seed, (PHASES.index("shard"), j), len(rows), 0, init,
+                                             chunk, backend, (sub, "flat") if sub else None)
+                else:
+                    c, st2, _ = two_level(rows, k, iters, seed, refine_iters, len(rows), 0, init, chunk, backend, sub)
+                    st = st2.get("refine", st2["fine"])
+            obj = np.array([st["objective_sum"][-1] if st["objective_sum"] else 0.0, sum(st["reseeded"])])
+            if sub:
+                with open(sub + ".npz.tmp", "wb") as f:
+                    np.savez(f, centres=c, objective=obj)
+                os.replace(sub + ".npz.tmp", sub + ".npz")
+                shutil.rmtree(sub, ignore_errors=True)
+        pieces.append(c)
+        last += obj
+        if log:
+            print(f"shard {j + 1}/{shards}: {hi - lo} points -> {k} centres", flush=True)
+    all_reduce(last)
+    union = np.concatenate(pieces)                       # this rank's rows of the shards x k union
+    n_union, at = shards * k, mine.start * k
+    stats = {"shards": {"objective_sum": [float(last[0])], "reseeded": [int(last[1])], "points": n_total}}
+    if k <= FLAT_MAX_K:
+        centres, st = spherical_kmeans(union, k, iters, seed, (PHASES.index("merge"),), n_union, at, init, chunk,
+                                       backend, (ckpt_dir, "merge") if ckpt_dir else None, log)
+        stats["merge"] = st
+        info = {}
+    else:
+        merge_dir = os.path.join(ckpt_dir, "merge") if ckpt_dir else None
+        if merge_dir and writes_ckpt():
+            os.makedirs(merge_dir, exist_ok=True)
+        workdir.barrier()
+        centres, st, info = two_level(union, k, iters, seed, refine_iters, n_union, at, init, chunk, backend,
+                                      merge_dir, log)
+        stats.update({f"merge_{p}": v for p, v in st.items()})
+    return centres, stats, {**info, "shards": shards, "union_points": n_union}
 
 
 def nearest(index, x, topl, chunk=ASSIGN_CHUNK):
@@ -685,7 +778,7 @@ def main(argv=None):
         faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # checkpoints of other settings or other inputs are discarded, never mixed in
     key = {k: getattr(args, k) for k in ("k", "fit_on", "mode", "init", "iters", "refine_iters", "seed",
-                                         "max_points_per_centre", "image_statuses")}
+                                         "max_points_per_centre", "image_statuses", "merge_shards")}
     key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
     workdir.barrier()                            # every rank has read the old manifest before rank 0 clears
     if rank == 0:
@@ -715,9 +808,13 @@ def main(argv=None):
         centres, st = spherical_kmeans(x, args.k, args.iters, args.seed, (PHASES.index("flat"),), n_train, lo,
                                        args.init, args.assign_chunk, backend, (ckpt_dir, "flat"), log)
         stats = {"flat": st}
-    else:
+    elif args.mode == "two-level":
         centres, stats, info = two_level(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
                                          args.init, args.assign_chunk, backend, ckpt_dir, log)
+    else:
+        centres, stats, info = shard_merge(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
+                                           args.init, args.assign_chunk, backend, ckpt_dir, log,
+                                           args.merge_shards or world)
     del x
     if world > 1:                                # the same bytes on every rank, whatever the all-reduce did
         import torch
@@ -746,7 +843,9 @@ def main(argv=None):
                               "dead": int((sizes == 0).sum()),
                               "counts": "regions labelled c + labelled images whose top-1 is c"},
             **({"two_level": {"k1": info["k1"], "cell_centres_min": min(info["cell_centres"]),
-                              "cell_centres_max": max(info["cell_centres"])}} if info else {}),
+                              "cell_centres_max": max(info["cell_centres"])}} if "k1" in info else {}),
+            **({"shard_merge": {"shards": info["shards"], "union_points": info["union_points"]}}
+               if "shards" in info else {}),
             "elapsed_s": {"fit": round(t_fit, 2), "total": round(time.time() - t0, 2)},
             "inputs": {"regions": inp["fingerprint"]}})
         for sub in ("assign_regions", "assign_images", "ckpt"):

@@ -100,8 +100,8 @@ def test_blobs_are_recovered(blob_work, tmp_path, mode, ari_min):
     assert ari >= ari_min
     assert m["mode"] == mode and m["rows"]["train_points"] == 4000
     if mode == "two-level":
-        assert m["two_level"]["k1"] == 4 and set(m["objective"]) == {"coarse", "fine"}
-        assert len(m["objective"]["fine"]) == 10
+        assert m["two_level"]["k1"] == 4 and set(m["objective"]) == {"coarse", "fine", "refine"}
+        assert len(m["objective"]["fine"]) == 10 and len(m["objective"]["refine"]) == cl.REFINE_ITERS
 
 
 def test_cell_allocation():
@@ -342,3 +342,45 @@ def test_torch_backend_equals_faiss(blob_work, tmp_path, mode):
     st, lt = cl.make_index(c, cl.Backend("torch", "cpu")).search(x, 5)
     assert np.array_equal(lf, lt)
     np.testing.assert_allclose(sf, st, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_at", [("flat", 3), ("merge", 2)])
+def test_shard_merge_resumes_and_two_processes_equal_one(blob_work, tmp_path, monkeypatch, stop_at):
+    """--mode shard-merge (each shard into K, then the shards' centres into K): killed in a shard's k-means or
+    in the merge and rerun, it ends byte-identical; one process with --merge-shards 2 equals two processes."""
+    flags = ["--mode", "shard-merge", "--merge-shards", "2", "--iters", "6", "--assign-chunk", "700",
+             "--fit-on", "regions"]
+    plain = fresh(blob_work[0], tmp_path / "plain")
+    m = run(plain, *flags)
+    assert m["mode"] == "shard-merge" and m["shard_merge"] == {"shards": 2, "union_points": 40}
+    assert set(m["objective"]) == {"shards", "merge"}
+    ari = adjusted_rand_score(blob_work[1], outputs(plain)["region_labels"][:len(blob_work[1])])
+    print(f"shard-merge: ARI {ari:.4f}, objective {m['final_objective']:.4f}")
+    assert ari >= 0.9
+    work = fresh(blob_work[0], tmp_path / "stopped")
+    write_ckpt = cl.write_ckpt
+
+    def stop(ckpt, iteration, centres, stats):
+        write_ckpt(ckpt, iteration, centres, stats)
+        if (ckpt[1], iteration) == stop_at and (stop_at[0] == "merge" or "shard_00001" in ckpt[0]):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cl, "write_ckpt", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(work, *flags)
+    ckpt = os.path.join(work, "clusters", "ckpt")
+    assert os.path.exists(os.path.join(ckpt, "shard_00000.npz"))          # the first shard is finished
+    monkeypatch.setattr(cl, "write_ckpt", write_ckpt)
+    run(work, *flags)
+    a, b = outputs(plain), outputs(work)
+    for k in OUTPUTS:
+        assert a[k].tobytes() == b[k].tobytes(), k
+    if stop_at[0] == "merge":
+        two = fresh(blob_work[0], tmp_path / "two")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               SCRIPT, "--work", two, "--k", "20", "--iters", "10", *flags[:2], *flags[4:]]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        c = outputs(two)
+        np.testing.assert_allclose(a["centres"], c["centres"], atol=1e-5)
+        for k in ("region_labels", "image_labels", "cluster_sizes"):
+            assert np.array_equal(a[k], c[k]), k
