@@ -1,25 +1,30 @@
-"""Benchmark 03_cluster.py's spherical k-means against scikit-learn's MiniBatchKMeans on the same data.
+"""Benchmark 03_cluster.py's spherical k-means against faiss.Kmeans and scikit-learn's MiniBatchKMeans, same data,
+same run.
 
     .venv/bin/python bench/bench_kmeans.py                                # 1M x 256 -> K = 16,384, 20 iterations
-    .venv/bin/python bench/bench_kmeans.py --n 100000 --k 2048            # quick check
+    .venv/bin/python bench/bench_kmeans.py --n 100000 --k 2048 --modes flat,two-level,shard-merge
     .venv/bin/python bench/bench_kmeans.py --json-out kmeans.json         # also write the summary
     python bench/bench_kmeans.py --device cuda                            # 10M x 768 -> 1M, two-level, one GPU
-                                                                          # (needs faiss-gpu; not run yet)
+                                                                          # (faiss GPU, else 03's torch backend)
 
 Data: --mix random unit centres (default K) in --dim, each point one of them (uniformly) plus Gaussian noise of
---noise per coordinate, L2-normalised, float32, from --seed. Both methods get the same array and the same
-budget: --iters full passes over the n points (ours: Lloyd iterations; MiniBatchKMeans: max_iter epochs of
-n / --batch mini-batch steps, tol = 0 and max_no_improvement = None so neither stops early). Initialisation:
-ours is 03's `--init auto` (greedy k-means++ on 8 x K points up to K = 4096, else K random points); sklearn
-gets "k-means++" or "random" to match (its own k-means++ runs on init_size = max(3 x batch, 3 x K) points).
-MiniBatchKMeans is Euclidean; on unit vectors Euclidean nearest = cosine nearest, so the objective is
-comparable: for both, each point's centre is its Euclidean-nearest centre (faiss IndexFlatL2), and the score
-is the mean cosine between the point and that centre (the centre normalised), over --eval-points points.
-Wall time is the fit alone (init included), on all cores of this machine (faiss and sklearn both use OpenMP).
+--noise per coordinate, L2-normalised, float32, from --seed. Every method gets the same array and --iters full
+passes over the n points (03: Lloyd iterations; faiss.Kmeans: niter; MiniBatchKMeans: max_iter epochs of
+n / --batch mini-batch steps, tol = 0 and max_no_improvement = None so none stops early).
+Initialisation: 03's `--init auto` (greedy k-means++ on 8 x K points up to K = 4096, else K random points) is
+computed once and given to 03's flat mode and to faiss.Kmeans (init_centroids), so those two differ only in
+their iterations, and its time is left out of both; 03's two-level and shard-merge modes initialise as 03 does
+(their times include it); sklearn gets "k-means++" or "random" to match (its own k-means++ runs on
+init_size = max(3 x batch, 3 x K) points, inside its time). MiniBatchKMeans is Euclidean; on unit vectors
+Euclidean nearest = cosine nearest, so the objective is comparable: for every method each point's centre is
+its Euclidean-nearest centre (faiss IndexFlatL2), and the score is the mean cosine between the point and that
+centre (the centre normalised), over --eval-points points. Wall time is the fit alone, on all cores of this
+machine (faiss, torch and sklearn use OpenMP). --shards is shard-merge's number of shards in this one process
+(03 uses one per rank).
 
---device cuda: 03's two-level mode on a GPU (faiss GpuIndexFlatIP) with the defaults 10M x 768 -> 1M;
-reports wall time and the peak GPU memory in use (device-wide, sampled every 50 ms; faiss allocates outside
-torch's allocator). No sklearn run at that size.
+--device cuda: 03 on a GPU with the defaults 10M x 768 -> 1M, two-level (faiss's GPU index when faiss has
+GPUs, else `--backend torch`); reports wall time and the peak GPU memory in use (device-wide, sampled every
+50 ms; faiss allocates outside torch's allocator). No faiss.Kmeans or sklearn run at that size.
 """
 from __future__ import annotations
 
