@@ -6,7 +6,8 @@ One codebook serves both: by default (`--fit-on both`) the training sample mixes
 so the centres cover what RICE labels (regions) and what MLCD labels (whole images), and 04 can train the
 object loss and the image loss against one bank. `--fit-on regions|images` fits on one kind only.
 
-One process (faiss on the GPU when faiss has one, else CPU):
+One process (faiss on the GPU when faiss has one, else torch on the GPU when torch sees one, else faiss on the
+CPU; --backend, --device):
     python 03_cluster.py --work runs/demo --k 108                      # offline demo (pixel stand-in features)
     python 03_cluster.py --work runs/big --k 1000000                   # --mode auto: two-level above 65,536
 torchrun, one node of 8 GPUs, then several nodes (each rank holds a contiguous shard of the training sample):
@@ -28,8 +29,12 @@ no_regions: 01 computes the whole-image feature before the size test, so these h
 images have an all-zero feature) and whose feature is non-zero. Every region is labelled.
 
 The algorithm. Spherical k-means: points and centres on the unit sphere, assignment by inner product (faiss
-IndexFlatIP, or GpuIndexFlatIP on this rank's GPU), each centre the re-normalised mean of its points; sums
-and counts in float64, all-reduced over ranks, so every rank holds the same centres. The training sample is
+IndexFlatIP, or GpuIndexFlatIP on this rank's GPU; or TorchIndex, an exact fp32 torch matmul, on a GPU when
+faiss has none), each centre the re-normalised mean of its points; sums and counts in float64, all-reduced
+over ranks (gloo; NCCL for the torch GPU path), so every rank holds the same centres. A row is searched only
+when its bound (Bounds: its centre and a bound on its second-best cosine, grown by how far the centres moved)
+cannot rule out a change of centre, so later iterations search a few percent of the rows with the labels of a
+full search; the sums are a sparse one-hot product per chunk (scipy), off the search's threads. The training sample is
 at most `--max-points-per-centre` x K points (faiss's 256), drawn from the seed. Initial centres (`--init
 auto`): greedy k-means++ on 8 x K sampled points up to K = 4096 (so every phase of two-level mode at K = 1M),
 else K distinct random points as faiss does; random init leaves some natural clusters without a centre and
@@ -38,7 +43,10 @@ drawn with probability proportional to (size - 1) is split, its centre copied wi
 `--mode two-level` (auto above K = 65,536) is faiss.contrib.clustering.two_level_clustering's route to 1M
 centres: a coarse k-means with K1 = round(sqrt(K)) cells, then inside each cell a k-means with a number of
 centres proportional to the cell's share of the sample (at least 1, at most the cell's points, summing to K);
-the union is the K centres, optionally refined by `--refine-iters` flat iterations.
+the union is the K centres, refined by `--refine-iters` (default 10) flat iterations, which the bounds make
+cheap once the rows settle. `--mode shard-merge` is the authors' recipe (unicom issue 20): every rank clusters
+its shard of the sample into K on its own (flat, or two-level above 65,536), then the union of the shards'
+centres (world x K points, or --merge-shards x K) is clustered into K over all ranks.
 
 Cost model (FLOP per iteration; n training points, C dims): flat 2·n·K·C; two-level 2·n·C·(K1 + K/K1).
     n = 256M (256 x 1M), C = 768, K = 1M:  flat 3.9e17, two-level 7.9e14 (K1 = 1000); x 20 iterations 7.9e18, 1.6e16
@@ -49,10 +57,16 @@ took 23 s on the 2-core development CPU, and K = 1M in two-level mode has 1000 s
 run there. Labelling is one more flat pass, 2·(R + n_images)·K·C: 3.7e18 for 2B regions and 400M images.
 Memory: the sample takes n x C x 4 bytes (786 GB at n = 256M: shard it over ranks; 31 GB at 10M), the
 centres K x C x 4 (3.1 GB at 1M), flat iterations about 2 x K x C x 8 per rank for the float64 sums and the
-update (12 GB at 1M; two-level needs that only per cell and in refine iterations).
+update (12 GB at 1M; two-level needs that only per cell and in refine iterations), and 16 bytes per row
+for the bounds. A refine iteration costs a flat iteration for the rows it searches (all of them in the first,
+a few percent once they settle). shard-merge, per rank: the shard's own k-means (n / world points into K,
+two-level above 65,536: 2·(n / world)·C·(K1 + K/K1) per iteration, no communication), then the merge over
+world x K points (at 64 ranks and K = 1M: 64M points, two-level, 2·64M·C·2000 = 2e14 per iteration over all
+ranks). The authors' numbers (20M points per GPU into 1M) fit that shape.
 
 Resumable: after each iteration rank 0 checkpoints the centres into clusters/ckpt/ (two-level: the coarse
-phase per iteration, the cells one file per finished cell, the refine phase per iteration); re-seeding draws
+phase per iteration, the cells one file per finished cell, the refine phase per iteration; shard-merge: one
+file per finished shard, each rank checkpointing its own shard's k-means, then the merge); re-seeding draws
 from a generator seeded by (seed, phase, cell, iteration), so a resumed run ends byte-identical to an
 uninterrupted one. Labelling runs in resumable chunks (`--assign-chunk` rows; workdir.run_chunks). Rerun the
 same command after any interruption; a complete stage is skipped unless `--force`.
@@ -252,7 +266,7 @@ def make_index(centres: np.ndarray, backend: Backend = CPU):
 
 
 BOUND_EPS = 1e-5      # margin of the kept rows over their bound: far above fp32 rounding of a cosine
-BOUND_WATCH = 64      # centres checked exactly every iteration (the largest moves), outside the bound
+BOUND_WATCH = 64      # centres at least checked exactly every iteration (the largest moves), outside the bound
 
 
 class Bounds:
@@ -270,13 +284,16 @@ class Bounds:
 
     def stale(self, x, centres, chunk, watch=BOUND_WATCH):
         """Rows that must be searched again now that the centres are `centres`; the others' bounds grow.
-        The `watch` centres that moved most (re-seeded ones jump) are checked exactly for every row (a rows x
-        watch product), so one large move does not void every bound; the bound grows by the largest move of
-        the other centres (not counting the row's own)."""
+        The centres that moved most (at least `watch`, and every one that moved more than 4x the median move,
+        up to k / 16: re-seeded ones jump) are checked exactly for every row (a rows x watched product), so a
+        few large moves do not void every bound; the bound grows by the largest move of the other centres (not
+        counting the row's own)."""
         k = len(centres)
         moved = np.linalg.norm(centres.astype(np.float64) - self.centres, axis=1)
         order = np.argsort(-moved, kind="stable")
-        m = min(watch, max(0, k - 3))
+        # watch the outliers too (re-seeded centres jump): up to k / 16 centres, a sixteenth of a search
+        outliers = int((moved > 4 * np.median(moved)).sum())
+        m = min(max(watch, min(outliers, k // 16)), max(0, k - 3))
         watched, rest = order[:m], order[m:]
         first, second = moved[rest[0]], moved[rest[1]] if len(rest) > 1 else 0.0
         grown = self.upper + np.where(self.label == rest[0], second, first).astype(np.float32)
