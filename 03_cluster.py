@@ -43,8 +43,8 @@ drawn with probability proportional to (size - 1) is split, its centre copied wi
 `--mode two-level` (auto above K = 65,536) is faiss.contrib.clustering.two_level_clustering's route to 1M
 centres: a coarse k-means with K1 = round(sqrt(K)) cells, then inside each cell a k-means with a number of
 centres proportional to the cell's share of the sample (at least 1, at most the cell's points, summing to K);
-the union is the K centres, refined by `--refine-iters` (default 10) flat iterations, which the bounds make
-cheap once the rows settle. `--mode shard-merge` is the authors' recipe (unicom issue 20): every rank clusters
+the union is the K centres, refined by `--refine-iters` (default: --iters) flat iterations, which the bounds
+make cheap once the rows settle. `--mode shard-merge` is the authors' recipe (unicom issue 20): every rank clusters
 its shard of the sample into K on its own (flat, or two-level above 65,536), then the union of the shards'
 centres (world x K points, or --merge-shards x K) is clustered into K over all ranks.
 
@@ -99,7 +99,7 @@ MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 2
 FLAT_MAX_K = 65_536          # --mode auto: flat k-means up to this K, two-level above
 KMEANSPP_MAX_K = 4096        # --init auto: k-means++ up to this K (every phase of two-level up to K ~ 16M)
 INIT_POOL = 8                # k-means++ runs on INIT_POOL x K training points drawn from the seed
-REFINE_ITERS = 10            # two-level: flat iterations over the union (bounded: settled rows are skipped)
+REFINE_ITERS = None          # two-level: flat iterations over the union; default --iters (settled rows are skipped)
 ASSIGN_CHUNK = 65_536        # rows per search call and per resumable labelling chunk
 IMAGE_STATUSES = "ok,too_small,no_regions"   # 01 computed a whole-image feature for these
 SPLIT_EPS = 1.0 / 1024       # faiss's perturbation when an empty cluster takes half of a large one
@@ -118,7 +118,8 @@ def parse_args(argv):
     p.add_argument("--merge-shards", type=int, default=0, help="shard-merge: shards of the training sample "
                    "(default: one per process; a multiple of the number of processes)")
     p.add_argument("--iters", type=int, default=ITERS, help="k-means iterations (per phase in two-level mode)")
-    p.add_argument("--refine-iters", type=int, default=REFINE_ITERS, help="two-level: flat iterations at the end")
+    p.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
+                   help="two-level: flat iterations over the union at the end (default: --iters; 0: none)")
     p.add_argument("--init", default="auto", choices=["auto", "random", "kmeans++"])
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--max-points-per-centre", type=int, default=MAX_POINTS_PER_CENTRE)
@@ -130,6 +131,7 @@ def parse_args(argv):
                    "path when faiss has none); auto picks faiss GPU, then torch GPU, then faiss CPU")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
+    args.refine_iters = args.iters if args.refine_iters is None else args.refine_iters
     if args.k < 1 or args.iters < 0 or args.refine_iters < 0 or args.seed < 0 or args.assign_chunk < 1:
         p.error("--k and --assign-chunk must be >= 1; --iters, --refine-iters and --seed >= 0")
     if not 1 <= args.image_topl <= args.k or args.max_points_per_centre < 1:

@@ -176,7 +176,7 @@ def main(argv=None):
     args.mix = args.mix or args.k
     args.mode = args.mode or ("two-level" if args.device == "cuda" else "flat")
     import faiss
-    args.refine_iters = cl.REFINE_ITERS if args.refine_iters is None else args.refine_iters
+    args.refine_iters = args.iters if args.refine_iters is None else args.refine_iters   # 03's default
     pp = args.init == "kmeans++" or (args.init == "auto" and args.k <= cl.KMEANSPP_MAX_K)
     print(f"data: {args.n:,} x {args.dim} float32 from {args.mix:,} unit centres + noise {args.noise}; "
           f"K = {args.k:,}, {args.iters} iterations, init {'k-means++' if pp else 'random'}; "
