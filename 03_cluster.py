@@ -42,8 +42,9 @@ gives others two, which Lloyd iterations rarely undo. An empty cluster is re-see
 drawn with probability proportional to (size - 1) is split, its centre copied with a +-1/1024 perturbation.
 `--mode two-level` (auto above K = 65,536) is faiss.contrib.clustering.two_level_clustering's route to 1M
 centres: a coarse k-means with K1 = round(sqrt(K)) cells, then inside each cell a k-means with a number of
-centres proportional to the cell's share of the sample (at least 1, at most the cell's points, summing to K);
-the union is the K centres, refined by `--refine-iters` (default: --iters) flat iterations, which the bounds
+centres proportional to the cell's share of the sample (at least 1, at most the cell's points, summing to
+OVERCLUSTER x K = 2K); a k-means of those 2K centres into K merges the fragments of clusters that the cells cut
+apart; the result is refined by `--refine-iters` (default: --iters) flat iterations, which the bounds
 make cheap once the rows settle. `--mode shard-merge` is the authors' recipe (unicom issue 20): every rank clusters
 its shard of the sample into K on its own (flat, or two-level above 65,536), then the union of the shards'
 centres (world x K points, or --merge-shards x K) is clustered into K over all ranks.
@@ -96,6 +97,7 @@ IMAGE_TOPL = 8               # MLCD Sec. 4.1: l = 8 positives per image
 ITERS = 20
 SEED = 0
 MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 256 x K points
+OVERCLUSTER = 2              # two-level: the cells make 2 x K centres, merged into K (two_level)
 FLAT_MAX_K = 65_536          # --mode auto: flat k-means up to this K, two-level above
 KMEANSPP_MAX_K = 4096        # --init auto: k-means++ up to this K (every phase of two-level up to K ~ 16M)
 INIT_POOL = 8                # k-means++ runs on INIT_POOL x K training points drawn from the seed
@@ -527,14 +529,20 @@ def allocate(points, k):
 
 
 def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="auto", chunk=ASSIGN_CHUNK,
-              backend=CPU, ckpt_dir=None, log=None):
+              backend=CPU, ckpt_dir=None, log=None, over=None):
     """faiss.contrib.clustering.two_level_clustering, spherical and distributed: K1 = round(sqrt(k)) coarse
-    cells, then a k-means inside each cell with allocate()'s share of the k centres, then refine_iters flat
-    iterations over the union. Returns (centres, {"coarse", "fine", "refine"} stats, cell info)."""
+    cells, then a k-means inside each cell with allocate()'s share of over x k centres, then (over > 1) a
+    k-means of those over x k centres into k, then refine_iters flat iterations over all points. The coarse
+    cells cut natural clusters apart, leaving fragments that flat iterations do not merge again (a local
+    optimum up to 1% below flat k-means); over-clustering and merging the fragments bottom-up removes most of
+    that loss (README, Benchmarks). Returns (centres, {"coarse", "fine", "combine", "refine"} stats, info)."""
     from tqdm import tqdm
     rank, world = workdir.dist_info() if shared() else (0, 1)
     n_total = len(x) if n_total is None else int(n_total)
     k1 = max(1, round(math.sqrt(k)))
+    over = OVERCLUSTER if over is None else over
+    over = max(1, min(over, n_total // max(k, 1)))      # each fine centre needs a point
+    k_fine = over * k
     ck = (lambda name: (ckpt_dir, name)) if ckpt_dir else (lambda name: None)
     coarse, coarse_stats = spherical_kmeans(x, k1, iters, seed, (PHASES.index("coarse"),), n_total, offset, init,
                                             chunk=chunk, backend=backend, ckpt=ck("coarse"), log=log)
@@ -545,13 +553,13 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
     all_reduce(per_rank)
     n_cell = per_rank.sum(0)
     before = per_rank[:rank].sum(0)             # this rank's points of a cell come after those of lower ranks
-    k_cell = allocate(n_cell, k)
+    k_cell = allocate(n_cell, k_fine)
     first = workdir.offsets_from_counts(k_cell)
     order, at = np.argsort(cell, kind="stable"), workdir.offsets_from_counts(local)
     if shared():
         workdir.barrier()                       # every rank sees the same finished cells
     done = {c for c in range(k1) if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, f"cell_{c:07d}.npz"))}
-    centres = np.zeros((k, x.shape[1]), np.float32)
+    centres = np.zeros((k_fine, x.shape[1]), np.float32)
     fine = {"objective_sum": np.zeros(iters), "reseeded": np.zeros(iters, np.int64), "points": n_total}
     for c in tqdm(np.flatnonzero(k_cell), desc="cells", disable=log is None or rank != 0, dynamic_ncols=True):
         path = os.path.join(ckpt_dir, f"cell_{c:07d}.npz") if ckpt_dir else None
@@ -570,6 +578,10 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
         fine["reseeded"] += np.asarray(st["reseeded"], np.int64)
     stats = {"coarse": coarse_stats, "fine": {"objective_sum": fine["objective_sum"].tolist(),
                                               "reseeded": fine["reseeded"].tolist(), "points": n_total}}
+    if over > 1:                # every rank holds the same fine centres: each merges them alike, no collective
+        with alone():
+            centres, stats["combine"] = spherical_kmeans(centres, k, iters, seed, (PHASES.index("merge"), 1), k_fine,
+                                                         0, init, chunk, backend)
     if refine_iters:
         centres, stats["refine"] = spherical_kmeans(x, k, refine_iters, seed, (PHASES.index("refine"),), n_total,
                                                     offset, init=centres, chunk=chunk, backend=backend,

@@ -100,7 +100,7 @@ def test_blobs_are_recovered(blob_work, tmp_path, mode, ari_min):
     assert ari >= ari_min
     assert m["mode"] == mode and m["rows"]["train_points"] == 4000
     if mode == "two-level":
-        assert m["two_level"]["k1"] == 4 and set(m["objective"]) == {"coarse", "fine", "refine"}
+        assert m["two_level"]["k1"] == 4 and set(m["objective"]) == {"coarse", "fine", "combine", "refine"}
         assert len(m["objective"]["fine"]) == 10 and len(m["objective"]["refine"]) == 10    # --iters
 
 
@@ -237,7 +237,8 @@ def test_two_processes_equal_one(blob_work, tmp_path):
     np.testing.assert_allclose(a["region_sims"], b["region_sims"], atol=1e-5)
     m2 = workdir.read_manifest(os.path.join(two, "clusters"))
     assert m2["world"] == 2 and m2["rows"] == m1["rows"] and m1["rows"]["train_points"] == 3000
-    np.testing.assert_allclose(m2["objective"]["refine"], m1["objective"]["refine"], atol=1e-6)
+    # the fine centres differ by float32 rounding of the all-reduce order, and pass through the combine k-means
+    np.testing.assert_allclose(m2["objective"]["refine"], m1["objective"]["refine"], atol=1e-5)
 
 
 def test_bad_input(tmp_path):
