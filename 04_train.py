@@ -102,7 +102,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -110,7 +109,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import losses
 import workdir

@@ -240,7 +240,7 @@ def draw(labels: list, sizes: list, num_classes: int, start: int, num_local: int
     local = [lab - start for lab in labels]
     mine = [(lab >= 0) & (loc >= 0) & (loc < num_local) for lab, loc in zip(labels, local)]
     if rho >= 1:
-        actives, negative = [np.arange(num_local)] * len(labels), None
+        actives = [np.arange(num_local)] * len(labels)
     elif rule == "per-row":
         random_set = np.zeros(num_local, bool)                                  # R: round(rho K) classes
         random_set[random_classes(num_classes, rho, key, start, num_local)] = True
@@ -252,7 +252,7 @@ def draw(labels: list, sizes: list, num_classes: int, start: int, num_local: int
         score = class_scores(start, start + num_local, key)
         score[pos] = np.inf
         others = np.argpartition(score, want)[:want] if 0 < want < num_local else np.flatnonzero(np.isfinite(score))[:want]
-        actives, negative = [np.union1d(pos, others)] * len(labels), None
+        actives = [np.union1d(pos, others)] * len(labels)
     out = []
     for lab, loc, m, active in zip(labels, local, mine, actives):
         col = np.where(m, np.searchsorted(active, np.clip(loc, 0, None)), -1)

@@ -3,7 +3,6 @@
 rerun follows the uninterrupted loss curve exactly, a NaN stops the run and leaves the last checkpoint intact,
 boxes move with the pixels, the dataset keeps the region-sampling rules, a corrupt image is logged and
 skipped, checkpoints load with weights_only=True, and bad stage outputs are refused at start-up."""
-import hashlib
 import json
 import os
 import shutil
