@@ -35,7 +35,9 @@ Writes <work>/regions/:
     manifest.json
 Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file) or
 `--features pixels`, a weight-free stand-in for offline runs: the crop averaged down to 8 x 8 RGB, centred and
-L2-normalised (it groups regions by colour and coarse shape; it is not CLIP).
+L2-normalised (it groups regions by colour and coarse shape; it is not CLIP). An image's stand-in feature is the
+normalised mean of its regions' (what is in the image, as a CLIP image embedding says, not where: a thumbnail
+groups images by background colour and layout), or its own 8 x 8 thumbnail when it has no region.
 Every stage of the kit is resumable: rerun the same command after any interruption.
 """
 from __future__ import annotations
@@ -243,8 +245,15 @@ def filter_boxes(boxes, scores, areas, width, height, min_side, dedup_iou, max_r
 
 
 class PixelFeatures:
-    """Weight-free stand-in for CLIP: the crop averaged down to a PIXEL_GRID^2 RGB grid, centred, L2-normalised."""
+    """Weight-free stand-in for CLIP: the crop averaged down to a PIXEL_GRID^2 RGB grid, centred, L2-normalised.
+    An image with regions takes the normalised mean of its regions' features (module docstring)."""
     dim = PIXEL_GRID * PIXEL_GRID * 3
+    image_from_regions = True
+
+    @staticmethod
+    def mean_of(region_features):
+        m = region_features.astype(np.float32).mean(0)
+        return (m / max(float(np.linalg.norm(m)), 1e-6)).astype(np.float16)
 
     def __call__(self, image, boxes):
         from PIL import Image
@@ -256,6 +265,7 @@ class PixelFeatures:
 
 class ClipFeatures:
     """open_clip image tower on box crops (CLIP's own resize + centre crop), L2-normalised, batched on device."""
+    image_from_regions = False                 # a whole image's feature is CLIP's on the whole image
 
     def __init__(self, model_name, pretrained, config, batch, device):
         import open_clip
@@ -373,6 +383,8 @@ def main(argv=None):
                 source[j] = BOX_SOURCE.index(src)
                 b, s, a = filter_boxes(b, s, a, w, h, args.min_box_side, args.dedup_iou, args.max_regions)
                 f = features(image, b)
+                if len(b) and features.image_from_regions:
+                    image_feat[j] = features.mean_of(f)
             except Exception as e:             # one bad image must not stop a long run: record it
                 if device_failure(e):          # ... but a GPU failure is not the image's: stop, redo the chunk
                     raise SystemExit(f"error: [rank {rank}] {type(e).__name__} on {device}: {str(e)[:300]}; this "
@@ -405,7 +417,7 @@ def main(argv=None):
                     "source": "boxes" if args.boxes else f"sam:{args.sam_model}", "box_sources": sources,
                     "features": {"kind": args.features, "dim": int(features.dim),
                                  "model": f"{args.clip_model}:{args.clip_pretrained}" if args.features == "clip" else
-                                 f"pixels{PIXEL_GRID}x{PIXEL_GRID}"},
+                                 f"pixels{PIXEL_GRID}x{PIXEL_GRID}, images: mean of regions"},
                     "image_table": workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
                     "status_names": REGION_STATUS, "status_counts": counts}
         manifest = workdir.finish_stage(folder, manifest)

@@ -15,7 +15,7 @@ torchrun, one node of 8 GPUs, then several nodes (each rank holds a contiguous s
     torchrun --nnodes=8 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         03_cluster.py --work runs/big --k 1000000
 
-Reads <work>/regions/ (01_mine_regions.py). Writes <work>/clusters/:
+Reads <work>/regions/ (01_mine_regions.py). Writes <work>/clusters/ (--out):
     centres.npy        float32 (K, C)        L2-normalised centres
     region_labels.npy  int32 (R,)            nearest centre of each region (RICE Eq. 1), by cosine
     region_sims.npy    float32 (R,)          its cosine
@@ -106,11 +106,16 @@ ASSIGN_CHUNK = 65_536        # rows per search call and per resumable labelling 
 IMAGE_STATUSES = "ok,too_small,no_regions"   # 01 computed a whole-image feature for these
 SPLIT_EPS = 1.0 / 1024       # faiss's perturbation when an empty cluster takes half of a large one
 PHASES = ["flat", "coarse", "cell", "refine", "shard", "merge"]   # the first number of a k-means's seed tag
+# the settings the outputs depend on (the backend, device and chunking give the same labels)
+RESULT_SETTINGS = ("k", "fit_on", "mode", "init", "iters", "refine_iters", "seed", "max_points_per_centre",
+                   "image_statuses", "merge_shards", "image_topl")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=WORK)
+    p.add_argument("--out", default=None, help="output folder (default <work>/clusters; another one keeps a "
+                   "second codebook beside it, e.g. MLCD's --fit-on images, for 04 --clusters)")
     p.add_argument("--k", type=int, default=K, help="number of centres")
     p.add_argument("--image-topl", type=int, default=IMAGE_TOPL, help="centres per image (MLCD's l)")
     p.add_argument("--fit-on", default="both", choices=["regions", "images", "both"])
@@ -140,6 +145,7 @@ def parse_args(argv):
         p.error("--image-topl must be in [1, K] and --max-points-per-centre >= 1")
     if args.mode == "auto":
         args.mode = "flat" if args.k <= FLAT_MAX_K else "two-level"
+    args.out = args.out or os.path.join(args.work, "clusters")
     return args
 
 
@@ -788,13 +794,19 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world = workdir.init_dist()
     inp = read_regions(args.work, args.image_statuses)
-    folder = os.path.join(args.work, "clusters")
+    folder = args.out
     ckpt_dir = os.path.join(folder, "ckpt")
     done = workdir.read_manifest(folder)
     if done and done.get("complete") and not args.force:
         if done["inputs"]["regions"] != inp["fingerprint"]:
             raise SystemExit(f"error: {folder} was clustered from other regions (01 was rerun since): "
                              "rerun with --force")
+        old = done.get("config", {})
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RESULT_SETTINGS
+                   if k in old and old[k] != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"error: {folder} holds clusters made with other settings ({', '.join(changed)}): "
+                             "rerun with --force to replace them, or write these to another --out")
         workdir.say(f"{folder} is complete (K = {done['k']}, {done['rows']['regions']} regions); --force redoes it")
         return done
     population = (inp["R"] if args.fit_on != "images" else 0) + \
@@ -808,8 +820,7 @@ def main(argv=None):
         import faiss
         faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     # checkpoints of other settings or other inputs are discarded, never mixed in
-    key = {k: getattr(args, k) for k in ("k", "fit_on", "mode", "init", "iters", "refine_iters", "seed",
-                                         "max_points_per_centre", "image_statuses", "merge_shards")}
+    key = {k: getattr(args, k) for k in RESULT_SETTINGS if k != "image_topl"}
     key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
     workdir.barrier()                            # every rank has read the old manifest before rank 0 clears
     if rank == 0:

@@ -70,7 +70,7 @@ workers or ranks: a run killed and resumed follows the uninterrupted run's loss 
 keeps only the records up to the checkpoint before the replayed steps log again (tests/test_train.py).
 
 Optimisation: AdamW (papers: lr 1e-3, decoupled weight decay 0.2; biases, LayerNorms, the class token and its
-rotary angles take no decay), linear warm-up for --warmup steps (MLCD Tab. 10: 2,000) then cosine to
+rotary angles or the CLIP position table take no decay), linear warm-up for --warmup steps (MLCD Tab. 10: 2,000) then cosine to
 --min-lr-ratio x lr; the banks have their own optimiser with lr x --bank-lr-mult; the gradient norm over
 encoder and banks together is clipped to --grad-clip. Gradient scale: the banks give every rank the
 gradient of the global-batch mean loss (losses.py), and DDP averages the backbone gradients over ranks, so
@@ -119,7 +119,7 @@ from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, prese
 # defaults (the papers' values where they state one; see README "Choices and deviations")
 WORK = "runs/demo"
 METHOD = "rice"
-MODEL = "L/14"
+MODEL = {"rice": "L/14", "mlcd": "clip-L/14"}   # RICE: the RoPE ViT of its released weights; MLCD: its paper's CLIP ViT
 BATCH_SIZE = 32768            # global batch (MLCD Tab. 10: 32,800; RICE: 32K)
 LR = 1e-3                     # MLCD Sec. 4.1, RICE Sec. 4.1
 WEIGHT_DECAY = 0.2
@@ -132,6 +132,7 @@ OCR_VOCAB = 49408             # CLIP BPE, 02_extract_ocr.py
 RHO, SCALE, MARGIN = 0.1, 64.0, 0.3
 PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp32": 494.7},
                "A100": {"bf16": 312.0, "fp32": 156.0}}      # dense tensor-core peaks (fp32 = TF32)
+NO_DECAY = ("class_embedding", "class_pos_emb", "position_embedding")   # as MAE / timm: tokens and positions
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them
 SHUFFLE_BLOCK, SHUFFLE_WINDOW = 1024, 64     # epoch order: 64-block windows of 1,024 consecutive images
@@ -145,12 +146,18 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--work", default=WORK, help="work directory with images/, regions/, ocr/, clusters/")
     a("--run-dir", default=None, help="run folder (default <work>/train)")
+    a("--clusters", default=None, help="03's output folder (default <work>/clusters; MLCD's image codebook can "
+      "live beside RICE's, 03 --out)")
     a("--method", default=METHOD, choices=["mlcd", "rice"])
-    a("--model", default=MODEL, help="model.py preset: tiny, B/16, L/14, L/14-560, bigG/14")
+    a("--model", default=None, help="model.py preset: tiny, B/16, L/14, L/14-560, bigG/14 (RoPE ViTs) or "
+      "clip-tiny, clip-B/32, clip-B/16, clip-L/14, clip-L/14-336 (CLIP ViTs); default L/14 for rice, clip-L/14 "
+      "for mlcd")
     a("--image-size", type=int, default=0, help="training resolution (default: the preset's)")
     a("--region-blocks", type=int, default=-1, help="blocks that run region attention (default: the preset's)")
-    a("--embed-dim", type=int, default=0, help="linear head after ln_post for the losses (0: none)")
-    a("--init-from", default=None, help="kit checkpoint (.pt) or Hugging Face MLCD/RICE directory")
+    a("--embed-dim", type=int, default=-1, help="linear head after ln_post for the losses (0: none; default: "
+      "the preset's, CLIP presets project as MLCD Tab. 9 does)")
+    a("--init-from", default=None, help="kit checkpoint (.pt) or Hugging Face folder: MLCDVisionModel (RICE, "
+      "MLCD bigG), CLIPVisionModel (MLCD L/14-336, B/32) or a CLIPModel's vision tower")
     # data
     a("--num-regions", type=int, default=NUM_REGIONS, help="N regions per image (RICE)")
     a("--image-topl", type=int, default=IMAGE_TOPL, help="labels per image for the image term (MLCD l)")
@@ -201,11 +208,13 @@ def parse_args(argv=None):
     a("--force", action="store_true", help="start over: discard the run folder's checkpoint and log")
     args = p.parse_args(argv)
     rice = args.method == "rice"
+    args.model = args.model or MODEL[args.method]
     args.object_weight = (1.0 if rice else 0.0) if args.object_weight is None else args.object_weight
     args.ocr_weight = (1.0 if rice else 0.0) if args.ocr_weight is None else args.ocr_weight
     args.image_weight = (0.0 if rice else 1.0) if args.image_weight is None else args.image_weight
     args.bank_weight_decay = args.weight_decay if args.bank_weight_decay is None else args.bank_weight_decay
     args.run_dir = args.run_dir or os.path.join(args.work, "train")
+    args.clusters = args.clusters or os.path.join(args.work, "clusters")
     for name in ("object_weight", "ocr_weight", "image_weight"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0")
@@ -228,8 +237,8 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def complete_manifest(work, stage, hint):
-    folder = os.path.join(work, stage)
+def complete_manifest(work, stage, hint, folder=None):
+    folder = folder or os.path.join(work, stage)
     m = workdir.read_manifest(folder)
     if m is None or not m.get("complete"):
         fail(f"{folder}/ is missing or unfinished: run {hint} first")
@@ -265,7 +274,7 @@ def load_stage_outputs(args, rows_path) -> dict:
     table = workdir.read_image_table(work)
     n = len(table)
     reg_folder, reg_m = complete_manifest(work, "regions", "01_mine_regions.py")
-    cl_folder, cl_m = complete_manifest(work, "clusters", "03_cluster.py")
+    cl_folder, cl_m = complete_manifest(work, "clusters", "03_cluster.py", args.clusters)
     if reg_m.get("image_table") != img_m.get("fingerprint"):
         fail(f"{reg_folder} was made from another image table than {img_folder}: rerun 01_mine_regions.py --force")
     regions_fp = json.loads(json.dumps({k: reg_m.get(k) for k in ("finished", "rows", "image_table", "features")}))
@@ -349,9 +358,10 @@ def load_stage_outputs(args, rows_path) -> dict:
 class RegionDataset(torch.utils.data.Dataset):
     """Items are (epoch, position in train_images). Memmaps are opened lazily in each worker process."""
 
-    def __init__(self, *, work, train_rows_path, size, num_regions, max_tokens, image_topl, crop, min_visible,
+    def __init__(self, *, work, clusters, train_rows_path, size, num_regions, max_tokens, image_topl, crop, min_visible,
                  seed, use_objects, use_ocr, use_image, min_crop_scale=1.0):
-        self.work, self.train_rows_path, self.size, self.N, self.M = work, train_rows_path, size, num_regions, max_tokens
+        self.work, self.clusters, self.train_rows_path = work, clusters, train_rows_path
+        self.size, self.N, self.M = size, num_regions, max_tokens
         self.l, self.crop, self.min_visible, self.seed = image_topl, crop, min_visible, seed
         self.use_objects, self.use_ocr, self.use_image = use_objects, use_ocr, use_image
         self.min_crop_scale = min_crop_scale
@@ -368,13 +378,13 @@ class RegionDataset(torch.utils.data.Dataset):
             if self.use_objects:
                 a["reg_off"] = workdir.load(os.path.join(w, "regions"), "region_offsets")
                 a["reg_boxes"] = workdir.load(os.path.join(w, "regions"), "boxes")
-                a["reg_labels"] = workdir.load(os.path.join(w, "clusters"), "region_labels")
+                a["reg_labels"] = workdir.load(self.clusters, "region_labels")
             if self.use_ocr:
                 o = os.path.join(w, "ocr")
                 a["line_off"], a["line_boxes"] = workdir.load(o, "line_offsets"), workdir.load(o, "boxes")
                 a["tok_off"], a["tokens"] = workdir.load(o, "token_offsets"), workdir.load(o, "tokens")
             if self.use_image:
-                a["img_labels"] = workdir.load(os.path.join(w, "clusters"), "image_labels")
+                a["img_labels"] = workdir.load(self.clusters, "image_labels")
             self._a = a
         return self._a
 
@@ -557,17 +567,23 @@ def build_encoder(args, env) -> VisionEncoder:
         overrides = {k: v for k, v in (("image_size", args.image_size),) if v}
         if args.region_blocks >= 0:
             overrides["region_blocks"] = args.region_blocks
-        encoder = load_encoder(args.init_from, **overrides)
-        if args.embed_dim and encoder.cfg.embed_dim != args.embed_dim:
+        try:
+            encoder = load_encoder(args.init_from, **overrides)
+        except (ValueError, FileNotFoundError) as e:
+            fail(f"--init-from {args.init_from}: {e}")
+        if args.embed_dim >= 0 and encoder.cfg.embed_dim != args.embed_dim:
             fail(f"--embed-dim {args.embed_dim} differs from {args.init_from}'s {encoder.cfg.embed_dim}")
     else:
-        overrides = {"embed_dim": args.embed_dim}
+        overrides = {"embed_dim": args.embed_dim} if args.embed_dim >= 0 else {}
         if args.image_size:
             overrides["image_size"] = args.image_size
         if args.region_blocks >= 0:
             overrides["region_blocks"] = args.region_blocks
         torch.manual_seed(args.seed)                 # every rank builds the same initial encoder
-        encoder = VisionEncoder(preset(args.model, **overrides))
+        try:
+            encoder = VisionEncoder(preset(args.model, **overrides))
+        except ValueError as e:
+            fail(f"--model {args.model}: {e}")
     cfg = encoder.cfg
     if cfg.image_size % cfg.patch_size:
         fail(f"--image-size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")
@@ -597,11 +613,11 @@ def build_banks(args, data, dim, env) -> torch.nn.ModuleDict:
 
 
 def build_optimisers(args, encoder, banks, env):
-    """AdamW for the encoder (no decay on biases, norms, the class token and its rotary angles) and one for
-    the banks with their own lr multiplier and decay."""
+    """AdamW for the encoder (no decay on biases, norms, the class token, its rotary angles and the absolute
+    positions) and one for the banks with their own lr multiplier and decay."""
     decay, no_decay = [], []
     for name, p in encoder.named_parameters():
-        (no_decay if p.ndim < 2 or name in ("class_embedding", "class_pos_emb") else decay).append(p)
+        (no_decay if p.ndim < 2 or name in NO_DECAY else decay).append(p)
     fused = {"fused": True} if env.use_cuda else {}
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
@@ -1063,9 +1079,9 @@ def build_loader(args, data, size, start_step, total, env):
     """The DataLoader of this rank's micro-batches from `start_step` on (StepSampler, RegionDataset)."""
     sampler = StepSampler(data["n_train"], args.batch_size, args.accum, env.rank, env.world, args.seed, start_step,
                           total, args.shuffle_block, args.shuffle_window)
-    dataset = RegionDataset(work=args.work, train_rows_path=data["rows_path"], size=size, num_regions=args.num_regions,
-                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, image_topl=args.image_topl,
-                            crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
+    dataset = RegionDataset(work=args.work, clusters=data["clusters"], train_rows_path=data["rows_path"], size=size,
+                            num_regions=args.num_regions, image_topl=args.image_topl,
+                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
                             use_objects=bool(args.object_weight), use_ocr=bool(args.ocr_weight),
                             use_image=bool(args.image_weight), min_crop_scale=args.min_crop_scale)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,

@@ -117,6 +117,7 @@ DENSE_MAX_PATCHES = 5_000    # training patches of the dense probe (a seeded sub
 TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
+PROBES = ("image", "contents", "objects", "ocr", "dense")
 
 EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error"]
 MASK_STATUS = ["ok", "missing", "unreadable", "wrong_size", "none"]
@@ -154,8 +155,15 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="encoder forward precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)} "
+                   "(image: the largest object's class; contents: the classes and category fields present, "
+                   "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches)")
     p.add_argument("--force", action="store_true", help="recompute features even if a finished set matches")
     args = p.parse_args(argv)
+    args.probes = [s.strip() for s in args.probes.split(",") if s.strip()]
+    unknown = sorted(set(args.probes) - set(PROBES))
+    if unknown or not args.probes:
+        raise SystemExit(f"error: --probes {','.join(args.probes)}: choose a non-empty subset of {','.join(PROBES)}")
     if not args.encoder:
         raise SystemExit("error: pass at least one --encoder NAME=SPEC (a kit .pt, an HF folder, random:<...>, "
                          "openclip:<arch>:<pretrained>)")
@@ -820,6 +828,73 @@ def classification_probe(x, labels, split, args, device) -> dict:
     return res
 
 
+def mean_average_precision(scores, Y) -> tuple[float, int]:
+    """(macro mean of sklearn's average precision over the columns of Y with a positive, their number)."""
+    from sklearn.metrics import average_precision_score
+    cols = Y.sum(0) > 0
+    if not cols.any():
+        return float("nan"), 0
+    return float(average_precision_score(Y[:, cols], scores[:, cols], average="macro")), int(cols.sum())
+
+
+def multilabel_probe(x, sets: list, split, args, device) -> dict:
+    """Multi-label linear probe (one BCE output per label seen in probe-train, CLIP's protocol otherwise) ->
+    mAP over the labels present in probe-test. sets: per row the set of its labels (may be empty). Baseline:
+    a constant score, whose average precision is the label's prevalence in probe-test."""
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    vocab = sorted({v for i in np.flatnonzero(full) for v in sets[i]}, key=str)
+    index = {v: k for k, v in enumerate(vocab)}
+    Y = np.zeros((len(sets), len(vocab)), np.float32)
+    for i, s in enumerate(sets):
+        for v in s:
+            if v in index:
+                Y[i, index[v]] = 1
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum()), "labels": len(vocab),
+              "test_labels_unseen": len({v for i in np.flatnonzero(te) for v in sets[i]} - set(vocab))}
+    if counts["test"] == 0 or len(vocab) < 2:
+        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 labels in probe-train",
+                "counts": counts}
+    present = Y[te].sum(0) > 0
+    res = {"counts": counts, "prevalence_map": float(Y[te][:, present].mean(0).mean()) if present.any() else None}
+    if counts["val"] and (Y[va].sum(0) > 0).any():
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device),
+            lambda m: mean_average_precision(linear_scores(x[va], m, device), Y[va])[0], refine=args.c_refine)
+    else:
+        C, search = 1.0, []
+    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device)
+    m, scored = mean_average_precision(linear_scores(x[te], final, device), Y[te])
+    res["linear"] = {"map": m, "labels_scored": scored, "C": C, "iters": final.iters, "search": search,
+                     "val_metric": "map"}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def image_contents(data: Data) -> tuple[dict, np.ndarray]:
+    """Per image, what its object annotations (not text, not crowd) contain: {"classes": [set of category
+    ids]} plus, for every category field that varies over those categories (COCO's supercategory; the demo's
+    shape, colour, texture), {field: [set of values]}; and the number of objects per image."""
+    obj = ~data.is_text & ~data.crowd
+    used = sorted({int(c) for c in data.category[obj]})
+    fields = sorted({k for c in used for k, v in data.categories[c].items()
+                     if k not in ("id", "name") and isinstance(v, str)})
+    fields = [f for f in fields if len({data.categories[c].get(f) for c in used}) > 1]
+    n = len(data.files)
+    out = {"classes": [set() for _ in range(n)], **{f: [set() for _ in range(n)] for f in fields}}
+    count = np.zeros(n, np.int64)
+    for i in range(n):
+        for a in range(int(data.ann_offsets[i]), int(data.ann_offsets[i + 1])):
+            if obj[a]:
+                c = int(data.category[a])
+                out["classes"][i].add(c)
+                for f in fields:
+                    out[f][i].add(data.categories[c].get(f))
+                count[i] += 1
+    return out, count
+
+
 def recall_at(scores, targets: list, k: int) -> float:
     """Mean over rows of |top-k outputs by score  intersect  targets| / |targets| (rows without targets left out)."""
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -997,6 +1072,9 @@ def tsne_figure(path: str, name: str, kind: str, x, class_ids, data: Data, args)
 
 COLUMNS = [  # (header, probe key, metric path)
     ("image linear", "image", ("linear", "top1")), ("image k-NN", "image", ("knn", "top1")),
+    ("image mAP", "present_classes", ("linear", "map")),
+    # "image mAP (<field>)" for each category field (image_contents) goes here: markdown() inserts them
+    ("count linear", "object_count", ("linear", "top1")),
     ("obj linear (region)", "objects_region", ("linear", "top1")),
     ("obj k-NN (region)", "objects_region", ("knn", "top1")),
     ("obj linear (pooled)", "objects_pooled", ("linear", "top1")),
@@ -1017,7 +1095,11 @@ def metric(probes: dict, key: str, path) -> float | None:
 
 
 def markdown(report: dict) -> str:
-    cols = [c for c in COLUMNS if any(metric(e["probes"], c[1], c[2]) is not None for e in report["encoders"].values())]
+    fields = sorted({k[len("present_"):] for e in report["encoders"].values() for k in e["probes"]
+                     if k.startswith("present_") and k != "present_classes"})
+    at = [c[1] for c in COLUMNS].index("object_count")
+    columns = COLUMNS[:at] + [(f"image mAP ({f})", f"present_{f}", ("linear", "map")) for f in fields] + COLUMNS[at:]
+    cols = [c for c in columns if any(metric(e["probes"], c[1], c[2]) is not None for e in report["encoders"].values())]
     lines = ["| encoder | input | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for name, e in report["encoders"].items():
@@ -1030,14 +1112,15 @@ def markdown(report: dict) -> str:
                      + " | ".join(cells) + " |")
     base = next(iter(report["encoders"].values()))["probes"]
     chance = []
-    for key, label, field in (("image", "image", "majority_top1"), ("objects_pooled", "objects", "majority_top1"),
+    for key, label, field in (("image", "image", "majority_top1"), ("present_classes", "image mAP", "prevalence_map"),
+                              ("object_count", "count", "majority_top1"), ("objects_pooled", "objects", "majority_top1"),
                               ("ocr_pooled", "OCR R@5", "frequency_recall@5"),
                               ("dense", "dense mIoU", "majority_miou")):
         if isinstance(base.get(key), dict) and base[key].get(field) is not None:
             chance.append(f"{label} {100 * base[key][field]:.1f}")
     d = report["data"]
     text = "\n".join(lines) + "\n\n"
-    text += (f"Top-1 accuracy, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of {d['images']['total']} "
+    text += (f"Top-1 accuracy, mAP, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of {d['images']['total']} "
              f"images; {d['images']['ok']} readable). Majority / frequency baselines: "
              f"{', '.join(chance) or 'n/a'}.\n")
     if any("dense" in e["probes"] for e in report["encoders"].values()):
@@ -1158,6 +1241,7 @@ def main(argv=None):
     if bad:
         print(f"note: {sum(bad.values())} unreadable images left out: {bad}", flush=True)
 
+    contents, object_count = image_contents(data) if not args.image_folder else ({}, None)
     tokenizer = clip_tokenizer(args.max_tokens) if not args.image_folder and data.is_text.any() else None
     token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
     report = {"settings": jsonable({**vars(args), "c_grid": C_GRID, "recall_at": RECALL_AT,
@@ -1167,28 +1251,37 @@ def main(argv=None):
         f, t_enc = features[name], time.time()
         probes = {}
         img_sel = ok & (data.image_label >= 0)
-        probes["image"] = classification_probe(unit(f["image_features"][img_sel]), data.image_label[img_sel],
-                                               split[img_sel], args, device)
+        if "image" in args.probes or args.image_folder:
+            probes["image"] = classification_probe(unit(f["image_features"][img_sel]), data.image_label[img_sel],
+                                                   split[img_sel], args, device)
         tsne = None
         if not args.image_folder:
+            if "contents" in args.probes:
+                # what MLCD's image-level labels are about: which objects an image holds, and how many
+                x_img = unit(f["image_features"][ok])
+                for what, sets in contents.items():
+                    probes[f"present_{what}"] = multilabel_probe(x_img, [sets[i] for i in np.flatnonzero(ok)],
+                                                                 split[ok], args, device)
+                probes["object_count"] = classification_probe(x_img, object_count[ok], split[ok], args, device)
             obj = kept & ~data.is_text
             txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
             kinds = (["region"] if "region" in f else []) + ["pooled"]
             for kind in kinds:
                 feats = f[kind]
-                probes[f"objects_{kind}"] = classification_probe(unit(feats[obj]), data.category[obj],
-                                                                 split[ann_image[obj]], args, device)
+                if "objects" in args.probes:
+                    probes[f"objects_{kind}"] = classification_probe(unit(feats[obj]), data.category[obj],
+                                                                     split[ann_image[obj]], args, device)
                 sel = np.flatnonzero(txt)
-                if not len(sel):                    # no text category in these annotations: no OCR probe
+                if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
                     continue
                 probes[f"ocr_{kind}"] = ocr_probe(unit(feats[txt]), [token_lists[i] for i in sel],
                                                   np.array([data.words[i].lower() for i in sel], dtype=object),
                                                   split[ann_image[txt]], args, device)
             tsne_sel = obj & (split[ann_image] == 2)
-            if args.tsne_max > 0:
+            if args.tsne_max > 0 and "objects" in args.probes:
                 tsne = tsne_figure(os.path.join(args.out, f"tsne_{name}.png"), name, kinds[0],
                                    unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
-            if data.masks:
+            if data.masks and "dense" in args.probes:
                 po = f["patch_offsets"]
                 patch_image = np.repeat(np.arange(n), np.diff(po))
                 use = ok[patch_image]

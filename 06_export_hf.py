@@ -1,31 +1,37 @@
-r"""Stage 06: export a trained encoder as a Hugging Face `MLCDVisionModel` folder with its `CLIPImageProcessor`.
+r"""Stage 06: export a trained encoder as a Hugging Face folder with its `CLIPImageProcessor`: an `MLCDVisionModel`
+(the RoPE ViT, arch "mlcd") or a `CLIPVisionModel` (the CLIP ViT, arch "clip"), the layouts of the released
+RICE / MLCD-bigG and MLCD-L/14-336 / B/32 folders.
 
     python 06_export_hf.py --checkpoint runs/demo/train/ckpt/latest.pt --out runs/demo/export
     python 06_export_hf.py --checkpoint runs/big/train336/ckpt/latest.pt --out exports/rice-l14-336 --image-size 336
 
 The folder then stands alone: with transformers >= 4.51.3 and nothing of this kit,
-    from transformers import CLIPImageProcessor, MLCDVisionModel
+    from transformers import CLIPImageProcessor, MLCDVisionModel      # CLIPVisionModel for arch "clip"
     model = MLCDVisionModel.from_pretrained("runs/demo/export")
     processor = CLIPImageProcessor.from_pretrained("runs/demo/export")
-which is how LLaVA-NeXT's MLCD vision tower loads a tower and its processor from one `vision_tower` path.
+which is how LLaVA-NeXT's MLCD and CLIP vision towers load a tower and its processor from one `vision_tower`
+path.
 
 Reads a kit checkpoint (.pt with `encoder` and `encoder_config`: 04's training checkpoints, or files written with
-model.encoder_checkpoint) or an MLCD Hugging Face folder, through model.load_encoder. Writes --out:
+model.encoder_checkpoint) or a Hugging Face folder that model.load_encoder reads. Writes --out:
     model.safetensors         the weights under the released checkpoints' key names (`vision_model.` prefix)
-    config.json               MLCDVisionConfig (model_type mlcd_vision_model); image_size = --image-size
+    config.json               MLCDVisionConfig (model_type mlcd_vision_model) or CLIPVisionConfig (model_type
+                              clip_vision_model); image_size = --image-size
     preprocessor_config.json  CLIPImageProcessor: resize the short side to S (bicubic), centre-crop S x S,
                               rescale 1/255, normalise with CLIP's mean and std, convert to RGB: the settings
                               of workdir.resize_crop(crop="center") + workdir.normalize, the kit's own input
 Each file is written atomically. --out must be empty, missing or a previous export (re-exporting over it is
 fine); anything else is refused unless --force, which writes the three files and leaves other files alone.
---image-size S defaults to the checkpoint's image_size; any multiple of the patch size works (2-D RoPE).
+--image-size S defaults to the checkpoint's image_size; any multiple of the patch size works (2-D RoPE; a
+CLIP position table is resampled to S / patch per side, model.VisionEncoder.set_image_size, so the export runs
+natively at S).
 
-Not exported: the optional loss head (`embed_dim` > 0: a linear layer after ln_post that only the losses use;
-the released checkpoints have none), said in the output when the checkpoint has one. The RICE region path
-has no weights of its own (it reuses the last blocks), so nothing of it is lost; `MLCDVisionModel` simply
-runs the global path.
+Not exported: the optional head (`embed_dim` > 0: a linear layer after ln_post that the losses use, CLIP's
+projection in the clip presets; the released MLCD / RICE folders have none), said in the output when the
+checkpoint has one. The RICE region path has no weights of its own (it reuses the last blocks), so nothing of
+it is lost; the HF model simply runs the global path.
 
-Verification, in the same run: the folder is loaded back with MLCDVisionModel.from_pretrained and
+Verification, in the same run: the folder is loaded back with MLCDVisionModel / CLIPVisionModel.from_pretrained and
 CLIPImageProcessor.from_pretrained; a random input goes through the kit encoder and the loaded model, and the
 max abs difference of last_hidden_state and pooler_output must be <= 1e-4 (fp32, CPU; a larger one is an error).
 The processor's pixel_values on a non-square test image are compared with resize_crop + normalize and the
@@ -35,7 +41,6 @@ CLIPImageProcessor) differ by about one uint8 level on most pixels that differ a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -51,12 +56,13 @@ import workdir  # noqa: E402
 OUT = "runs/demo/export"
 TOLERANCE = 1e-4            # max abs difference allowed between the kit encoder and the exported model (fp32)
 EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+HF_CLASS = {"mlcd": "MLCDVisionModel", "clip": "CLIPVisionModel"}      # the class that loads each arch's export
 SEED = 0
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="kit checkpoint (.pt) or an MLCD Hugging Face folder")
+    p.add_argument("--checkpoint", required=True, help="kit checkpoint (.pt) or a Hugging Face MLCD / CLIP folder")
     p.add_argument("--out", default=OUT)
     p.add_argument("--image-size", type=int, help="input size S of the processor and config (default: the "
                                                   "checkpoint's image_size)")
@@ -77,13 +83,13 @@ def preprocessor_config(size: int) -> dict:
 
 
 def is_previous_export(folder: str) -> bool:
-    """Only this script's files (or their tmp leftovers from a killed run), and an MLCD config."""
+    """Only this script's files (or their tmp leftovers from a killed run), and an MLCD or CLIP config."""
     names = [f for f in os.listdir(folder) if not f.endswith(".tmp") and ".tmp." not in f]
     if not set(names) <= set(EXPORT_FILES) or "config.json" not in names:
         return False
     try:
         with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f).get("model_type") == "mlcd_vision_model"
+            return json.load(f).get("model_type") in ("mlcd_vision_model", "clip_vision_model")
     except (OSError, ValueError):
         return False
 
@@ -107,8 +113,9 @@ def test_image(seed: int = SEED):
 def verify(encoder, out: str, size: int) -> dict:
     """Load `out` with transformers alone and compare it with the kit encoder on the same input."""
     import torch
-    from transformers import CLIPImageProcessor, MLCDVisionModel
-    hf = MLCDVisionModel.from_pretrained(out).eval()
+    import transformers
+    from transformers import CLIPImageProcessor
+    hf = getattr(transformers, HF_CLASS[encoder.cfg.arch]).from_pretrained(out).eval()
     processor = CLIPImageProcessor.from_pretrained(out)
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(2, 3, size, size, generator=g)
@@ -158,8 +165,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     others = sorted(set(os.listdir(args.out)) - set(EXPORT_FILES))
 
-    # the config carries the export size: LLaVA-style towers read image_size (and patch_size) from it
-    encoder.cfg = dataclasses.replace(cfg, image_size=size)
+    # the config carries the export size: LLaVA-style towers read image_size (and patch_size) from it; a CLIP
+    # position table is resampled to it
+    encoder.set_image_size(size)
     kit.save_hf(encoder, args.out)                                   # model.safetensors + config.json, atomic
     workdir.write_json(os.path.join(args.out, "preprocessor_config.json"), preprocessor_config(size))
     t_write = time.time() - t0
@@ -172,12 +180,12 @@ def main(argv=None):
                          f"{check['max_abs_diff_last_hidden_state']:.3g}, pooler_output "
                          f"{check['max_abs_diff_pooler_output']:.3g})")
     params = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("head."))
-    print(f"exported {args.checkpoint} -> {args.out}: MLCDVisionModel, {params / 1e6:.2f}M parameters, width "
+    print(f"exported {args.checkpoint} -> {args.out}: {HF_CLASS[cfg.arch]}, {params / 1e6:.2f}M parameters, width "
           f"{cfg.width}, {cfg.layers} layers, patch {cfg.patch_size}, image size {size}; "
           f"{', '.join(EXPORT_FILES)}")
     if cfg.embed_dim:
-        print(f"note: the checkpoint's loss head (linear {cfg.width} -> {cfg.embed_dim}) is not part of "
-              "MLCDVisionModel and was not exported; pooler_output is ln_post(CLS), width "
+        print(f"note: the checkpoint's head (linear {cfg.width} -> {cfg.embed_dim}) is not part of "
+              f"{HF_CLASS[cfg.arch]} and was not exported; pooler_output is ln_post(CLS), width "
               f"{cfg.width}")
     if others:
         print(f"note: {args.out} also holds files this export did not write: {', '.join(others[:8])}")

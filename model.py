@@ -1,27 +1,44 @@
-"""The MLCD / RICE vision encoder: a ViT with 2-D rotary position embedding and RICE region attention.
+"""The MLCD / RICE vision encoder: a ViT in the two architectures of the released weights, plus RICE region
+attention. One config field, `arch`, picks the position scheme:
 
-The global path is exactly Hugging Face transformers' `MLCDVisionModel`, the architecture of the released
-`DeepGlint-AI/rice-vit-large-patch14-560` and `mlcd-vit-bigG-patch14-*` weights:
+    arch "mlcd"  2-D rotary position embedding, no absolute positions: Hugging Face transformers'
+                 `MLCDVisionModel`, the architecture of the released `DeepGlint-AI/rice-vit-large-patch14-560`
+                 and `mlcd-vit-bigG-patch14-*` weights (exact GELU)
+    arch "clip"  learned absolute position embeddings: transformers' `CLIPVisionModel`, the architecture of the
+                 MLCD paper's models (MLCD App. Tab. 9: CLIP ViT-B/32, B/16, L/14) and of the released
+                 `mlcd-vit-base-patch32-224` and `mlcd-vit-large-patch14-336` (QuickGELU)
 
-    x = [class_embedding ; conv(pixels)]            conv patch embedding, no bias, no absolute positions
+    x = [class_embedding ; conv(pixels)]            conv patch embedding, no bias
+    x = x + position_embedding          (clip only; resampled bicubically for another grid, as HF's
+                                         interpolate_pos_encoding does)
     x = ln_pre(x)
-    x = x + attn(ln_1(x), rope)  ;  x = x + mlp(ln_2(x))      for each block (pre-norm, exact GELU)
+    x = x + attn(ln_1(x), rope)  ;  x = x + mlp(ln_2(x))      for each block (pre-norm; rope: mlcd only)
     last_hidden_state = x          (not normed, as HF)
-    class_embedding   = ln_post(x[:, 0])
+    class_embedding   = ln_post(x[:, 0])   (then the optional linear head: CLIP's visual projection, or the
+                                            losses' head)
 
-2-D RoPE (method notes 3.2): with head dim d, a patch at grid (row h, col w) gets the angles
+The activation (`act`) is exact GELU or QuickGELU (x * sigmoid(1.702 x), OpenAI CLIP's) in either arch.
+
+2-D RoPE (arch "mlcd"): with head dim d, a patch at grid (row h, col w) gets the angles
 concat(h * inv_freq, w * inv_freq) (length d/2, inv_freq = 1 / theta^(2i / (d/2))), repeated twice to
 length d; the class token gets a learned `class_pos_emb` of length d/2 instead. q and k are rotated with
 `q * cos + rotate_half(q) * sin` in fp32; v is not rotated.
 
+Absolute positions (arch "clip"): a learned table of 1 + (S/p)^2 rows for the config's image_size S. Another
+input grid (h, w) uses the table's patch rows resampled to h x w (bicubic, align_corners=False) and its class
+row as it is; `set_image_size` resamples the table itself, which is what a fine-tune or an export at another
+size keeps.
+
 Region attention (RICE paper Sec. 3.2, "region-aware attention in the later layers"):
     R = softmax(Q K^T / sqrt(d_k) + M) V
 The last `region_blocks` blocks also carry N region queries, one per box. They start as copies of the class
-token's hidden state at the input of the first region block and use the class token's rotary angles. In each
+token's hidden state at the input of the first region block and take the class token's position (its rotary
+angles; in arch "clip" its absolute position is already in that hidden state). In each
 region block a query attends to itself and to the patch tokens inside its box (M = 0 there, -inf elsewhere),
 with keys and values taken from the global path of the same block, so the cost is O(N x P) per block. The
 region path reuses the blocks' own weights (no extra parameters, so a trained encoder exports to a plain
-`MLCDVisionModel`) and only reads the global path: global outputs are identical with and without boxes.
+`MLCDVisionModel` or `CLIPVisionModel`) and only reads the global path: global outputs are identical with and
+without boxes.
 
 Which patches a box sees (`box_patch_mask`): boxes are (x0, y0, x1, y1) in pixels of the input tensor,
 clipped to the image. A patch is inside when its centre lies in the closed box. A box that contains no
@@ -29,13 +46,15 @@ patch centre (smaller than a patch, or thin) sees the single patch that contains
 valid region has at least one patch. Invalid (padding) regions see only themselves; their output is
 meaningless and must be ignored through the validity mask.
 
-Checkpoints: `load_encoder(path)` reads a Hugging Face MLCD directory (config.json + safetensors) or a kit
-checkpoint (.pt with `encoder` and `encoder_config`); `save_hf(encoder, dir)` writes a directory that
-`transformers.MLCDVisionModel.from_pretrained` loads.
+Checkpoints: `load_encoder(path)` reads a Hugging Face folder (config.json + safetensors: `MLCDVisionModel`,
+`CLIPVisionModel`, `CLIPVisionModelWithProjection`, or the vision tower of a `CLIPModel`) or a kit checkpoint
+(.pt with `encoder` and `encoder_config`); `save_hf(encoder, dir)` writes a folder that
+`transformers.MLCDVisionModel` (arch "mlcd") or `transformers.CLIPVisionModel` (arch "clip") loads.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -46,6 +65,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)          # OpenAI CLIP's activation (HF hidden_act "quick_gelu")
+
+
+ARCHS = ("mlcd", "clip")
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}   # F.gelu: exact GELU (HF hidden_act "gelu")
+
+
 @dataclass
 class ViTConfig:
     patch_size: int = 14
@@ -53,20 +80,35 @@ class ViTConfig:
     layers: int = 24
     heads: int = 16
     mlp_dim: int = 4096
-    image_size: int = 224        # default input size only; any multiple of patch_size works (RoPE, no pos-emb)
+    image_size: int = 224        # mlcd: the default input size only; clip: the grid of the position table
+                                 # (any multiple of patch_size runs either way)
     ln_eps: float = 1e-5
     rope_theta: float = 10000.0
     region_blocks: int = 2       # R: the last R blocks also run region attention; 0 turns the region path off
-    embed_dim: int = 0           # optional linear head after ln_post for the losses; 0 = none (use width)
+    embed_dim: int = 0           # optional linear head after ln_post (CLIP's projection); 0 = none (use width)
+    arch: str = "mlcd"           # "mlcd": 2-D RoPE (MLCDVisionModel); "clip": learned absolute positions (CLIPVisionModel)
+    act: str = "gelu"            # "gelu" (exact) or "quick_gelu" (x * sigmoid(1.702 x))
 
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
 
+    @property
+    def grid(self) -> int:
+        """Patches per side of image_size: the position table's grid in arch "clip"."""
+        return self.image_size // self.patch_size
+
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.head_dim % 4:
+        if self.arch == "clip" and (self.image_size < self.patch_size or self.image_size % self.patch_size):
+            raise ValueError(f"image_size {self.image_size} must be a positive multiple of the patch size "
+                             f"{self.patch_size} (the position table's grid)")
+        if self.arch == "mlcd" and self.head_dim % 4:
             raise ValueError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE (two axes x cos/sin halves)")
         if not 0 <= self.region_blocks <= self.layers:
             raise ValueError(f"region_blocks must be in [0, {self.layers}], got {self.region_blocks}")
@@ -81,6 +123,19 @@ PRESETS = {
     "L/14-560": dict(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, image_size=560),
     # the released MLCD ViT-bigG/14 (mlcd-vit-bigG-patch14-{224,336,448})
     "bigG/14": dict(patch_size=14, width=1664, layers=48, heads=16, mlp_dim=8192, image_size=336),
+    # the MLCD paper's CLIP ViTs (App. Tab. 9: learned absolute positions, QuickGELU, projection to the embed
+    # dim that feeds the classifier); the released mlcd-vit-base-patch32-224 and mlcd-vit-large-patch14-336
+    # are clip-B/32 and clip-L/14-336 without the projection
+    "clip-tiny": dict(patch_size=8, width=64, layers=4, heads=4, mlp_dim=256, image_size=64, region_blocks=1,
+                      arch="clip", act="quick_gelu"),
+    "clip-B/32": dict(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072, image_size=224, embed_dim=512,
+                      arch="clip", act="quick_gelu"),
+    "clip-B/16": dict(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072, image_size=224, embed_dim=512,
+                      arch="clip", act="quick_gelu"),
+    "clip-L/14": dict(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, image_size=224, embed_dim=768,
+                      arch="clip", act="quick_gelu"),
+    "clip-L/14-336": dict(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, image_size=336,
+                          embed_dim=768, arch="clip", act="quick_gelu"),
 }
 
 
@@ -119,6 +174,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x (B, H, T, d) in any dtype; cos/sin (T, d) fp32. Rotary maths in fp32 (also under bf16 autocast)."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# absolute positions (arch "clip")
+
+
+def resample_positions(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(1 + n * n, D) position table -> (1 + grid_h * grid_w, D): the class row as it is, the n x n patch rows
+    resampled bicubically (align_corners=False), as transformers' CLIPVisionEmbeddings.interpolate_pos_encoding
+    does; the table itself when the grid is its own."""
+    n = math.isqrt(table.shape[0] - 1)
+    if n * n != table.shape[0] - 1:
+        raise ValueError(f"a position table of {table.shape[0]} rows is not 1 + a square grid")
+    if (grid_h, grid_w) == (n, n):
+        return table
+    D = table.shape[1]
+    patch = table[1:].reshape(1, n, n, D).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([table[:1], patch.permute(0, 2, 3, 1).reshape(grid_h * grid_w, D)], dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,9 +249,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+        self.act = ACTIVATIONS[cfg.act]
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))             # exact GELU (HF hidden_act "gelu")
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -189,9 +264,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, regions=None, region_cos=None, region_sin=None, region_mask=None):
-        """x (B, T, D) global tokens; regions (B, N, D) region queries or None; region_mask (B, 1, N, N+P)."""
+        """x (B, T, D) global tokens; cos/sin (T, d) rotary tables or None (arch "clip": positions are in x);
+        regions (B, N, D) region queries or None; region_mask (B, 1, N, N+P)."""
         q, k, v = self.attn.split_heads(self.ln_1(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # global path: plain full attention, flash / memory-efficient kernels on GPU
         x_out = x + self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v))
         x_out = x_out + self.mlp(self.ln_2(x_out))
@@ -201,7 +278,8 @@ class Block(nn.Module):
         # (so it can attend to itself) followed by the patch tokens of the global path (class token dropped);
         # the boolean mask M allows self plus the patches inside the box.
         rq, rk, rv = self.attn.split_heads(self.ln_1(regions))
-        rq, rk = apply_rope(rq, region_cos, region_sin), apply_rope(rk, region_cos, region_sin)
+        if region_cos is not None:
+            rq, rk = apply_rope(rq, region_cos, region_sin), apply_rope(rk, region_cos, region_sin)
         keys = torch.cat([rk, k[:, :, 1:]], dim=2)
         values = torch.cat([rv, v[:, :, 1:]], dim=2)
         r_out = regions + self.attn.merge_heads(F.scaled_dot_product_attention(rq, keys, values, attn_mask=region_mask))
@@ -220,7 +298,10 @@ class VisionEncoder(nn.Module):
         D = cfg.width
         self.conv1 = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(D ** -0.5 * torch.randn(D))
-        self.class_pos_emb = nn.Parameter(torch.randn(1, cfg.head_dim // 2) * (cfg.head_dim // 2) ** -0.5)
+        if cfg.arch == "clip":    # HF CLIPVisionEmbeddings.position_embedding, one row per token
+            self.position_embedding = nn.Parameter(0.02 * torch.randn(1 + cfg.grid ** 2, D))
+        else:
+            self.class_pos_emb = nn.Parameter(torch.randn(1, cfg.head_dim // 2) * (cfg.head_dim // 2) ** -0.5)
         self.ln_pre = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
         self.ln_post = nn.LayerNorm(D, eps=cfg.ln_eps)
@@ -231,9 +312,11 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # the HF MLCD initialisation (method notes 3.3)
+        # the HF MLCD / CLIP initialisation (the two are the same; CLIP adds its position table)
         D, L, std = self.cfg.width, self.cfg.layers, 0.02
         nn.init.normal_(self.conv1.weight, std=std)
+        if self.cfg.arch == "clip":
+            nn.init.normal_(self.position_embedding, std=std)
         for blk in self.blocks:
             nn.init.normal_(blk.attn.qkv.weight, std=D ** -0.5 * (2 * L) ** -0.5)
             nn.init.normal_(blk.attn.proj.weight, std=D ** -0.5)
@@ -244,6 +327,20 @@ class VisionEncoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def absolute_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1 + grid_h * grid_w, D): the table, its patch rows resampled when the grid is not the table's."""
+        return resample_positions(self.position_embedding, grid_h, grid_w)
+
+    @torch.no_grad()
+    def set_image_size(self, image_size: int) -> None:
+        """Make image_size the encoder's own size. arch "clip": the position table is resampled to the new
+        grid (what fine-tuning or exporting at another resolution keeps); arch "mlcd": only the config."""
+        cfg = self.cfg.__class__(**{**asdict(self.cfg), "image_size": int(image_size)})
+        if cfg.arch == "clip" and cfg.grid != self.cfg.grid:
+            table = resample_positions(self.position_embedding.detach(), cfg.grid, cfg.grid)
+            self.position_embedding = nn.Parameter(table.contiguous(), requires_grad=self.position_embedding.requires_grad)
+        self.cfg = cfg
 
     def patch_rope(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         key = (grid_h, grid_w, str(device))
@@ -263,11 +360,15 @@ class VisionEncoder(nn.Module):
         gh, gw = H // cfg.patch_size, W // cfg.patch_size
         x = self.conv1(pixel_values.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)   # (B, P, D)
         x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)
+        cos = sin = None
+        if cfg.arch == "clip":
+            x = x + self.absolute_positions(gh, gw).to(x.dtype)
         x = self.ln_pre(x)
 
-        angles = torch.cat([self.class_pos_emb.float(), self.patch_rope(gh, gw, x.device)], dim=0)
-        angles = torch.cat([angles, angles], dim=-1)                                          # (1+P, d)
-        cos, sin = angles.cos(), angles.sin()
+        if cfg.arch == "mlcd":
+            angles = torch.cat([self.class_pos_emb.float(), self.patch_rope(gh, gw, x.device)], dim=0)
+            angles = torch.cat([angles, angles], dim=-1)                                      # (1+P, d)
+            cos, sin = angles.cos(), angles.sin()
 
         use_regions = boxes is not None and cfg.region_blocks > 0 and boxes.shape[1] > 0
         first_region_block = cfg.layers - cfg.region_blocks
@@ -281,7 +382,7 @@ class VisionEncoder(nn.Module):
             inside = box_patch_mask(boxes.to(x.device), gh, gw, cfg.patch_size) & box_valid.to(x.device, torch.bool)[..., None]
             self_mask = torch.eye(N, dtype=torch.bool, device=x.device).expand(B, N, N)
             region_mask = torch.cat([self_mask, inside], dim=-1)[:, None]                     # (B, 1, N, N+P)
-            region_cos, region_sin = cos[:1], sin[:1]          # the class token's angles
+            region_cos, region_sin = (cos[:1], sin[:1]) if cos is not None else (None, None)   # the class token's
 
         for i, blk in enumerate(self.blocks):
             if use_regions and i == first_region_block:
@@ -298,16 +399,26 @@ class VisionEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints: Hugging Face MLCDVisionModel <-> kit
+# checkpoints: Hugging Face MLCDVisionModel / CLIPVisionModel <-> kit
 
 HF_PREFIX = "vision_model."   # the released checkpoints' key prefix; transformers 5 also loads it
+HF_MODEL_TYPES = {"mlcd": "mlcd", "mlcd_vision_model": "mlcd", "clip": "clip", "clip_vision_model": "clip"}
+# what a config.json leaves out is its config class's default (save_pretrained can write only the differences)
+HF_DEFAULTS = {
+    "mlcd": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
+                 image_size=336, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3),
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3,
+                 projection_dim=512),
+}
+NOT_VISION = ("text_model.", "text_projection.", "logit_scale")   # a CLIPModel's text tower and logit scale
 
 
 def kit_to_hf_state_dict(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         if k.startswith("head."):
-            continue   # the optional loss head is not part of MLCDVisionModel
+            continue   # the optional head is not part of MLCDVisionModel / CLIPVisionModel
         parts = k.split(".")
         if parts[0] == "blocks":
             i, rest = parts[1], ".".join(parts[2:])
@@ -324,66 +435,114 @@ def kit_to_hf_state_dict(sd: dict) -> dict:
             out[p + rest] = v
         else:
             name = {"conv1.weight": "embeddings.patch_embedding.weight",
-                    "class_embedding": "embeddings.class_embedding"}.get(k)
+                    "class_embedding": "embeddings.class_embedding",
+                    "position_embedding": "embeddings.position_embedding.weight"}.get(k)
             if name is None:
                 name = k.replace("ln_pre.", "pre_layrnorm.").replace("ln_post.", "post_layernorm.")
             out[name] = v
     return {HF_PREFIX + k: v.contiguous() for k, v in out.items()}
 
 
-def hf_to_kit_state_dict(sd: dict, layers: int) -> dict:
-    sd = {k[len(HF_PREFIX):] if k.startswith(HF_PREFIX) else k: v for k, v in sd.items()}
-    out = {
-        "conv1.weight": sd.pop("embeddings.patch_embedding.weight"),
-        "class_embedding": sd.pop("embeddings.class_embedding"),
-        "class_pos_emb": sd.pop("class_pos_emb"),
-    }
+def hf_to_kit_state_dict(sd: dict, cfg: ViTConfig) -> dict:
+    """HF weights (with or without the `vision_model.` prefix; a CLIPModel's text tower is dropped) -> kit."""
+    projection = sd.get("visual_projection.weight")
+    sd = {k.removeprefix(HF_PREFIX): v for k, v in sd.items()
+          if not k.startswith(NOT_VISION) and k != "visual_projection.weight"}
+
+    def take(name):
+        if name not in sd:
+            raise ValueError(f"the weights have no {name!r} (a {cfg.arch.upper()} vision tower of {cfg.layers} "
+                             f"layers was expected from config.json)")
+        return sd.pop(name)
+
+    out = {"conv1.weight": take("embeddings.patch_embedding.weight"),
+           "class_embedding": take("embeddings.class_embedding")}
+    if cfg.arch == "clip":
+        out["position_embedding"] = take("embeddings.position_embedding.weight")
+    else:
+        out["class_pos_emb"] = take("class_pos_emb")
+    if cfg.embed_dim:
+        if projection is None:
+            raise ValueError("the weights have no 'visual_projection.weight' to take as the projection head")
+        out["head.weight"] = projection
     # CLIP's "pre_layrnorm" typo is the released name; accept the corrected spelling too
     for src, dst in (("pre_layrnorm", "ln_pre"), ("pre_layernorm", "ln_pre"), ("post_layernorm", "ln_post")):
         for kind in ("weight", "bias"):
             if f"{src}.{kind}" in sd:
                 out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
-    for i in range(layers):
+    for i in range(cfg.layers):
         p = f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(
-                [sd.pop(p + f"self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")], dim=0)
-            out[f"blocks.{i}.attn.proj.{kind}"] = sd.pop(p + f"self_attn.out_proj.{kind}")
-            out[f"blocks.{i}.ln_1.{kind}"] = sd.pop(p + f"layer_norm1.{kind}")
-            out[f"blocks.{i}.ln_2.{kind}"] = sd.pop(p + f"layer_norm2.{kind}")
-            out[f"blocks.{i}.mlp.fc1.{kind}"] = sd.pop(p + f"mlp.fc1.{kind}")
-            out[f"blocks.{i}.mlp.fc2.{kind}"] = sd.pop(p + f"mlp.fc2.{kind}")
+                [take(p + f"self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")], dim=0)
+            out[f"blocks.{i}.attn.proj.{kind}"] = take(p + f"self_attn.out_proj.{kind}")
+            out[f"blocks.{i}.ln_1.{kind}"] = take(p + f"layer_norm1.{kind}")
+            out[f"blocks.{i}.ln_2.{kind}"] = take(p + f"layer_norm2.{kind}")
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = take(p + f"mlp.fc1.{kind}")
+            out[f"blocks.{i}.mlp.fc2.{kind}"] = take(p + f"mlp.fc2.{kind}")
     leftover = [k for k in sd if not k.endswith(("position_ids", "inv_freq"))]
     if leftover:
-        raise ValueError(f"unexpected keys in the MLCD checkpoint: {leftover[:8]}")
+        raise ValueError(f"unexpected keys in the {cfg.arch.upper()} checkpoint: {leftover[:8]}")
     return out
 
 
-def hf_config_to_kit(hf: dict, **overrides) -> ViTConfig:
-    hf = hf.get("vision_config", hf)
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"expected an MLCD config with hidden_act 'gelu', got {hf.get('hidden_act')!r} "
-                         "(CLIP-format checkpoints with absolute positions are not this architecture)")
-    size = hf.get("image_size", 224)
-    rope = hf.get("rope_parameters") or {}
+def hf_arch(hf: dict) -> str:
+    """"mlcd" or "clip" for a config.json: a vision config, or a CLIPModel's (its vision_config)."""
+    for model_type in ((hf.get("vision_config") or {}).get("model_type"), hf.get("model_type")):
+        if model_type in HF_MODEL_TYPES:
+            return HF_MODEL_TYPES[model_type]
+    names = " ".join(hf.get("architectures") or [])
+    for key, arch in (("MLCD", "mlcd"), ("CLIP", "clip")):
+        if key in names:
+            return arch
+    raise ValueError(f"config.json has model_type {hf.get('model_type')!r} and architectures {names or 'none'}: "
+                     "neither an MLCD nor a CLIP vision model (the kit reads MLCDVisionModel, CLIPVisionModel, "
+                     "CLIPVisionModelWithProjection and CLIPModel folders)")
+
+
+def hf_config_to_kit(hf: dict, projection: bool | None = None, **overrides) -> ViTConfig:
+    """config.json -> ViTConfig. projection: take CLIP's visual projection as the head (embed_dim =
+    projection_dim); by default only for CLIPVisionModelWithProjection folders, whose output is the projected
+    embedding. A CLIPModel's vision tower is taken without it, as CLIPVisionModel.from_pretrained takes it."""
+    arch = hf_arch(hf)
+    vision = {**HF_DEFAULTS[arch], **(hf.get("vision_config") or hf)}
+    if vision["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {vision['hidden_act']!r} is not one the kit implements ({sorted(ACTIVATIONS)})")
+    if vision["num_channels"] != 3:
+        raise ValueError(f"num_channels {vision['num_channels']}: the kit's encoders take RGB (3)")
+    if projection is None:
+        projection = "CLIPVisionModelWithProjection" in (hf.get("architectures") or [])
+    embed_dim = 0
+    if projection:
+        if arch != "clip":
+            raise ValueError("only CLIP folders carry a visual projection")
+        embed_dim = int(hf.get("projection_dim", 512) if "vision_config" in hf else vision["projection_dim"])
+    size = vision["image_size"]
+    if isinstance(size, (list, tuple)):
+        if arch == "clip" and size[0] != size[-1]:
+            raise ValueError(f"image_size {size}: a CLIP position table is square")
+        size = size[0]
+    rope = vision.get("rope_parameters") or {}
     return ViTConfig(**{
-        "patch_size": int(hf["patch_size"]), "width": hf["hidden_size"], "layers": hf["num_hidden_layers"],
-        "heads": hf["num_attention_heads"], "mlp_dim": hf["intermediate_size"],
-        "image_size": int(size[0] if isinstance(size, (list, tuple)) else size),
-        "ln_eps": hf.get("layer_norm_eps", 1e-5), "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        **overrides})
+        "patch_size": int(vision["patch_size"]), "width": vision["hidden_size"], "layers": vision["num_hidden_layers"],
+        "heads": vision["num_attention_heads"], "mlp_dim": vision["intermediate_size"], "image_size": int(size),
+        "ln_eps": vision["layer_norm_eps"], "rope_theta": rope.get("rope_theta", vision.get("rope_theta", 10000.0)),
+        "arch": arch, "act": vision["hidden_act"], "embed_dim": embed_dim, **overrides})
 
 
 def kit_config_to_hf(cfg: ViTConfig) -> dict:
-    return {
-        "architectures": ["MLCDVisionModel"], "model_type": "mlcd_vision_model",
+    """ViTConfig -> the config.json of MLCDVisionModel (arch "mlcd") or CLIPVisionModel (arch "clip")."""
+    common = {
         "hidden_size": cfg.width, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads, "num_key_value_groups": 1, "num_channels": 3,
-        "image_size": cfg.image_size, "patch_size": cfg.patch_size, "hidden_act": "gelu",
-        "layer_norm_eps": cfg.ln_eps, "attention_dropout": 0.0, "initializer_range": 0.02,
-        "initializer_factor": 1.0, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "axial"},
-        "torch_dtype": "float32",
-    }
+        "num_attention_heads": cfg.heads, "num_channels": 3, "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size, "hidden_act": cfg.act, "layer_norm_eps": cfg.ln_eps, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "initializer_factor": 1.0, "torch_dtype": "float32"}
+    if cfg.arch == "clip":
+        # projection_dim is read only by the ...WithProjection classes; the export carries no projection
+        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **common,
+                "projection_dim": cfg.embed_dim or cfg.width}
+    return {"architectures": ["MLCDVisionModel"], "model_type": "mlcd_vision_model", **common,
+            "num_key_value_groups": 1, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "axial"}}
 
 
 def _read_hf_weights(path: str) -> dict:
@@ -403,22 +562,26 @@ def _read_hf_weights(path: str) -> dict:
     raise FileNotFoundError(f"{path} has config.json but no model.safetensors(.index.json) or pytorch_model.bin")
 
 
-def load_encoder(path: str, **overrides) -> VisionEncoder:
-    """A Hugging Face MLCDVisionModel directory or a kit checkpoint file -> VisionEncoder (fp32, CPU).
+def load_encoder(path: str, projection: bool | None = None, **overrides) -> VisionEncoder:
+    """A Hugging Face folder (MLCDVisionModel, CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel) or a
+    kit checkpoint file -> VisionEncoder (fp32, CPU).
 
-    overrides change non-weight settings, e.g. region_blocks=4 on top of the released RICE weights."""
+    overrides change non-weight settings, e.g. region_blocks=4 on top of the released RICE weights;
+    image_size=S also resamples a CLIP position table to S (set_image_size). projection: HF CLIP folders only
+    (hf_config_to_kit)."""
+    image_size = overrides.pop("image_size", None)
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.exists(cfg_file):
             raise FileNotFoundError(f"{path} is a directory without config.json: not a Hugging Face model dir")
         with open(cfg_file) as f:
-            cfg = hf_config_to_kit(json.load(f), **overrides)
-        sd = hf_to_kit_state_dict(_read_hf_weights(path), cfg.layers)
+            cfg = hf_config_to_kit(json.load(f), projection, **overrides)
+        sd = hf_to_kit_state_dict(_read_hf_weights(path), cfg)
     elif os.path.isfile(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "encoder" not in ckpt or "encoder_config" not in ckpt:
+        if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
             raise ValueError(f"{path} is not a kit checkpoint (needs 'encoder' and 'encoder_config' keys, "
-                             f"has {sorted(ckpt)[:8]})")
+                             f"has {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
         cfg = ViTConfig(**{**ckpt["encoder_config"], **overrides})
         sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["encoder"].items()}
     else:
@@ -428,6 +591,8 @@ def load_encoder(path: str, **overrides) -> VisionEncoder:
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the architecture: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if image_size:
+        enc.set_image_size(image_size)
     return enc
 
 
@@ -438,7 +603,8 @@ def encoder_checkpoint(encoder: VisionEncoder) -> dict:
 
 
 def save_hf(encoder: VisionEncoder, out_dir: str) -> None:
-    """Write `out_dir` so that transformers.MLCDVisionModel.from_pretrained(out_dir) loads the encoder."""
+    """Write `out_dir` so that transformers.MLCDVisionModel.from_pretrained(out_dir) (arch "mlcd") or
+    transformers.CLIPVisionModel.from_pretrained(out_dir) (arch "clip") loads the encoder."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     sd = kit_to_hf_state_dict({k: v.detach().cpu().float() for k, v in encoder.state_dict().items()})

@@ -67,7 +67,7 @@ def coco(world):
 def metrics(probe):
     for part in ("linear", "knn"):
         for k, v in probe.get(part, {}).items():
-            if k in ("top1", "recall@5", "word_top1", "miou", "patch_accuracy"):
+            if k in ("top1", "recall@5", "word_top1", "miou", "patch_accuracy", "map"):
                 yield f"{part}.{k}", v
 
 
@@ -103,6 +103,8 @@ def test_outputs_values_and_counts(report, world):
                 assert cnt["train"] + cnt["val"] + cnt["test"] == images_with_objects
             elif key.startswith("objects"):
                 assert cnt["train"] + cnt["val"] + cnt["test"] == n_obj
+            elif key.startswith("present_") or key == "object_count":       # every readable image
+                assert cnt["train"] + cnt["val"] + cnt["test"] == 60
             elif key.startswith("ocr"):
                 assert cnt["train"] + cnt["val"] + cnt["test"] == n_text       # every demo word has tokens
             elif key == "dense":
@@ -191,6 +193,32 @@ def test_crop_geometry_and_visible_share():
     # 200 x 100: the centre square is x in [50, 150]; a box [30, 10, 70, 20] is half inside
     np.testing.assert_allclose(ev.visible_share(np.array([[30, 10, 70, 20], [60, 0, 80, 100], [0, 0, 40, 50],
                                                           [5, 5, 5, 9]]), 200, 100), [0.5, 1.0, 0.0, 0.0])
+
+
+def test_image_contents_and_multilabel_probe(world):
+    # image_contents against a plain pass over the COCO file; the multi-label probe scores features that carry
+    # the labels far above a constant score (its baseline: the labels' prevalence) and noise near it
+    data = ev.read_coco(str(world / "data" / "images"), str(world / "data" / "coco.json"), None, "text")
+    contents, count = ev.image_contents(data)
+    c = coco(world)
+    cats = {k["id"]: k for k in c["categories"]}
+    for i, im in enumerate(c["images"]):
+        objs = [a["category_id"] for a in c["annotations"]
+                if a["image_id"] == im["id"] and cats[a["category_id"]]["name"] != "text"]
+        assert contents["classes"][i] == set(objs) and count[i] == len(objs)
+        assert contents["colour"][i] == {cats[o]["colour"] for o in objs}
+    assert set(contents) == {"classes", "shape", "colour", "texture"}      # supercategory is one value: left out
+    rng = np.random.default_rng(0)
+    n, L = 400, 6
+    Y = rng.random((n, L)) < 0.3
+    sets = [set(np.flatnonzero(r).tolist()) for r in Y]
+    split = ev.split_images(n, 0.3, 0.2, 0)
+    args = ev.parse_args([*data_flags(world), "--encoder", "x"])
+    good = ev.multilabel_probe(ev.unit(Y + 0.3 * rng.standard_normal((n, L))), sets, split, args, "cpu")
+    noise = ev.multilabel_probe(ev.unit(rng.standard_normal((n, 8))), sets, split, args, "cpu")
+    assert good["linear"]["map"] > 0.85 and good["linear"]["labels_scored"] == L
+    assert abs(good["prevalence_map"] - Y[split == 2].mean()) < 1e-6
+    assert abs(noise["linear"]["map"] - noise["prevalence_map"]) < 0.1
 
 
 def test_knn_equals_sklearn():

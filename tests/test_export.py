@@ -49,7 +49,7 @@ def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path, capsys):
     res = ex.main(["--checkpoint", str(path), "--out", str(out)])
     printed = capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
-    assert "loss head" in printed and res["head_dropped"]            # embed_dim 16: said, not exported
+    assert "head (linear 64 -> 16)" in printed and res["head_dropped"]   # embed_dim 16: said, not exported
     assert res["max_abs_diff_last_hidden_state"] <= 1e-4 and res["max_abs_diff_pooler_output"] <= 1e-4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mlcd_vision_model" and cfg["image_size"] == 64 and cfg["patch_size"] == 8
@@ -98,6 +98,37 @@ def test_export_size_and_reexport(checkpoint, tmp_path):
     assert res["image_size"] == 64 and json.loads((out / "config.json").read_text())["image_size"] == 64
     with pytest.raises(SystemExit, match="multiple of the patch size"):
         ex.main(["--checkpoint", str(path), "--out", str(out), "--image-size", "50"])
+
+
+def test_clip_export_is_a_clip_vision_model(tmp_path):
+    # arch "clip" (the MLCD paper's CLIP ViTs): a CLIPVisionModel folder with its CLIPImageProcessor, at the
+    # checkpoint's size and at another (the position table resampled: a native CLIP model at that size), and an
+    # HF CLIPModel folder as --checkpoint (its vision tower)
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
+    torch.manual_seed(1)
+    enc = model_py.VisionEncoder(model_py.preset("clip-tiny", embed_dim=16)).eval()   # CLIP's projection: dropped
+    path = tmp_path / "clip.pt"
+    torch.save(model_py.encoder_checkpoint(enc), path)
+    for size in (64, 96):
+        out = tmp_path / f"export{size}"
+        res = ex.main(["--checkpoint", str(path), "--out", str(out), "--image-size", str(size)])
+        assert res["hf_class"] == "CLIPVisionModel" and res["head_dropped"]
+        assert res["max_abs_diff_last_hidden_state"] <= 1e-4 and res["max_abs_diff_pooler_output"] <= 1e-4
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["model_type"] == "clip_vision_model" and cfg["image_size"] == size
+        assert cfg["hidden_act"] == "quick_gelu"
+        hf = CLIPVisionModel.from_pretrained(str(out)).eval()
+        assert CLIPImageProcessor.from_pretrained(str(out)).crop_size == {"height": size, "width": size}
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            ours, theirs = enc(x), hf(pixel_values=x)     # the kit resamples on the fly; the export is native
+        assert (ours.last_hidden_state - theirs.last_hidden_state).abs().max() <= 1e-4
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  image_size=32)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=8)).save_pretrained(tmp_path / "clip")
+    res = ex.main(["--checkpoint", str(tmp_path / "clip"), "--out", str(tmp_path / "from_clip_model")])
+    assert res["hf_class"] == "CLIPVisionModel" and res["max_abs_diff_last_hidden_state"] <= 1e-4
 
 
 def test_refuses_unrelated_folder_and_bad_checkpoint(checkpoint, tmp_path):

@@ -148,10 +148,18 @@ def reference_regions(enc, x, boxes, valid):
     B, _, H, W = x.shape
     gh, gw, p = H // cfg.patch_size, W // cfg.patch_size, cfg.patch_size
     hidden = []
-    h = enc.ln_pre(torch.cat([enc.class_embedding.expand(B, 1, -1), enc.conv1(x).flatten(2).transpose(1, 2)], 1))
-    angles = torch.cat([enc.class_pos_emb, model.rope_angles(gh, gw, cfg.head_dim, cfg.rope_theta)])
-    angles = torch.cat([angles, angles], -1)
-    cos, sin = angles.cos(), angles.sin()
+    h = torch.cat([enc.class_embedding.expand(B, 1, -1), enc.conv1(x).flatten(2).transpose(1, 2)], 1)
+    if cfg.arch == "clip":       # absolute positions in the tokens, no rotation
+        h = h + model.resample_positions(enc.position_embedding, gh, gw)
+        cos = sin = None
+    else:
+        angles = torch.cat([enc.class_pos_emb, model.rope_angles(gh, gw, cfg.head_dim, cfg.rope_theta)])
+        angles = torch.cat([angles, angles], -1)
+        cos, sin = angles.cos(), angles.sin()
+    h = enc.ln_pre(h)
+
+    def rotate(t, c, s):
+        return t if c is None else model.apply_rope(t, c, s)
     for blk in enc.blocks:
         hidden.append(h)
         h, _ = blk(h, cos, sin)
@@ -174,11 +182,12 @@ def reference_regions(enc, x, boxes, valid):
             for li in range(first, cfg.layers):
                 blk, g = enc.blocks[li], hidden[li][b:b + 1]
                 _, k, v = blk.attn.split_heads(blk.ln_1(g))
-                k = model.apply_rope(k, cos, sin)[0, :, 1:][:, inside]          # (H, n_in, d)
+                k = rotate(k, cos, sin)[0, :, 1:][:, inside]                    # (H, n_in, d)
                 v = v[0, :, 1:][:, inside]
                 rq, rk, rv = blk.attn.split_heads(blk.ln_1(r[None]))
-                rq = model.apply_rope(rq, cos[:1], sin[:1])[0]                  # (H, 1, d)
-                rk = model.apply_rope(rk, cos[:1], sin[:1])[0]
+                first_pos = (None, None) if cos is None else (cos[:1], sin[:1])   # the class token's angles
+                rq = rotate(rq, *first_pos)[0]                                  # (H, 1, d)
+                rk = rotate(rk, *first_pos)[0]
                 keys, vals = torch.cat([rk, k], 1), torch.cat([rv[0], v], 1)
                 att = torch.softmax(rq @ keys.transpose(1, 2) / math.sqrt(cfg.head_dim), -1)
                 o = (att @ vals).transpose(0, 1).reshape(1, cfg.width)
@@ -188,10 +197,10 @@ def reference_regions(enc, x, boxes, valid):
     return out
 
 
-@pytest.mark.parametrize("region_blocks", [1, 3])
-def test_region_attention_matches_loop_reference(region_blocks):
+@pytest.mark.parametrize("name,region_blocks", [("tiny", 1), ("tiny", 3), ("clip-tiny", 2)])
+def test_region_attention_matches_loop_reference(name, region_blocks):
     torch.manual_seed(2)
-    enc = model.VisionEncoder(model.preset("tiny", layers=3, region_blocks=region_blocks)).eval()
+    enc = model.VisionEncoder(model.preset(name, layers=3, region_blocks=region_blocks)).eval()
     x = torch.randn(2, 3, 48, 64)
     boxes = torch.tensor([[[0, 0, 64, 48], [5, 5, 30, 20], [33, 17, 35, 19], [40, 0, 64, 48]],
                           [[10, 10, 12, 40], [0, 0, 16, 16], [50, 30, 200, 200], [0, 0, 64, 48]]], dtype=torch.float32)
