@@ -10,12 +10,17 @@ One node, 8 GPUs (backbone data-parallel with DDP, banks sharded over the 8 rank
 Several nodes (run on every node; $R = 0..7 the node's rank, $HOST the first node):
     torchrun --nnodes=8 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         04_train.py --work runs/big --method rice --model L/14 --batch-size 32768
-A 336 px fine-tune from the 224 px run (RICE: lr / 10; RoPE needs no position interpolation):
+MLCD on its own codebook (03 --fit-on images --out runs/big/clusters_mlcd), on the paper's CLIP ViT-L/14:
+    torchrun --nproc_per_node=8 04_train.py --work runs/big --method mlcd --clusters runs/big/clusters_mlcd \
+        --run-dir runs/big/train_mlcd --batch-size 32768 --epochs 32
+A 336 px fine-tune from the 224 px run (RICE: lr / 10; RoPE needs no position interpolation, a CLIP ViT's
+position table is resampled to the new size):
     python 04_train.py --work runs/big --run-dir runs/big/train336 --init-from runs/big/train/ckpt/latest.pt \
         --image-size 336 --lr 1e-4
-Continue from released weights: `--init-from /models/rice-vit-large-patch14-560` (a Hugging Face directory).
+Continue from released weights: `--init-from /models/rice-vit-large-patch14-560` (a Hugging Face folder:
+MLCDVisionModel, CLIPVisionModel such as mlcd-vit-large-patch14-336, or a CLIPModel's vision tower).
 
-Reads <work>/images/, <work>/regions/ (01), <work>/ocr/ (02, RICE's OCR loss) and <work>/clusters/ (03) and
+Reads <work>/images/, <work>/regions/ (01), <work>/ocr/ (02, RICE's OCR loss) and <work>/clusters/ (03; --clusters) and
 the images themselves. Checks every stage output at start-up (complete manifests, matching lengths, labels
 below K, 03 run on these regions, 01/02 run on this image table) before any GPU time is spent, on rank 0
 only, reading each array once in blocks; a refusal stops every rank with the same line. A second trainer on
@@ -33,9 +38,10 @@ Writes the run folder (--run-dir, default <work>/train/):
                          bank, and a run resumes on any number of ranks (read_bank loads one whole).
     manifest.json        written last, when the run has reached its final step
 
-The method (method notes 1.2-1.4, 2.3-2.5):
+The method (MLCD Sec. 3.2, RICE Sec. 3.2-3.3):
     --method mlcd   image level: L_img = MLCD Eq. 5 on the class embedding with the image's l = 8 labels from
-                    03 (image_labels), against the object bank (K centres).
+                    03 (image_labels), against the object bank (K centres). Default model: the paper's CLIP
+                    ViT-L/14 (clip-L/14, MLCD Tab. 9); --method rice defaults to the RoPE ViT-L/14 (L/14).
     --method rice   region level: each image brings N regions (--num-regions 10; more: a random N; fewer:
                     resampled with replacement up to N; none: only its image term, if enabled). An object
                     region takes L_obj (RICE Eq. 3: its one cluster label, object bank), a text region L_ocr

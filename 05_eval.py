@@ -13,7 +13,8 @@ torchrun (feature extraction is sharded over the ranks; rank 0 merges and runs t
 
 Encoders (`--encoder NAME=SPEC`, repeatable; a bare SPEC gets a name derived from it):
     path/to/ckpt.pt              a kit checkpoint (04's training checkpoints, model.encoder_checkpoint files)
-    path/to/hf_dir               a Hugging Face MLCD / RICE folder (config.json + safetensors)
+    path/to/hf_dir               a Hugging Face folder (config.json + safetensors): MLCDVisionModel (RICE, MLCD
+                                 bigG), CLIPVisionModel (MLCD L/14-336, B/32), a CLIPModel's vision tower
     random:<ckpt or hf_dir>      the same architecture at random initialisation (torch.manual_seed(--seed))
     openclip:<arch>:<pretrained> an open_clip model; <pretrained> is a tag, a local weights file, or `none`
                                  (`--clip-config` registers a model-config JSON, as in 01)
@@ -43,6 +44,12 @@ for the regularisation search; the split depends only on the image list, so ever
 Probes (frozen features, each L2-normalised):
     image      label = category of the image's largest object annotation (images without objects are left
                out), or the --image-folder class; linear probe and k-NN, top-1 accuracy
+    contents   what MLCD's multi-label image labels are about, on every readable image: the set of object
+               classes present, a multi-label linear probe (one BCE output per class seen in probe-train, C
+               searched on validation mAP) -> mAP (sklearn's average precision, macro over the classes present
+               in probe-test; baseline: a constant score, whose AP is the class's prevalence); the same for
+               every string field of the categories that varies (COCO's supercategory; the demo's shape,
+               colour, texture); and the number of objects in the image, a linear probe, top-1 accuracy
     objects    object boxes, two feature kinds: "region" (the region path; kit/HF encoders with region_blocks
                > 0) and "pooled" (the mean of the patch tokens whose centre lies in the box, else the patch
                holding the box centre: model.box_patch_mask's rule, for every encoder alike); linear probe
@@ -388,9 +395,12 @@ def checkpoint_config(path: str):
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.exists(cfg_file):
-            raise SystemExit(f"error: {path} is a folder without config.json: not an MLCD Hugging Face folder")
-        with open(cfg_file) as f:
-            return kit.hf_config_to_kit(json.load(f))
+            raise SystemExit(f"error: {path} is a folder without config.json: not a Hugging Face model folder")
+        try:
+            with open(cfg_file) as f:
+                return kit.hf_config_to_kit(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {cfg_file}: {e}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no encoder at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

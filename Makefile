@@ -21,14 +21,14 @@ test: $(VENV)/.installed
 # the tables again.
 DEMO := runs/demo
 # words on 80% of the images, 30 of them, one case, face and size: what the tiny encoder learns to read in
-# 900 steps (README, The demo)
+# 800 steps (README, The demo)
 DEMO_WORLD := --vocab-size 30 --mix 0.2,0.2,0.6 --plain-words
 # as the papers' datasets ship: img2dataset-style webdataset tar shards (key.png + key.json + key.txt)
 DEMO_SHARDS := --format webdataset --shard-size 500
 DEMO_CKPT := $(DEMO)/train/ckpt/latest.pt
 MLCD_CKPT := $(DEMO)/train_mlcd/ckpt/latest.pt
-DEMO_TRAIN := --image-size 96 --batch-size 64 --scale 16 --negatives shared --workers 2 --log-every 25 --save-every 50
-DEMO_EVAL := --images $(DEMO)/eval_data/shards --coco $(DEMO)/eval_data/coco.json --masks $(DEMO)/eval_data/masks
+DEMO_TRAIN := --batch-size 64 --scale 16 --negatives shared --workers 2 --log-every 25 --save-every 50
+DEMO_EVAL := --images $(DEMO)/eval_data/shards --coco $(DEMO)/eval_data/coco.json
 demo: $(VENV)/.installed
 	$(PY) 00_make_demo_data.py --out $(DEMO)/data --num-images 3000 --seed 0 $(DEMO_WORLD) $(DEMO_SHARDS)
 	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD) $(DEMO_SHARDS)
@@ -37,10 +37,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on regions
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on images --out $(DEMO)/clusters_mlcd
-	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --steps 900 --warmup 90 $(DEMO_TRAIN)
+	$(PY) 04_train.py --work $(DEMO) --method rice --model tiny --region-blocks 2 --image-size 96 \
+		--steps 800 --warmup 80 $(DEMO_TRAIN)
 	$(PY) 04_train.py --work $(DEMO) --method mlcd --model clip-tiny --clusters $(DEMO)/clusters_mlcd \
-		--run-dir $(DEMO)/train_mlcd --steps 300 --warmup 30 $(DEMO_TRAIN)
-	$(PY) 05_eval.py $(DEMO_EVAL) --out $(DEMO)/eval --probes image,objects,ocr,dense \
+		--run-dir $(DEMO)/train_mlcd --image-size 64 --steps 250 --warmup 25 $(DEMO_TRAIN)
+	$(PY) 05_eval.py $(DEMO_EVAL) --masks $(DEMO)/eval_data/masks --out $(DEMO)/eval --probes image,objects,ocr,dense \
 		--encoder trained=$(DEMO_CKPT) --encoder random=random:$(DEMO_CKPT)
 	$(PY) 05_eval.py $(DEMO_EVAL) --out $(DEMO)/eval_mlcd --probes image,contents \
 		--encoder mlcd=$(MLCD_CKPT) --encoder mlcd-random=random:$(MLCD_CKPT)

@@ -361,7 +361,7 @@ class VisionEncoder(nn.Module):
         x = self.conv1(pixel_values.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)   # (B, P, D)
         x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)
         cos = sin = None
-        if cfg.arch == "clip":
+        if cfg.arch == "clip":                               # CLIPVisionEmbeddings: tokens + positions
             x = x + self.absolute_positions(gh, gw).to(x.dtype)
         x = self.ln_pre(x)
 
@@ -382,7 +382,8 @@ class VisionEncoder(nn.Module):
             inside = box_patch_mask(boxes.to(x.device), gh, gw, cfg.patch_size) & box_valid.to(x.device, torch.bool)[..., None]
             self_mask = torch.eye(N, dtype=torch.bool, device=x.device).expand(B, N, N)
             region_mask = torch.cat([self_mask, inside], dim=-1)[:, None]                     # (B, 1, N, N+P)
-            region_cos, region_sin = (cos[:1], sin[:1]) if cos is not None else (None, None)   # the class token's
+            # the class token's rotary angles (clip: its position is already in its hidden state)
+            region_cos, region_sin = (cos[:1], sin[:1]) if cos is not None else (None, None)
 
         for i, blk in enumerate(self.blocks):
             if use_regions and i == first_region_block:

@@ -144,7 +144,7 @@ def main(argv=None):
            "compile": args.compile, "workers": args.workers, "ours": ours, "hf_backbone_only": ref,
            "ratio_samples_per_s": (ours["samples_per_s_per_device"] / ref["samples_per_s_per_device"]) if ref else None}
     print(json.dumps(res, indent=2))
-    print(f"\n| step | samples/s/device | step s | data wait | TFLOP/s | MFU | mem GiB |\n|---|---|---|---|---|---|---|")
+    print("\n| step | samples/s/device | step s | data wait | TFLOP/s | MFU | mem GiB |\n|---|---|---|---|---|---|---|")
     mfu = f"{ours['mfu']:.1%}" if ours["mfu"] is not None else "n/a"
     mem = f"{ours['max_mem_gib']:.1f}" if ours.get("max_mem_gib") is not None else "n/a"
     print(f"| 04 whole step (regions N={args.regions}, K={args.k:,}) | {ours['samples_per_s_per_device']:.1f} | "

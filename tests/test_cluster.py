@@ -181,6 +181,23 @@ def test_no_regions_fits_on_images(tmp_path):
         cl.main(["--work", str(tmp_path), "--k", "5", "--image-topl", "2", "--fit-on", "regions", "--force"])
 
 
+def test_out_folder_and_other_settings_refused(tmp_path):
+    # a second codebook beside the first (--out), and a complete folder never silently reused for other settings
+    x, y = blobs(k=5, per=40)
+    status = np.full(len(x), STATUS.index("no_regions"), np.uint8)
+    write_regions(str(tmp_path), np.zeros((0, 16)), x, status)
+    cl.main(["--work", str(tmp_path), "--k", "5", "--image-topl", "2"])
+    first = outputs(str(tmp_path))
+    other = str(tmp_path / "clusters_k4")
+    m = cl.main(["--work", str(tmp_path), "--k", "4", "--image-topl", "2", "--out", other])
+    assert m["k"] == 4 and np.load(os.path.join(other, "centres.npy")).shape[0] == 4
+    again = outputs(str(tmp_path))
+    assert all(np.array_equal(first[n], again[n]) for n in first)           # the default folder untouched
+    with pytest.raises(SystemExit, match=r"other settings \(--k 5 -> 4\).*--force.*--out"):
+        cl.main(["--work", str(tmp_path), "--k", "4", "--image-topl", "2"])
+    assert cl.main(["--work", str(tmp_path), "--k", "5", "--image-topl", "2"])["k"] == 5   # same settings: kept
+
+
 @pytest.mark.parametrize("mode, stop_at", [("flat", ("flat", 3)), ("two-level", ("refine", 1))])
 def test_resume_equals_uninterrupted(blob_work, tmp_path, monkeypatch, mode, stop_at):
     flags = ["--mode", mode, "--iters", "6", "--refine-iters", "2", "--assign-chunk", "1000"]

@@ -363,6 +363,37 @@ def test_bad_input(world, tmp_path, capsys):
     assert not hf_f[[4, 9]].any()
 
 
+def test_clip_folders_as_encoders(world, tmp_path):
+    # a Hugging Face CLIPModel folder (the layout of CLIP releases; its vision tower is taken) and random: of it:
+    # 05's image feature is CLIPVisionModel's pooler_output on 05's own input, at the folder's size and at
+    # another (--image-size: positions resampled, HF's interpolate_pos_encoding)
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+    torch.manual_seed(3)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  image_size=48)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(tmp_path / "clip")
+    hf = CLIPVisionModel.from_pretrained(str(tmp_path / "clip")).eval()
+    c = coco(world)
+    for size in (48, 64):
+        out = tmp_path / f"o{size}"
+        rep = ev.main([*data_flags(world, masks=False), "--encoder", f"clip={tmp_path / 'clip'}", "--encoder",
+                       f"rand=random:{tmp_path / 'clip'}", "--out", str(out), "--image-size", str(size),
+                       "--probes", "image", *FAST])
+        info = rep["encoders"]["clip"]["encoder"]
+        assert info["config"]["arch"] == "clip" and info["image_dim"] == 64 and info["image_size"] == size
+        assert rep["encoders"]["rand"]["encoder"]["config"]["arch"] == "clip"
+        assert set(rep["encoders"]["clip"]["probes"]) == {"image"}                # --probes image
+        feats = np.load(out / "features" / "clip" / "image_features.npy")
+        for i in (0, 5):
+            img, _ = workdir.open_image(str(world / "data" / "images" / c["images"][i]["file_name"]))
+            pixels, _, _ = workdir.resize_crop(img, size, crop="center")
+            x = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+            with torch.no_grad():
+                ref = hf(pixel_values=x, interpolate_pos_encoding=size != 48).pooler_output[0]
+            np.testing.assert_allclose(feats[i], ref.numpy(), atol=1e-4)
+
+
 def test_image_folder_mode(world, tmp_path, capsys):
     """--image-folder: one class per sub-folder (here the demo image kinds), the image probe only."""
     gt = json.loads((world / "data" / "ground_truth.json").read_text())

@@ -6,7 +6,6 @@ byte-identical; and the image table's peak memory flat in the number of samples.
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -182,7 +182,7 @@ def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
     ckpt_step = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)["step"]
     res = subprocess.run([sys.executable, SCRIPT, *flags, "--run-dir", run], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resumed from" in res.stdout and f"at step {ckpt_step}" in res.stdout
+    assert "resumed from" in res.stdout and f"at step {ckpt_step}" in res.stdout
     a, b = read_log(ref), read_log(run)
     print(f"killed after {killed_at} logged steps, resumed from the checkpoint of step {ckpt_step}")
     assert [r["step"] for r in b] == list(range(1, 15))
@@ -321,6 +321,42 @@ def test_init_from_hugging_face_dir(world, tmp_path):
     got = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)["encoder"]
     for k, v in src.state_dict().items():
         torch.testing.assert_close(got[k], v)                   # lr 0: the released weights, unchanged
+
+
+def test_mlcd_from_a_clip_folder_on_its_own_codebook(world, tmp_path):
+    # MLCD as the paper trains it: image clusters in their own folder (03 --fit-on images --out, 04 --clusters),
+    # the CLIP ViT continued from a Hugging Face CLIPVisionModel folder at another size (its position table
+    # resampled), and the result exported back to a CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    data, work = world
+    clusters = str(tmp_path / "clusters_mlcd")
+    load_script("cluster", "03_cluster.py").main(["--work", work, "--k", "8", "--fit-on", "images", "--out", clusters])
+    assert workdir.read_manifest(os.path.join(work, "clusters"))["config"]["fit_on"] == "both"   # kept beside
+    torch.manual_seed(6)
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, patch_size=8, image_size=48)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    run = str(tmp_path / "run")
+    m = tr.main(["--work", work, "--run-dir", run, "--method", "mlcd", "--clusters", clusters, "--init-from",
+                 str(tmp_path / "hf"), "--image-size", "64", "--workers", "0", "--batch-size", "8", "--steps", "2",
+                 "--lr", "0", "--warmup", "1", "--log-every", "1"])
+    assert m["complete"] and all(np.isfinite(r["image_loss"]) for r in read_log(run))
+    assert tr.read_bank(os.path.join(run, "ckpt", "latest.pt"), "object")["weight"].shape == (8, 64)
+    ckpt = torch.load(os.path.join(run, "ckpt", "latest.pt"), weights_only=True)
+    assert ckpt["encoder_config"]["arch"] == "clip" and ckpt["encoder_config"]["image_size"] == 64
+    table = hf.state_dict()["embeddings.position_embedding.weight"]
+    torch.testing.assert_close(ckpt["encoder"]["position_embedding"], model_py.resample_positions(table, 8, 8))
+    out = load_script("export_hf", "06_export_hf.py").main(["--checkpoint", os.path.join(run, "ckpt", "latest.pt"),
+                                                           "--out", str(tmp_path / "export")])
+    assert out["hf_class"] == "CLIPVisionModel" and out["max_abs_diff_last_hidden_state"] <= 1e-4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():                  # lr 0: the export at 64 px is the HF model run at 64 px
+        ref = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        got = CLIPVisionModel.from_pretrained(str(tmp_path / "export"))(pixel_values=x).last_hidden_state
+    assert (got - ref).abs().max() < 1e-4
+    with pytest.raises(SystemExit, match="clusters_none.*03_cluster.py"):
+        tr.main(["--work", work, "--run-dir", str(tmp_path / "r2"), "--method", "mlcd", "--clusters",
+                 str(tmp_path / "clusters_none"), *TINY, "--batch-size", "8", "--steps", "1"])
 
 
 def test_bad_input_is_refused_at_start(world, tmp_path):
