@@ -244,6 +244,13 @@ def filter_boxes(boxes, scores, areas, width, height, min_side, dedup_iou, max_r
 # features --------------------------------------------------------------------------------------------------
 
 
+def feature_model(args) -> str:
+    """What made the features: in the manifest, and part of the chunks' key."""
+    if args.features == "clip":
+        return f"{args.clip_model}:{args.clip_pretrained}"
+    return f"pixels{PIXEL_GRID}x{PIXEL_GRID}, images: mean of regions"
+
+
 class PixelFeatures:
     """Weight-free stand-in for CLIP: the crop averaged down to a PIXEL_GRID^2 RGB grid, centred, L2-normalised.
     An image with regions takes the normalised mean of its regions' features (module docstring)."""
@@ -306,6 +313,11 @@ def main(argv=None):
     folder = os.path.join(args.work, "regions")
     done = workdir.read_manifest(folder)
     if done and done.get("complete") and not args.force:
+        made_with = (done.get("features") or {}).get("model")
+        if made_with != feature_model(args):
+            raise SystemExit(f"error: {folder} holds features made with {made_with!r}, not {feature_model(args)!r} "
+                             "(another --features, CLIP model, or an earlier version of the pixel stand-in): rerun "
+                             "with --force (then 03 and 04 with --force)")
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
     table = workdir.ensure_image_table(args.work, args.images)
@@ -405,6 +417,7 @@ def main(argv=None):
 
     key = {k: v for k, v in vars(args).items() if k not in ("force", "images", "work", "device", "feature_batch")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
+    key["features_model"] = feature_model(args)
     num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
     rows = workdir.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
                                 {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
@@ -416,8 +429,7 @@ def main(argv=None):
         manifest = {"stage": "regions", "config": config, "rows": {"images": len(table), **rows},
                     "source": "boxes" if args.boxes else f"sam:{args.sam_model}", "box_sources": sources,
                     "features": {"kind": args.features, "dim": int(features.dim),
-                                 "model": f"{args.clip_model}:{args.clip_pretrained}" if args.features == "clip" else
-                                 f"pixels{PIXEL_GRID}x{PIXEL_GRID}, images: mean of regions"},
+                                 "model": feature_model(args)},
                     "image_table": workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
                     "status_names": REGION_STATUS, "status_counts": counts}
         manifest = workdir.finish_stage(folder, manifest)

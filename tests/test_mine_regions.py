@@ -137,9 +137,23 @@ def test_boxes_and_statuses(odd_folder, tmp_path):
     red = out["region_features"][off[a] + 1].astype(np.float32).reshape(8, 8, 3)
     assert (red[..., 0] > red[..., 1]).all()
     assert manifest["status_counts"]["ok"] == 2 and manifest["rows"]["boxes"] == 3
+    # the stand-in feature of an image with regions is the normalised mean of its regions' (choice 26); one
+    # without regions keeps its own thumbnail
+    f = out["region_features"][off[a]:off[a + 1]].astype(np.float32).mean(0)
+    np.testing.assert_allclose(out["image_features"][a].astype(np.float32), f / np.linalg.norm(f), atol=2e-3)
+    g = names.index("gray.png")
+    thumb = mine.PixelFeatures()(workdir.open_image(str(odd_folder / "images" / "gray.png"))[0],
+                                 np.array([[0, 0, *table.size[g]]], np.float32))[0]
+    np.testing.assert_array_equal(out["image_features"][g], thumb)
     # complete: a rerun does nothing
     again = run(odd_folder, tmp_path / "w")
     assert again["finished"] == manifest["finished"]
+    # ... unless the folder was made by another feature definition: refused, never silently reused
+    m = json.loads((tmp_path / "w" / "regions" / "manifest.json").read_text())
+    m["features"]["model"] = "pixels8x8"
+    (tmp_path / "w" / "regions" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SystemExit, match="made with 'pixels8x8'.*--force"):
+        run(odd_folder, tmp_path / "w")
 
 
 def test_clear_errors(odd_folder, tmp_path):
