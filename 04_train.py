@@ -76,9 +76,9 @@ workers or ranks: a run killed and resumed follows the uninterrupted run's loss 
 keeps only the records up to the checkpoint before the replayed steps log again (tests/test_train.py).
 
 Optimisation: AdamW (papers: lr 1e-3, decoupled weight decay 0.2; biases, LayerNorms, the class token and its
-rotary angles or the CLIP position table take no decay), linear warm-up for --warmup steps (MLCD Tab. 10: 2,000) then cosine to
---min-lr-ratio x lr; the banks have their own optimiser with lr x --bank-lr-mult; the gradient norm over
-encoder and banks together is clipped to --grad-clip. Gradient scale: the banks give every rank the
+rotary angles or the CLIP position table take no decay), linear warm-up for --warmup steps (MLCD Tab. 10:
+2,000) then cosine to --min-lr-ratio x lr; the banks have their own optimiser with lr x --bank-lr-mult; the
+gradient norm over encoder and banks together is clipped to --grad-clip. Gradient scale: the banks give every rank the
 gradient of the global-batch mean loss (losses.py), and DDP averages the backbone gradients over ranks, so
 the backbone gradients are multiplied by the world size before clipping (scale_and_clip_gradients): the
 clipped gradient is that of the global-batch mean loss, the same as one process with the whole batch. With
@@ -1087,7 +1087,8 @@ def build_loader(args, data, size, start_step, total, env):
                           total, args.shuffle_block, args.shuffle_window)
     dataset = RegionDataset(work=args.work, clusters=data["clusters"], train_rows_path=data["rows_path"], size=size,
                             num_regions=args.num_regions, image_topl=args.image_topl,
-                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, crop=args.crop, min_visible=args.min_box_visible, seed=args.seed,
+                            max_tokens=data["ocr"]["max_tokens"] if data["ocr"] else 10, crop=args.crop,
+                            min_visible=args.min_box_visible, seed=args.seed,
                             use_objects=bool(args.object_weight), use_ocr=bool(args.ocr_weight),
                             use_image=bool(args.image_weight), min_crop_scale=args.min_crop_scale)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,

@@ -1123,14 +1123,16 @@ def markdown(report: dict) -> str:
     base = next(iter(report["encoders"].values()))["probes"]
     chance = []
     for key, label, field in (("image", "image", "majority_top1"), ("present_classes", "image mAP", "prevalence_map"),
-                              ("object_count", "count", "majority_top1"), ("objects_pooled", "objects", "majority_top1"),
+                              ("object_count", "count", "majority_top1"),
+                              ("objects_pooled", "objects", "majority_top1"),
                               ("ocr_pooled", "OCR R@5", "frequency_recall@5"),
                               ("dense", "dense mIoU", "majority_miou")):
         if isinstance(base.get(key), dict) and base[key].get(field) is not None:
             chance.append(f"{label} {100 * base[key][field]:.1f}")
     d = report["data"]
     text = "\n".join(lines) + "\n\n"
-    text += (f"Top-1 accuracy, mAP, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of {d['images']['total']} "
+    text += (f"Top-1 accuracy, mAP, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of "
+             f"{d['images']['total']} "
              f"images; {d['images']['ok']} readable). Majority / frequency baselines: "
              f"{', '.join(chance) or 'n/a'}.\n")
     if any("dense" in e["probes"] for e in report["encoders"].values()):

@@ -86,7 +86,8 @@ class ViTConfig:
     rope_theta: float = 10000.0
     region_blocks: int = 2       # R: the last R blocks also run region attention; 0 turns the region path off
     embed_dim: int = 0           # optional linear head after ln_post (CLIP's projection); 0 = none (use width)
-    arch: str = "mlcd"           # "mlcd": 2-D RoPE (MLCDVisionModel); "clip": learned absolute positions (CLIPVisionModel)
+    arch: str = "mlcd"           # "mlcd": 2-D RoPE (MLCDVisionModel); "clip": learned absolute positions
+                                 # (CLIPVisionModel)
     act: str = "gelu"            # "gelu" (exact) or "quick_gelu" (x * sigmoid(1.702 x))
 
     @property
@@ -339,7 +340,8 @@ class VisionEncoder(nn.Module):
         cfg = self.cfg.__class__(**{**asdict(self.cfg), "image_size": int(image_size)})
         if cfg.arch == "clip" and cfg.grid != self.cfg.grid:
             table = resample_positions(self.position_embedding.detach(), cfg.grid, cfg.grid)
-            self.position_embedding = nn.Parameter(table.contiguous(), requires_grad=self.position_embedding.requires_grad)
+            grad = self.position_embedding.requires_grad
+            self.position_embedding = nn.Parameter(table.contiguous(), requires_grad=grad)
         self.cfg = cfg
 
     def patch_rope(self, grid_h: int, grid_w: int, device) -> torch.Tensor:

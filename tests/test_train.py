@@ -253,7 +253,8 @@ def test_dataset_samples_regions_by_the_rules(world, tmp_path):
     info = tr.load_stage_outputs(args, rows_path)
     assert len(np.load(rows_path)) == info["n_train"] == info["counts"]["train_images"]
     ds = tr.RegionDataset(work=work, clusters=os.path.join(work, "clusters"), train_rows_path=rows_path, size=64,
-                          num_regions=3, max_tokens=10, image_topl=8, crop="random", min_visible=0.5, seed=0, use_objects=True, use_ocr=True, use_image=False)
+                          num_regions=3, max_tokens=10, image_topl=8, crop="random", min_visible=0.5, seed=0,
+                          use_objects=True, use_ocr=True, use_image=False)
     reg_off = np.load(os.path.join(work, "regions", "region_offsets.npy"))
     labels = np.load(os.path.join(work, "clusters", "region_labels.npy"))
     line_off = np.load(os.path.join(work, "ocr", "line_offsets.npy"))
