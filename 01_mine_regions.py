@@ -67,7 +67,7 @@ CROP_N_LAYERS, MIN_MASK_REGION_AREA = 0, 0
 FEATURES = "clip"
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"
 PIXEL_GRID = 8              # the stand-in feature: PIXEL_GRID x PIXEL_GRID x 3 values
-FEATURE_BATCH = 64
+FEATURE_BATCH = 512         # crops per CLIP forward across images (clip-retrieval: 512)
 CHUNK_SIZE = 1024           # images per resumable chunk: 390k chunk files at 400M images, minutes of SAM each
 
 REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error", "decode_error"]
@@ -101,7 +101,10 @@ def parse_args(argv):
     p.add_argument("--clip-model", default=CLIP_MODEL)
     p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or a local checkpoint file")
     p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
-    p.add_argument("--feature-batch", type=int, default=FEATURE_BATCH)
+    p.add_argument("--feature-batch", type=int, default=FEATURE_BATCH, help="crops per CLIP forward, gathered "
+                   "across images (clip-retrieval: 512 on an A100)")
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and preprocess ahead "
+                   "of the device (-1: the process's share of the cores, at most 8; 0: in this process)")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
@@ -112,6 +115,8 @@ def parse_args(argv):
         p.error(f"--boxes {args.boxes}: no such file or folder")
     if args.chunk_size < 1 or args.min_box_side < 0 or not 0 < args.dedup_iou <= 1:
         p.error("--chunk-size must be >= 1, --min-box-side >= 0 and --dedup-iou in (0, 1]")
+    if args.feature_batch < 1 or args.workers < -1:
+        p.error("--feature-batch must be >= 1 and --workers >= -1")
     return args
 
 
@@ -269,9 +274,30 @@ class PixelFeatures:
         x = np.stack(crops).reshape(len(crops), -1) / 255.0 - 0.5 if crops else np.zeros((0, self.dim), np.float32)
         return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)).astype(np.float16)
 
+    def inputs(self, image, boxes):
+        """Computed where the image is decoded (a loader worker): the features themselves, one row per box."""
+        return list(self(image, boxes))
+
+    def encode(self, rows):
+        return np.stack(rows)
+
+
+class ClipInputs:
+    """The worker side of ClipFeatures: box crops through CLIP's own preprocessing (resize + centre crop)."""
+
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
+
+    def __call__(self, image, boxes):
+        import torch
+        crops = [image.crop(tuple(int(round(v)) for v in b)) for b in boxes]
+        return list(torch.stack([self.preprocess(c) for c in crops])) if crops else []
+
 
 class ClipFeatures:
-    """open_clip image tower on box crops (CLIP's own resize + centre crop), L2-normalised, batched on device."""
+    """open_clip image tower on box crops (CLIP's own resize + centre crop), L2-normalised. The crops are
+    preprocessed in the loader workers (`inputs`, a ClipInputs) and encoded here in batches of --feature-batch
+    gathered across images (FeatureQueue)."""
     image_from_regions = False                 # a whole image's feature is CLIP's on the whole image
 
     def __init__(self, model_name, pretrained, config, batch, device):
@@ -281,22 +307,121 @@ class ClipFeatures:
             open_clip.add_model_config(config)
         if pretrained and pretrained.lower() in ("none", "random"):
             pretrained = None        # random weights: timing runs and tests only
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                               device=device)
+        self.model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                          device=device)
         self.model.eval()
+        self.inputs = ClipInputs(preprocess)
         self.batch, self.device, self.torch = batch, device, torch
         self.dim = self.model.visual.output_dim
 
-    def __call__(self, image, boxes):
+    def encode(self, rows):
+        """A list of preprocessed crops (3, S, S) -> (n, dim) float16 unit features."""
         torch = self.torch
-        crops = [image.crop(tuple(int(round(v)) for v in b)) for b in boxes]
-        out = []
-        for s in range(0, len(crops), self.batch):
-            x = torch.stack([self.preprocess(c) for c in crops[s: s + self.batch]]).to(self.device)
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-                f = self.model.encode_image(x).float()
-            out.append(torch.nn.functional.normalize(f, dim=-1).cpu().numpy().astype(np.float16))
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float16)
+        x = torch.stack(rows).to(self.device, non_blocking=True)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            f = self.model.encode_image(x).float()
+        return torch.nn.functional.normalize(f, dim=-1).cpu().numpy().astype(np.float16)
+
+    def __call__(self, image, boxes):
+        rows = self.inputs(image, boxes)
+        return self.encode(rows) if rows else np.zeros((0, self.dim), np.float16)
+
+
+class FeatureQueue:
+    """Feature inputs of consecutive images, encoded in batches of `batch` rows gathered across images in the
+    images' order (so the batches, and the bytes, are the same for any number of loader workers); `take(j)`
+    gives image j's rows once every row is encoded (after `flush`)."""
+
+    def __init__(self, features, batch, dim):
+        self.features, self.batch, self.dim = features, batch, dim
+        self.rows, self.owners, self.out = [], [], {}
+
+    def add(self, j, rows):
+        self.out[j] = [None] * len(rows)
+        self.rows += rows
+        self.owners += [(j, k) for k in range(len(rows))]
+        while len(self.rows) >= self.batch:
+            self._encode(self.batch)
+
+    def flush(self):
+        while self.rows:
+            self._encode(min(self.batch, len(self.rows)))
+
+    def _encode(self, m):
+        for (j, k), f in zip(self.owners[:m], self.features.encode(self.rows[:m])):
+            self.out[j][k] = f
+        del self.rows[:m], self.owners[:m]
+
+    def take(self, j):
+        rows = self.out.pop(j)
+        return np.stack(rows).astype(np.float16) if rows else np.zeros((0, self.dim), np.float16)
+
+
+class PrepareImage:
+    """The CPU work on one image, in a loader worker: decode (EXIF-rotated), the size test, the boxes when they
+    come from --boxes or the sample's SA-1B json, box filtering and the feature inputs of the whole image and
+    its boxes. Images whose boxes must come from SAM return their pixels for the main process."""
+
+    def __init__(self, work, box_file, features_inputs, args):
+        self.work, self.box_file, self.inputs = work, box_file, features_inputs
+        self.min_image_side, self.min_box_side = args.min_image_side, args.min_box_side
+        self.dedup_iou, self.max_regions = args.dedup_iou, args.max_regions
+        self._table = None
+
+    def __getstate__(self):                    # workers open their own memmaps
+        return {**self.__dict__, "_table": None}
+
+    def table(self):
+        if self._table is None:
+            self._table = workdir.read_image_table(self.work)
+        return self._table
+
+    def boxes(self, table, i):
+        """(boxes, scores, areas, source) from --boxes or the sample's json; source "sam" when neither has them
+        (RICE Sec. 3.1 kept SA-1B's masks; with --boxes the file is the only source)."""
+        if self.box_file is not None:
+            anns = self.box_file.get(table, i)
+            if anns is not None:
+                return *xywh_boxes(anns), "box_file"
+        anns = sa1b_annotations(table.read_json(i)) if int(table.json_length[i]) >= 0 else None
+        if anns is not None:
+            return *xywh_boxes(anns), "sample_json"
+        empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+        return *empty, ("none" if self.box_file is not None else "sam")
+
+    def __call__(self, i):
+        try:
+            return self.prepare(i)
+        except SystemExit as e:                # what the user must fix (a failing filesystem): the main process
+            return {"status": "stop", "message": str(e)}        # stops with the line, not a dead worker
+
+    def prepare(self, i):
+        table = self.table()
+        if table.status[i] != workdir.OK:
+            return {"status": "skipped"}
+        image, _ = table.open(i)
+        if image is None:                      # the table reads headers only: decoding can still fail
+            return {"status": "decode_error"}
+        try:
+            w, h = image.size
+            whole = self.inputs(image, np.array([[0, 0, w, h]], np.float32))
+            if min(w, h) < self.min_image_side:
+                return {"status": "too_small", "rows": whole, "regions": 0}
+            b, s, a, src = self.boxes(table, i)
+            if src == "sam":                    # SAM runs in the main process, on the device
+                return {"status": "sam", "rows": whole, "image": np.asarray(image), "path": table.path(i)}
+            return {"status": "ok", **self.finish(image, b, s, a, src, whole)}
+        except Exception as e:                  # one bad image must not stop a long run: record it
+            return {"status": "error", "message": f"{table.path(i)}: {type(e).__name__}: {e}"}
+        finally:
+            if i % 256 == 0:
+                table.release()                 # resident memory stays flat over a 400M-row table
+
+    def finish(self, image, b, s, a, src, whole):
+        w, h = image.size
+        b, s, a = filter_boxes(b, s, a, w, h, self.min_box_side, self.dedup_iou, self.max_regions)
+        return {"boxes": b, "scores": s, "areas": a, "source": src, "rows": whole + list(self.inputs(image, b)),
+                "regions": len(b)}
 
 
 # main ------------------------------------------------------------------------------------------------------
@@ -354,68 +479,69 @@ def main(argv=None):
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
     if rank == 0:
         workdir.short_side_check(table, args.min_image_side)
-    no_boxes = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    prepare = PrepareImage(args.work, box_file, features.inputs, args)
+    workers = workdir.loader_workers(args.workers)
 
-    def boxes_of(i, image):
-        """(boxes, scores, areas, source): the --boxes file's, else the sample's own SA-1B annotations (RICE
-        Sec. 3.1 kept SA-1B's masks), else SAM's (none with --boxes: the file is then the only source)."""
-        if box_file is not None:
-            anns = box_file.get(table, i)
-            if anns is not None:
-                return *xywh_boxes(anns), "box_file"
-        anns = sa1b_annotations(table.read_json(i)) if int(table.json_length[i]) >= 0 else None
-        if anns is not None:
-            return *xywh_boxes(anns), "sample_json"
-        if box_file is not None:
-            return *no_boxes, "none"
-        return *sam_regions(sam_generator(), image, args.sam_max_side), "sam"
+    def on_device(fn, *a):
+        """fn(*a); a GPU failure is the device's, not an image's: stop, and the next run redoes the chunk."""
+        try:
+            return fn(*a)
+        except Exception as e:
+            if device_failure(e):
+                raise SystemExit(f"error: [rank {rank}] {type(e).__name__} on {device}: {str(e)[:300]}; this "
+                                 "process stops and its unfinished chunk is redone by the next run") from None
+            raise
 
     def process(start, end):
+        """Rows [start, end): loader workers decode and prepare the images ahead (PrepareImage); here SAM runs
+        on the images that need it and CLIP on batches gathered across images (FeatureQueue)."""
+        from PIL import Image
         n = end - start
         status = np.zeros(n, np.uint8)
         source = np.zeros(n, np.uint8)
         counts = np.zeros(n, np.int64)
         image_feat = np.zeros((n, features.dim), np.float16)
-        boxes, scores, areas, region_feat = [], [], [], []
-        for j, i in enumerate(range(start, end)):
-            if table.status[i] != workdir.OK:
-                status[j] = REGION_STATUS.index("skipped")
+        boxes, scores, areas, regions = [], [], [], []
+        queue = FeatureQueue(features, args.feature_batch, features.dim)
+        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
+            if item["status"] == "stop":
+                raise SystemExit(item["message"])
+            if item["status"] == "sam":
+                try:
+                    image = Image.fromarray(item["image"])
+                    b, sc, a = on_device(sam_regions, sam_generator(), image, args.sam_max_side)
+                    item = {"status": "ok", **prepare.finish(image, b, sc, a, "sam", item["rows"])}
+                except SystemExit:
+                    raise
+                except Exception as e:
+                    item = {"status": "error", "message": f"{item['path']}: {type(e).__name__}: {e}"}
+            if item["status"] == "error":
+                print(f"[rank {rank}] error on {item['message']}", file=sys.stderr, flush=True)
+            if "rows" not in item:             # skipped, decode_error, error: no feature
+                status[j] = REGION_STATUS.index(item["status"])
                 continue
-            image, st = table.open(i)
-            if image is None:                      # the table reads headers only: decoding can still fail
-                status[j] = REGION_STATUS.index("decode_error")
-                continue
-            try:
-                w, h = image.size
-                image_feat[j] = features(image, np.array([[0, 0, w, h]], np.float32))[0]
-                if min(w, h) < args.min_image_side:
-                    status[j] = REGION_STATUS.index("too_small")
-                    continue
-                b, s, a, src = boxes_of(i, image)
-                source[j] = BOX_SOURCE.index(src)
-                b, s, a = filter_boxes(b, s, a, w, h, args.min_box_side, args.dedup_iou, args.max_regions)
-                f = features(image, b)
-                if len(b) and features.image_from_regions:
-                    image_feat[j] = features.mean_of(f)
-            except Exception as e:             # one bad image must not stop a long run: record it
-                if device_failure(e):          # ... but a GPU failure is not the image's: stop, redo the chunk
-                    raise SystemExit(f"error: [rank {rank}] {type(e).__name__} on {device}: {str(e)[:300]}; this "
-                                     "process stops and its unfinished chunk is redone by the next run") from None
-                print(f"[rank {rank}] error on {table.path(i)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                status[j] = REGION_STATUS.index("error")
-                image_feat[j] = 0
-                continue
-            if not len(b):
-                status[j] = REGION_STATUS.index("no_regions")
-            counts[j] = len(b)
-            boxes.append(b), scores.append(s), areas.append(a), region_feat.append(f)
-        table.release()                        # resident memory stays flat over a 400M-row table
+            if item["status"] == "too_small":  # its whole-image feature only
+                status[j] = REGION_STATUS.index("too_small")
+            else:
+                status[j] = REGION_STATUS.index("ok" if item["regions"] else "no_regions")
+                source[j] = BOX_SOURCE.index(item["source"])
+                counts[j] = item["regions"]
+                boxes.append(item["boxes"]), scores.append(item["scores"]), areas.append(item["areas"])
+            on_device(queue.add, j, item["rows"])
+        on_device(queue.flush)
+        for j in sorted(queue.out):
+            rows = queue.take(j)
+            image_feat[j] = features.mean_of(rows[1:]) if features.image_from_regions and len(rows) > 1 else rows[0]
+            if status[j] != REGION_STATUS.index("too_small"):
+                regions.append(rows[1:])
+        table.release()
         cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
         return {"status": status, "box_source": source, "region_counts": counts, "image_features": image_feat,
                 "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
-                "areas": cat(areas, (0,), np.float32), "region_features": cat(region_feat, (0, features.dim), np.float16)}
+                "areas": cat(areas, (0,), np.float32), "region_features": cat(regions, (0, features.dim), np.float16)}
 
-    key = {k: v for k, v in vars(args).items() if k not in ("force", "images", "work", "device", "feature_batch")}
+    key = {k: v for k, v in vars(args).items()
+           if k not in ("force", "images", "work", "device", "feature_batch", "workers")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
     num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)

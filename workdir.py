@@ -210,6 +210,47 @@ def unlock_folder(folder: str) -> None:
         os.close(fd)
 
 
+class _Rows:
+    """Map-style dataset over rows [start, end): item j is prepare(start + j) (in a DataLoader worker)."""
+
+    def __init__(self, start, end, prepare):
+        self.start, self.end, self.prepare = start, end, prepare
+
+    def __len__(self):
+        return self.end - self.start
+
+    def __getitem__(self, j):
+        return self.prepare(self.start + j)
+
+
+def _as_is(item):
+    return item                                # no tensor conversion: items are what prepare returned
+
+
+def prefetched(start: int, end: int, prepare, workers: int, prefetch: int = 4):
+    """prepare(i) for i in [start, end), in order, computed ahead of the caller by `workers` DataLoader worker
+    processes (decoding, EXIF, resizing, crop preprocessing: the CPU work of 01 and 02), each `prefetch` items
+    ahead; workers 0 runs prepare in this process. prepare must be picklable (a top-level class instance)."""
+    if workers <= 0 or end - start <= 1:
+        for i in range(start, end):
+            yield prepare(i)
+        return
+    import torch
+    loader = torch.utils.data.DataLoader(_Rows(start, end, prepare), batch_size=None, shuffle=False,
+                                         num_workers=min(workers, end - start), collate_fn=_as_is,
+                                         prefetch_factor=prefetch)
+    yield from loader
+
+
+def loader_workers(requested: int) -> int:
+    """--workers: -1 (the default) = this process's share of the node's cores, at most 8 (clip-retrieval's
+    8 preprocessing workers per GPU), leaving one core to the process itself."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(8, cores - 1))
+
+
 def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str, key: dict,
                unit: str = "img") -> tuple[int, set]:
     """Run `process(start, end) -> dict[name, array]` over the fixed chunks [c * chunk_size, (c + 1) * chunk_size)

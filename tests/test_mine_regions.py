@@ -282,6 +282,46 @@ def test_kill_and_resume_equals_plain_run(many_images, tmp_path):
     assert not (work / "regions" / "chunks").exists()
 
 
+def test_loader_workers_and_cross_image_batches(many_images, tmp_path):
+    # decoding and preprocessing in DataLoader workers, CLIP on batches gathered across images: the same bytes
+    # as the in-process loop for any number of workers; the pixel stand-in's bytes also for any --feature-batch,
+    # CLIP's within a float16 step of one crop per forward (float sums depend on the batch's shape, not on the
+    # images around a crop)
+    import open_clip
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg_file = tmp_path / "kit-tiny-clip.json"
+    cfg_file.write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(cfg_file))
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)[0].state_dict(),
+               tmp_path / "clip.pt")
+    clip = ["--features", "clip", "--clip-model", "kit-tiny-clip", "--clip-config", str(cfg_file),
+            "--clip-pretrained", str(tmp_path / "clip.pt"), "--device", "cpu"]
+
+    def outputs(name, *flags):
+        base = ["--images", str(many_images / "images"), "--work", str(tmp_path / name), "--boxes",
+                str(many_images / "coco.json"), "--min-box-side", "8", "--min-image-side", "32", "--chunk-size", "50"]
+        mine.main(base + list(flags))
+        return {k: np.load(tmp_path / name / "regions" / f"{k}.npy") for k in OUTPUTS}
+
+    pix = [outputs(f"pix{w}{b}", "--features", "pixels", "--workers", w, "--feature-batch", b)
+           for w, b in (("0", "1"), ("2", "512"), ("1", "7"))]
+    for other in pix[1:]:
+        assert all(other[k].tobytes() == pix[0][k].tobytes() for k in OUTPUTS)
+    one = outputs("clip_one", *clip, "--workers", "0", "--feature-batch", "1")
+    two = outputs("clip_w2", *clip, "--workers", "2", "--feature-batch", "64")
+    again = outputs("clip_w0", *clip, "--workers", "0", "--feature-batch", "64")
+    assert all(two[k].tobytes() == again[k].tobytes() for k in OUTPUTS)            # workers change no byte
+    for k in OUTPUTS:
+        if k.endswith("features"):
+            d = np.abs(two[k].astype(np.float32) - one[k].astype(np.float32))
+            assert d.max() <= 2 ** -10 and (d > 0).mean() < 0.01, (k, d.max(), (d > 0).mean())
+        else:
+            assert two[k].tobytes() == one[k].tobytes(), k
+    assert len(two["boxes"]) == 360 and (two["status"] == mine.REGION_STATUS.index("skipped")).sum() == 1
+
+
 def test_two_process_torchrun_equals_plain_run(many_images, tmp_path):
     plain = tmp_path / "plain"
     subprocess.run(cli(many_images, plain, chunk="7"), check=True, capture_output=True)

@@ -363,22 +363,23 @@ def test_members_of_a_key_anywhere_in_the_tar(tmp_path):
 
 def test_a_device_failure_stops_the_rank_instead_of_marking_images(world, tmp_path, monkeypatch):
     """A CUDA error is the GPU's, not the image's: 01 stops with one line and records nothing as done; an
-    ordinary exception on one image stays that image's `error` status."""
+    ordinary exception on one image (in a loader worker) stays that image's `error` status."""
     flags = ["--images", str(world / "shards"), "--work", str(tmp_path / "w"), "--boxes",
              str(world / "data" / "coco.json"), "--features", "pixels", "--min-box-side", "8",
              "--min-image-side", "32", "--chunk-size", "5"]
     calls = []
 
-    def failing(self, image, boxes):
+    def failing(self, rows):                            # the device work: the main process's batches
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(self, image, boxes)
-    real = mine.PixelFeatures.__call__
-    monkeypatch.setattr(mine.PixelFeatures, "__call__", failing)
+        return encode(self, rows)
+    encode, real = mine.PixelFeatures.encode, mine.PixelFeatures.__call__
+    monkeypatch.setattr(mine.PixelFeatures, "encode", failing)
     with pytest.raises(SystemExit, match="RuntimeError on cpu: CUDA error.*redone by the next run"):
-        mine.main(flags)
+        mine.main([*flags, "--feature-batch", "4"])
     assert not workdir.done_chunks(str(tmp_path / "w" / "regions"))
+    monkeypatch.setattr(mine.PixelFeatures, "encode", encode)
 
     def odd(self, image, boxes):
         if image.size == (128, 128) and len(boxes) == 1 and np.asarray(image)[0, 0].tolist() == [128] * 3:
