@@ -14,7 +14,9 @@ directory must be on a filesystem every node sees, rank 0 merges):
         02_extract_ocr.py --images DIR --work runs/big
 
 Engines (`--engine`): `rapidocr` runs the PP-OCR detection and recognition models that ship in RapidOCR's wheel
-(PP-OCRv6 small, multilingual) through onnxruntime on CPU, offline; `--det-model`/`--rec-model` swap in other
+(PP-OCRv6 small, multilingual) through onnxruntime, offline, on CPU, or on the rank's GPU through onnxruntime's
+CUDA provider when `onnxruntime-gpu` is installed in place of `onnxruntime` (`--device auto` takes it, `cuda`
+requires it); `--det-model`/`--rec-model` swap in other
 ONNX files. `paddle` is PaddleOCR 3.x itself (the paper's tool; `pip install -r requirements-paddle.txt`), with
 `--lang`, `--det-model-dir`, `--rec-model-dir`; it downloads its models on first use unless the two model folders
 are given. `auto` (default) takes paddle when `paddleocr` is importable, else rapidocr. Both run detection +
@@ -31,7 +33,10 @@ them) fixes the order; only rows with status ok are read (ImageTable.open: a loo
 member, EXIF-rotated RGB), the others get OCR status "skipped"; an ok row that fails to decode gets
 "read_error" (the table reads headers only). Images whose long side is above --max-side are downscaled
 (bicubic) for the engine and the boxes scaled back, so every box is in pixels of the upright original image.
-An exception inside the engine is recorded as "engine_error" for that image.
+An exception inside the engine is recorded as "engine_error" for that image. Decoding, EXIF rotation, the
+downscale and the BGR conversion run in --workers DataLoader worker processes ahead of the engine
+(workdir.prefetched; -1: the process's share of the cores less one, at most 8), so the engine never waits on a
+decode; the lines are the same bytes for any number of workers (tested).
 
 Writes <work>/ocr/ (L = kept lines over all images):
     line_offsets.npy    int64 (n_images+1)  CSR: lines of image i are rows line_offsets[i]:line_offsets[i+1]
@@ -96,15 +101,19 @@ def parse_args(argv):
     p.add_argument("--det-model-dir", help="paddle: text detection model folder (default: PaddleOCR downloads)")
     p.add_argument("--rec-model-dir", help="paddle: text recognition model folder (default: PaddleOCR downloads)")
     p.add_argument("--device", default="auto", help="paddle: cpu, gpu:N, or auto (gpu:LOCAL_RANK when Paddle "
-                                                    "has CUDA); rapidocr always runs on CPU")
+                   "has CUDA); rapidocr: auto (the CUDA provider when onnxruntime-gpu is installed), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="rapidocr: onnxruntime threads per process (0: all "
                                                           "cores, divided by the processes per node under torchrun)")
     p.add_argument("--min-score", type=float, default=MIN_SCORE, help="keep lines with score > this")
     p.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images for the engine (0: off)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="M, token ids kept per line")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and resize ahead of "
+                   "the engine (-1: the process's share of the cores, at most 8; 0: in this process)")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
+    if args.workers < -1:
+        p.error("--workers must be >= -1")
     if args.chunk_size < 1 or args.max_tokens < 1 or args.max_side < 0 or args.threads < 0:
         p.error("--chunk-size and --max-tokens must be >= 1, --max-side and --threads >= 0")
     if args.det_limit_side is not None and args.det_limit_side < 1:
@@ -117,8 +126,8 @@ def parse_args(argv):
         args.engine = "paddle" if importlib.util.find_spec("paddleocr") else "rapidocr"
     if args.engine == "paddle" and not importlib.util.find_spec("paddleocr"):
         p.error("--engine paddle needs paddleocr: pip install -r requirements-paddle.txt")
-    if args.engine == "rapidocr" and args.device not in ("auto", "cpu"):
-        p.error("the rapidocr engine runs on CPU (onnxruntime); --device is for --engine paddle")
+    if args.engine == "rapidocr" and args.device not in ("auto", "cpu", "cuda"):
+        p.error("--engine rapidocr takes --device auto, cpu or cuda (onnxruntime-gpu); gpu:N is for --engine paddle")
     return args
 
 
@@ -144,6 +153,18 @@ def rapidocr_engine(args):
         params["Det.limit_side_len"] = args.det_limit_side
     if rank_threads:
         params["EngineConfig.onnxruntime.intra_op_num_threads"] = rank_threads
+    # onnxruntime-gpu (pip install onnxruntime-gpu in place of onnxruntime) brings the CUDA provider: det and
+    # rec then run on this rank's GPU (--device auto or cuda); the CPU build has only the CPU provider
+    import onnxruntime
+    cuda = args.device in ("auto", "cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("error: --device cuda: this onnxruntime has no CUDAExecutionProvider; install "
+                         "onnxruntime-gpu instead of onnxruntime, or use --device cpu")
+    if cuda:
+        import torch
+        params["EngineConfig.onnxruntime.use_cuda"] = True
+        params["EngineConfig.onnxruntime.cuda_ep_cfg.device_id"] = \
+            int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
     ocr = RapidOCR(params=params)
     det, rec = ocr.cfg.Det, ocr.cfg.Rec
     info = {"name": "rapidocr", "version": importlib.metadata.version("rapidocr"),
@@ -152,7 +173,8 @@ def rapidocr_engine(args):
             f"wheel default {det.ocr_version.value} det {det.model_type.value}",
             "rec": os.path.abspath(args.rec_model) if args.rec_model else
             f"wheel default {rec.ocr_version.value} rec {rec.model_type.value}",
-            "det_limit": f"{det.limit_type} {det.limit_side_len}", "textline_orientation": False}
+            "det_limit": f"{det.limit_type} {det.limit_side_len}", "textline_orientation": False,
+            "provider": "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"}
 
     def run(bgr):
         out = ocr(bgr)                          # a 3-channel ndarray is taken as BGR, like cv2.imread's
@@ -198,23 +220,60 @@ def to_box(points, sx, sy, width, height):
             min(max(x1 * sx, 0.0), width), min(max(y1 * sy, 0.0), height)]
 
 
-def read_lines(engine, image, max_side):
-    """Run the engine on one RGB PIL image: [(box x0y0x1y1 in original pixels, stripped text, score)] for every
-    line with non-empty text, in the engine's order."""
+def engine_input(image, max_side):
+    """One RGB PIL image -> (BGR uint8 array for the engine, downscaled to max_side; sx, sy back to the
+    original pixels; the original width and height). The CPU work of a line read: in a loader worker."""
     from PIL import Image
     w, h = image.size
     small = image
     if max_side and max(w, h) > max_side:
         s = max_side / max(w, h)
         small = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-    bgr = np.ascontiguousarray(np.asarray(small)[:, :, ::-1])
-    sx, sy = w / small.width, h / small.height
+    return np.ascontiguousarray(np.asarray(small)[:, :, ::-1]), w / small.width, h / small.height, w, h
+
+
+def engine_lines(engine, bgr, sx, sy, w, h):
+    """[(box x0y0x1y1 in original pixels, stripped text, score)] for every line with non-empty text, in the
+    engine's order."""
     out = []
     for points, text, score in engine(bgr):
         text = str(text).strip()
         if text:
             out.append((to_box(points, sx, sy, w, h), text, float(score)))
     return out
+
+
+def read_lines(engine, image, max_side):
+    """Run the engine on one RGB PIL image (engine_input, then engine_lines)."""
+    return engine_lines(engine, *engine_input(image, max_side))
+
+
+class PrepareOCR:
+    """Decode (EXIF-rotated) and prepare one image for the engine, in a loader worker."""
+
+    def __init__(self, work, max_side):
+        self.work, self.max_side, self._table = work, max_side, None
+
+    def __getstate__(self):                    # workers open their own memmaps
+        return {**self.__dict__, "_table": None}
+
+    def __call__(self, i):
+        try:
+            if self._table is None:
+                self._table = workdir.read_image_table(self.work)
+            table = self._table
+            if table.status[i] != workdir.OK:
+                return {"status": "skipped"}
+            image, _ = table.open(i)
+            if image is None:                  # the table reads headers only: decoding can still fail
+                return {"status": "read_error"}
+            if i % 256 == 0:
+                table.release()                # resident memory stays flat over a 400M-row table
+            return {"status": "ok", "input": engine_input(image, self.max_side), "path": table.path(i)}
+        except SystemExit as e:                # a failing filesystem: the main process stops with the line
+            return {"status": "stop", "message": str(e)}
+        except Exception as e:
+            return {"status": "engine_error", "message": f"{type(e).__name__}: {e}", "path": str(i)}
 
 
 # labels ----------------------------------------------------------------------------------------------------
@@ -273,6 +332,8 @@ def main(argv=None):
     workdir.barrier()
     t_ready = time.time()
     errors_shown = [0]
+    prepare = PrepareOCR(args.work, args.max_side)
+    workers = workdir.loader_workers(args.workers)
 
     def process(start, end):
         n = end - start
@@ -280,16 +341,16 @@ def main(argv=None):
         line_counts = np.zeros(n, np.int64)
         found = np.zeros(n, np.int32)
         boxes, scores, texts, tokens = [], [], [], []
-        for j, i in enumerate(range(start, end)):
-            if table.status[i] != workdir.OK:
-                status[j] = OCR_STATUS.index("skipped")
-                continue
-            image, st = table.open(i)
-            if image is None:                   # the table reads headers only: decoding can still fail
-                status[j] = OCR_STATUS.index("read_error")
+        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
+            if item["status"] == "stop":
+                raise SystemExit(item["message"])
+            if item["status"] in ("skipped", "read_error"):
+                status[j] = OCR_STATUS.index(item["status"])
                 continue
             try:
-                lines = read_lines(engine, image, args.max_side)
+                if item["status"] != "ok":
+                    raise RuntimeError(item["message"])
+                lines = engine_lines(engine, *item["input"])
             except Exception as e:              # one bad image must not stop a long run: record it
                 if any(w in str(e) for w in ("CUDA", "cudaError", "out of memory", "ResourceExhausted")):
                     # ... but a failing GPU (paddle on --device gpu) is not the image's: stop, redo the chunk
@@ -298,7 +359,7 @@ def main(argv=None):
                 status[j] = OCR_STATUS.index("engine_error")
                 errors_shown[0] += 1
                 if errors_shown[0] <= MAX_ERRORS_SHOWN:
-                    print(f"[rank {rank}] engine error on {table.path(i)}: {type(e).__name__}: {e}",
+                    print(f"[rank {rank}] engine error on {item['path']}: {type(e).__name__}: {e}",
                           file=sys.stderr, flush=True)
                 continue
             found[j] = len(lines)

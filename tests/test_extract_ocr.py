@@ -21,7 +21,7 @@ ocr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ocr)
 
 # small chunks so that 11 files make 4 chunks; --max-side below region.png's width exercises the rescaling
-RUN = ["--max-side", "480", "--chunk-size", "3", "--engine", "rapidocr"]
+RUN = ["--max-side", "480", "--chunk-size", "3", "--engine", "rapidocr", "--workers", "0"]
 BAD = ["corrupt.jpg", "notes.txt", "truncated.png"]
 
 
@@ -299,4 +299,13 @@ def test_two_processes_byte_identical(images, baseline, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ocr: images by status" in r.stdout
+    assert read_all(work) == read_all(baseline[0])
+
+
+def test_loader_workers_byte_identical(images, baseline, tmp_path):
+    # decoding and resizing in two DataLoader worker processes ahead of the engine: the same bytes as the
+    # baseline's in-process loop (--workers 0)
+    assert baseline[1]["config"]["workers"] == 0
+    work = str(tmp_path / "w")
+    ocr.main(["--images", images[0], "--work", work, *RUN[:-2], "--workers", "2"])
     assert read_all(work) == read_all(baseline[0])
