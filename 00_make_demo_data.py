@@ -465,7 +465,8 @@ def main(argv=None):
     if args.size < 128:
         raise SystemExit("error: --size must be at least 128 (the largest words need the width)")
     from tqdm import tqdm
-    check_fonts()
+    if mix["text"] or mix["both"]:             # an objects-only world (--mix 1,0,0) draws no word
+        check_fonts()
     if not 1 <= args.vocab_size <= len(VOCAB):
         raise SystemExit(f"error: --vocab-size must be in [1, {len(VOCAB)}]")
     config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=mix, text_box=args.text_box,

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--crops", type=int, default=CROPS)
     p.add_argument("--regions-per-image", type=float, help="R for the crops cost (default: SAM's measured)")
     p.add_argument("--det-limit-side", type=int, help="passed to 02's rapidocr engine (its default: 736)")
+    p.add_argument("--skip-ocr", action="store_true", help="leave the RapidOCR rows out (e.g. no rapidocr)")
     p.add_argument("--real-photos", action="store_true", help="also scikit-image's bundled photos (OCR, SAM)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv=None):
     results, images = [], [Image.fromarray(demo.make_image(i, SEED, args.size)[0]) for i in range(args.images)]
     sam, sam_run = bench_sam(args, dev, images, results)
     bench_features(args, dev, images, sam, results)
-    engine, info = bench_ocr(args, results)
+    engine, info = (None, {"version": None, "det": None, "rec": None}) if args.skip_ocr else bench_ocr(args, results)
     extra = {"real_photos_ocr": real_photos(args, dev, engine, sam_run, results)} if args.real_photos else {}
 
     config = dict(vars(args), device_name=device_name(dev), torch=torch.__version__, rapidocr=info["version"],
