@@ -38,6 +38,12 @@ Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained
 L2-normalised (it groups regions by colour and coarse shape; it is not CLIP). An image's stand-in feature is the
 normalised mean of its regions' (what is in the image, as a CLIP image embedding says, not where: a thumbnail
 groups images by background colour and layout), or its own 8 x 8 thumbnail when it has no region.
+Keeping the device busy: decoding (EXIF-rotated), the size test, the boxes from --boxes or the sample's json,
+box filtering and the features' CPU work (CLIP's crop preprocessing; the whole pixel stand-in) run in --workers
+DataLoader worker processes ahead of the device (PrepareImage, workdir.prefetched); this process runs SAM on the
+images that need it while the workers decode the next ones, and CLIP on batches of --feature-batch crops and
+whole images gathered across images in their order (FeatureQueue), so the bytes are the same for any number of
+workers (tested).
 Every stage of the kit is resumable: rerun the same command after any interruption.
 """
 from __future__ import annotations
