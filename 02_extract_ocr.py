@@ -33,7 +33,9 @@ them) fixes the order; only rows with status ok are read (ImageTable.open: a loo
 member, EXIF-rotated RGB), the others get OCR status "skipped"; an ok row that fails to decode gets
 "read_error" (the table reads headers only). Images whose long side is above --max-side are downscaled
 (bicubic) for the engine and the boxes scaled back, so every box is in pixels of the upright original image.
-An exception inside the engine is recorded as "engine_error" for that image. Decoding, EXIF rotation, the
+An exception inside the engine is recorded as "engine_error" for that image. An image that RapidOCR's own
+resizing would hand its detector at more than --max-engine-pixels (16.8M; very thin banners: a 2000 x 2 PNG
+becomes 735,000 x 736 pixels, more than 20 GB) gets "too_thin" from its header size, before it is decoded. Decoding, EXIF rotation, the
 downscale and the BGR conversion run in --workers DataLoader worker processes ahead of the engine
 (workdir.prefetched; -1: the process's share of the cores less one, at most 8), so the engine never waits on a
 decode; the lines are the same bytes for any number of workers (tested).
@@ -81,7 +83,8 @@ LANG = "en"                 # PaddleOCR recognition language (paddle engine only
 CHUNK_SIZE = 512            # images per resumable chunk: 780k chunk files at 400M images
 MAX_ERRORS_SHOWN = 20       # per rank; the rest are only counted
 
-OCR_STATUS = ["ok", "no_text", "skipped", "engine_error", "read_error"]
+OCR_STATUS = ["ok", "no_text", "skipped", "engine_error", "read_error", "too_thin"]
+MAX_ENGINE_PIXELS = 1 << 24     # the detector's input (after the engine's own resizing) at most 16.8M pixels
 # ok: >= 1 line kept; no_text: read and OCR'd, no line kept; skipped: not ok in the image table (never read);
 # engine_error: the engine raised on this image; read_error: ok in the table but unreadable now
 
@@ -107,6 +110,8 @@ def parse_args(argv):
     p.add_argument("--min-score", type=float, default=MIN_SCORE, help="keep lines with score > this")
     p.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images for the engine (0: off)")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="M, token ids kept per line")
+    p.add_argument("--max-engine-pixels", type=int, default=MAX_ENGINE_PIXELS, help="rapidocr: images its "
+                   "detector would take at more pixels than this (after its own resizing) get status too_thin")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and resize ahead of "
                    "the engine (-1: the process's share of the cores, at most 8; 0: in this process)")
@@ -174,7 +179,10 @@ def rapidocr_engine(args):
             "rec": os.path.abspath(args.rec_model) if args.rec_model else
             f"wheel default {rec.ocr_version.value} rec {rec.model_type.value}",
             "det_limit": f"{det.limit_type} {det.limit_side_len}", "textline_orientation": False,
-            "provider": "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"}
+            "provider": "CUDAExecutionProvider" if cuda else "CPUExecutionProvider",
+            # how RapidOCR resizes before its detector (Global bounds, then Det's limit): det_input_pixels
+            "resize": {"max_side": ocr.cfg.Global.max_side_len, "min_side": ocr.cfg.Global.min_side_len,
+                       "limit_type": str(det.limit_type), "limit_side": det.limit_side_len}}
 
     def run(bgr):
         out = ocr(bgr)                          # a 3-channel ndarray is taken as BGR, like cv2.imread's
@@ -248,11 +256,36 @@ def read_lines(engine, image, max_side):
     return engine_lines(engine, *engine_input(image, max_side))
 
 
-class PrepareOCR:
-    """Decode (EXIF-rotated) and prepare one image for the engine, in a loader worker."""
+def det_input_pixels(w: int, h: int, resize: dict | None) -> float:
+    """The pixels RapidOCR's detector would get for a w x h input: its Global bounds (long side down to
+    max_side, short side up to min_side), then Det's limit (limit_type min: the short side up to limit_side;
+    max: the long side down to it). A 2000 x 2 banner becomes 735,000 x 736 (540M pixels, > 20 GB): such
+    images get status too_thin instead of the engine. 0 when the engine's resizing is not known (paddle)."""
+    if not resize:
+        return 0.0
+    w, h = float(w), float(h)
+    if max(w, h) > resize["max_side"]:
+        r = resize["max_side"] / max(w, h)
+        w, h = w * r, h * r
+    if min(w, h) < resize["min_side"]:
+        r = resize["min_side"] / max(min(w, h), 1e-9)
+        w, h = w * r, h * r
+    L = resize["limit_side"]
+    if (resize["limit_type"].endswith("min") and min(w, h) < L) or (resize["limit_type"].endswith("max")
+                                                                      and max(w, h) > L):
+        r = L / (min(w, h) if resize["limit_type"].endswith("min") else max(w, h))
+        w, h = w * r, h * r
+    return w * h
 
-    def __init__(self, work, max_side):
+
+class PrepareOCR:
+    """Decode (EXIF-rotated) and prepare one image for the engine, in a loader worker; an image the detector
+    would take at more than max_engine_pixels (very thin ones: RapidOCR scales the short side up) gets
+    too_thin, before any decode of its pixels."""
+
+    def __init__(self, work, max_side, resize=None, max_engine_pixels=MAX_ENGINE_PIXELS):
         self.work, self.max_side, self._table = work, max_side, None
+        self.resize, self.max_engine_pixels = resize, max_engine_pixels
 
     def __getstate__(self):                    # workers open their own memmaps
         return {**self.__dict__, "_table": None}
@@ -264,6 +297,12 @@ class PrepareOCR:
             table = self._table
             if table.status[i] != workdir.OK:
                 return {"status": "skipped"}
+            w, h = (int(v) for v in table.size[i])              # the upright size, from the header
+            if self.max_side and max(w, h) > self.max_side:
+                r = self.max_side / max(w, h)
+                w, h = max(1, round(w * r)), max(1, round(h * r))
+            if det_input_pixels(w, h, self.resize) > self.max_engine_pixels:
+                return {"status": "too_thin"}
             image, _ = table.open(i)
             if image is None:                  # the table reads headers only: decoding can still fail
                 return {"status": "read_error"}
@@ -304,7 +343,7 @@ def chunk_key(args, engine_info, tokenizer, table_fingerprint):
     """What the chunk files depend on: chunks left by a run with another key are discarded, not mixed in."""
     return {"engine": engine_info, "min_score": args.min_score,
             "max_side": args.max_side, "max_tokens": args.max_tokens, "tokenizer": tokenizer.name,
-            "image_table": table_fingerprint}
+            "image_table": table_fingerprint, "max_engine_pixels": args.max_engine_pixels}
 
 
 def main(argv=None):
@@ -332,7 +371,7 @@ def main(argv=None):
     workdir.barrier()
     t_ready = time.time()
     errors_shown = [0]
-    prepare = PrepareOCR(args.work, args.max_side)
+    prepare = PrepareOCR(args.work, args.max_side, engine_info.get("resize"), args.max_engine_pixels)
     workers = workdir.loader_workers(args.workers)
 
     def process(start, end):
@@ -344,7 +383,7 @@ def main(argv=None):
         for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
             if item["status"] == "stop":
                 raise SystemExit(item["message"])
-            if item["status"] in ("skipped", "read_error"):
+            if item["status"] in ("skipped", "read_error", "too_thin"):
                 status[j] = OCR_STATUS.index(item["status"])
                 continue
             try:

@@ -773,16 +773,28 @@ TABLE_VERSION = 2             # the layout of images/ (1: paths only, every file
 
 
 def to_rgb(im):
-    """Any PIL mode -> 8-bit RGB: 16-bit and float scaled to 0..255, alpha composited onto white."""
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled to 0..255, float in 0..1 scaled by 255, other float and 32-bit
+    integer images outside 0..255 stretched from their min..max, alpha composited onto white. Converted in
+    blocks of rows, so a 13000 x 13000 16-bit PNG costs its own size once more, not eight times in float64."""
     from PIL import Image
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im)
+        out = np.empty(a.shape, np.uint8)
         if im.mode.startswith("I;16"):
-            a = a / 257.0
-        elif a.size and (a.max() > 255 or a.min() < 0):
-            lo, hi = a.min(), a.max()
-            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+            for s in range(0, len(a), 1024):           # rint(v / 257), in integers: no tie can occur
+                out[s: s + 1024] = (a[s: s + 1024].astype(np.uint32) + 128) // 257
+        else:
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            if im.mode == "F" and 0 <= lo and hi <= 1:
+                scale, shift = 255.0, 0.0                  # a float image in 0..1
+            elif lo < 0 or hi > 255:
+                scale, shift = 255.0 / max(hi - lo, 1e-12), lo
+            else:
+                scale, shift = 1.0, 0.0
+            for s in range(0, len(a), 1024):
+                block = (a[s: s + 1024].astype(np.float64) - shift) * scale
+                out[s: s + 1024] = np.clip(np.rint(block), 0, 255)
+        return Image.fromarray(out, "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -123,7 +123,8 @@ def test_words_come_back_where_drawn(images, baseline):
         w, h = table.size[i]
         assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= w).all()
         assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= h).all()
-    assert manifest["status_counts"] == {"ok": 7, "no_text": 1, "skipped": 3, "engine_error": 0, "read_error": 0}
+    assert manifest["status_counts"] == {"ok": 7, "no_text": 1, "skipped": 3, "engine_error": 0, "read_error": 0,
+                                         "too_thin": 0}
 
 
 def test_every_input_accounted_for(images, baseline):
@@ -235,7 +236,8 @@ def test_score_filter_scaling_and_engine_errors(images, tmp_path, monkeypatch):
     monkeypatch.setattr(ocr, "rapidocr_engine", fake_engine)
     work = str(tmp_path / "w")
     m = ocr.main(["--images", images[0], "--work", work, "--max-side", "200", "--chunk-size", "4"])
-    assert m["status_counts"] == {"ok": 7, "no_text": 0, "skipped": 3, "engine_error": 1, "read_error": 0}
+    assert m["status_counts"] == {"ok": 7, "no_text": 0, "skipped": 3, "engine_error": 1, "read_error": 0,
+                                  "too_thin": 0}
     assert m["lines_found"] == 7 * 3 and m["rows"]["lines"] == 7 * 2 and m["lines_dropped_score"] == 7
     assert all(max(s[:2]) <= 200 for s in seen)
     table = workdir.read_image_table(work)
@@ -309,3 +311,18 @@ def test_loader_workers_byte_identical(images, baseline, tmp_path):
     work = str(tmp_path / "w")
     ocr.main(["--images", images[0], "--work", work, *RUN[:-2], "--workers", "2"])
     assert read_all(work) == read_all(baseline[0])
+
+
+def test_thin_banners_get_a_status_not_the_engine(tmp_path):
+    # a 2000 x 2 PNG would make RapidOCR's detector take a 735,000 x 736 input (its short side scaled up to
+    # 736): more than 20 GB. Such images get too_thin before they are decoded; the run completes, and an
+    # ordinary image beside them is read as before
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for w, h in ((2000, 2), (20000, 20), (2, 4000)):
+        Image.new("RGB", (w, h), "white").save(root / f"banner_{w}x{h}.png")
+    draw_word((240, 160), "hello", (20, 60), 40)[0].save(root / "word.png")
+    m = ocr.main(["--images", str(root), "--work", str(tmp_path / "w"), "--engine", "rapidocr", "--workers", "0"])
+    assert m["status_counts"]["too_thin"] == 3 and m["status_counts"]["ok"] == 1
+    assert ocr.det_input_pixels(2000, 2, m["engine"]["resize"]) > 5e8
+    assert ocr.det_input_pixels(640, 480, m["engine"]["resize"]) < ocr.MAX_ENGINE_PIXELS

@@ -334,3 +334,17 @@ def test_two_process_torchrun_equals_plain_run(many_images, tmp_path):
     assert load_outputs(work) == load_outputs(plain)
     for name in workdir.TABLE_ARRAYS + ["name_offsets", "name_bytes"]:
         assert np.array_equal(np.load(work / "images" / f"{name}.npy"), np.load(plain / "images" / f"{name}.npy"))
+
+
+def test_float_and_16_bit_images_keep_their_content(tmp_path):
+    # a float TIFF in 0..1 is scaled by 255 (it used to come out nearly black); 16-bit is rint(v / 257) as
+    # before, converted in blocks of rows in integers instead of one float64 copy of the whole image
+    a = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray(a).save(tmp_path / "f.tif")
+    img, st = workdir.open_image(str(tmp_path / "f.tif"))
+    x = np.asarray(img)[..., 0]
+    assert st == "ok" and img.mode == "RGB" and x.min() == 0 and x.max() == 255 and abs(x.mean() - 127.5) < 1
+    b = np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21
+    Image.fromarray(b).save(tmp_path / "d.png")
+    img, st = workdir.open_image(str(tmp_path / "d.png"))
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], np.clip(np.rint(b / 257.0), 0, 255).astype(np.uint8))
