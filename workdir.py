@@ -120,15 +120,21 @@ def offsets_from_counts(counts) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
 
 
+def fs_bytes(s: str) -> bytes:
+    """UTF-8, with the undecodable bytes of a file name (os.fsdecode's surrogate escapes) given back as they
+    were: a name that is not UTF-8 (Latin-1 from an old archive) round-trips to the same file."""
+    return s.encode("utf-8", "surrogateescape")
+
+
 def pack_strings(strings) -> tuple[np.ndarray, np.ndarray]:
-    """list of str -> (offsets int64 (n+1), utf-8 bytes uint8)."""
-    data = [s.encode("utf-8") for s in strings]
+    """list of str -> (offsets int64 (n+1), utf-8 bytes uint8; file names' undecodable bytes kept: fs_bytes)."""
+    data = [fs_bytes(s) for s in strings]
     flat = np.frombuffer(b"".join(data), dtype=np.uint8) if data else np.zeros(0, np.uint8)
     return offsets_from_counts([len(d) for d in data]), flat
 
 
 def unpack_string(offsets: np.ndarray, flat: np.ndarray, i: int) -> str:
-    return bytes(flat[offsets[i]: offsets[i + 1]]).decode("utf-8")
+    return bytes(flat[offsets[i]: offsets[i + 1]]).decode("utf-8", "surrogateescape")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -583,12 +589,12 @@ def resolve_source(source: str) -> Source:
         return Source("tar", os.path.dirname(path), [path], None)
     if os.path.isfile(source):
         root = os.path.dirname(os.path.abspath(source))
-        with open(source, encoding="utf-8") as f:
+        with open(source, encoding="utf-8-sig", errors="surrogateescape") as f:      # as iter_listed reads it
             first = [line.strip() for line, _ in zip(f, range(1000)) if line.strip() and not line.startswith("#")]
         if not first:
             raise SystemExit(f"error: the list {source} names no images")
         if all(p.endswith(".tar") for p in first):
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig", errors="surrogateescape") as f:
                 shards = [line.strip() for line in f if line.strip() and not line.startswith("#")]
             if not all(p.endswith(".tar") for p in shards):
                 raise SystemExit(f"error: the list {source} mixes .tar shards and other paths: list one kind")
@@ -629,7 +635,9 @@ def iter_listed(src: Source):
     if src.list_file is None:
         yield from walk_files(src.root)
         return
-    with open(src.list_file, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark is not part of the first path; surrogateescape: a list written in Latin-1
+    # (or any bytes) names the same files os.listdir would
+    with open(src.list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
                 yield line.strip()
@@ -675,7 +683,7 @@ class StringsWriter:
         return self.ends.n - 1 + len(self.buf_ends)
 
     def add(self, s: str) -> None:
-        b = s.encode("utf-8")
+        b = fs_bytes(s)
         self.data.raw.write(b)
         self.data.n += len(b)
         self.nbytes += len(b)
@@ -699,16 +707,16 @@ def write_listing(src: Source, folder: str) -> dict:
     out = os.path.join(folder, "listing")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    h = hashlib.sha1(f"{src.kind}\0{src.root}".encode())
+    h = hashlib.sha1(fs_bytes(f"{src.kind}\0{src.root}"))
     writer = StringsWriter(os.path.join(out, "names"))
     if src.kind == "tar":
         for p in src.shards:
             writer.add(p)
             try:
                 st = os.stat(p)
-                h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+                h.update(fs_bytes(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}"))
             except OSError:
-                h.update(f"\0{p}\0missing".encode())
+                h.update(fs_bytes(f"\0{p}\0missing"))
         writer.close(os.path.join(out, "name_offsets.npy"), os.path.join(out, "name_bytes.npy"))
         info = {"kind": "tar", "units": len(src.shards), "shards": len(src.shards)}
     else:
@@ -716,7 +724,7 @@ def write_listing(src: Source, folder: str) -> dict:
         with open(hash_path, "wb") as hash_file:   # one uint64 per listed path, on disk, not in a Python list
             for p in iter_listed(src):
                 writer.add(p)
-                h.update(b"\0" + p.encode())
+                h.update(b"\0" + fs_bytes(p))
                 if src.list_file is not None:      # a folder walk cannot list a path twice; a list file can
                     buf.append(path_hash(os.path.normpath(p if os.path.isabs(p) else os.path.join(src.root, p))))
                     if len(buf) >= 1 << 16:
@@ -738,7 +746,7 @@ def write_listing(src: Source, folder: str) -> dict:
 
 
 def path_hash(p: str) -> int:
-    return int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(fs_bytes(p), digest_size=8).digest(), "little")
 
 
 def repeated(hashes: np.ndarray, n: int, part_rows: int = 16 << 20) -> np.ndarray:

@@ -326,3 +326,26 @@ def test_thin_banners_get_a_status_not_the_engine(tmp_path):
     assert m["status_counts"]["too_thin"] == 3 and m["status_counts"]["ok"] == 1
     assert ocr.det_input_pixels(2000, 2, m["engine"]["resize"]) > 5e8
     assert ocr.det_input_pixels(640, 480, m["engine"]["resize"]) < ocr.MAX_ENGINE_PIXELS
+
+
+def test_names_that_are_not_utf8_and_list_files_in_latin1_or_with_a_bom(tmp_path):
+    # a file name in Latin-1 (bytes that are not UTF-8) is a row like any other and is read; a list file in
+    # Latin-1, or in UTF-8 with a byte-order mark, names the same files
+    root = tmp_path / "imgs"
+    root.mkdir()
+    draw_word((240, 160), "hello", (20, 60), 40)[0].save(root / "plain.png")
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as f:
+        f.write((root / "plain.png").read_bytes())
+    m = ocr.main(["--images", str(root), "--work", str(tmp_path / "w"), "--engine", "rapidocr", "--workers", "0"])
+    assert m["status_counts"]["ok"] == 2
+    table = workdir.read_image_table(str(tmp_path / "w"))
+    names = sorted(os.fsencode(table.name(i)) for i in range(len(table)))
+    assert names == [b"caf\xe9.png", b"plain.png"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(os.fsencode(root) + b"/caf\xe9.png\n" + os.fsencode(root) + b"/plain.png\n")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + os.fsencode(root) + b"/plain.png\n")
+    for listing, ok in ((latin1, 2), (bom, 1)):
+        m = ocr.main(["--images", str(listing), "--work", str(tmp_path / listing.stem), "--engine", "rapidocr",
+                      "--workers", "0"])
+        assert m["status_counts"]["ok"] == ok, (listing, m["status_counts"])
