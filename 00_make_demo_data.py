@@ -455,6 +455,9 @@ def main(argv=None):
         raise SystemExit(f"error: --format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     if args.shard_size < 1:
         raise SystemExit(f"error: --shard-size must be at least 1, got {args.shard_size}")
+    if args.num_images < 1 or args.workers < 1:
+        raise SystemExit(f"error: --num-images and --workers must be at least 1, got {args.num_images} and "
+                         f"{args.workers}")
     try:
         shares = [float(v) for v in args.mix.split(",")]
     except ValueError:

@@ -436,11 +436,7 @@ class PrepareImage:
 def main(argv=None):
     args = parse_args(argv)
     rank, world = workdir.init_dist()
-    import torch
-    if args.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = workdir.stage_device(args.device)
     folder = os.path.join(args.work, "regions")
     done = workdir.read_manifest(folder)
     if done and done.get("complete") and not args.force:

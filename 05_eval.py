@@ -191,6 +191,9 @@ def parse_args(argv):
         raise SystemExit("error: --test-fraction and --val-fraction must be in (0, 1)")
     if min(args.batch_size, args.chunk_size, args.knn_k, args.max_tokens, args.probe_iters) < 1:
         raise SystemExit("error: --batch-size, --chunk-size, --knn-k, --max-tokens and --probe-iters must be >= 1")
+    if args.tsne_max < 0 or args.tsne_max_colours < 1 or args.dense_max_patches < 1:
+        raise SystemExit("error: --tsne-max must be >= 0 (0: no figure), --tsne-max-colours and "
+                         "--dense-max-patches >= 1")
     if not 0 <= args.min_visible <= 1 or args.c_refine < 0 or args.knn_temperature <= 0:
         raise SystemExit("error: --min-visible must be in [0, 1], --c-refine >= 0, --knn-temperature > 0")
     return args
@@ -1166,12 +1169,8 @@ def jsonable(o):
 def main(argv=None):
     args = parse_args(argv)
     rank, world = workdir.init_dist()
-    import torch
     t_start = time.time()
-    if args.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = workdir.stage_device(args.device)
     encoders = [parse_encoder(e) for e in args.encoder]
     names = [n for n, _ in encoders]
     if len(set(names)) < len(names):

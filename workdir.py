@@ -216,6 +216,23 @@ def unlock_folder(folder: str) -> None:
         os.close(fd)
 
 
+def stage_device(text: str):
+    """--device of 01 and 05: auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N; one
+    line naming the flag for anything else, or for a GPU that is not there."""
+    import re
+    import torch
+    if text == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise SystemExit(f"error: --device {text!r}: use auto, cpu, cuda or cuda:N")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {text}: torch sees no CUDA device here; use --device cpu (or auto)")
+    device = torch.device(text)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 class _Rows:
     """Map-style dataset over rows [start, end): item j is prepare(start + j) (in a DataLoader worker)."""
 

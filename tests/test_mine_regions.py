@@ -348,3 +348,19 @@ def test_float_and_16_bit_images_keep_their_content(tmp_path):
     Image.fromarray(b).save(tmp_path / "d.png")
     img, st = workdir.open_image(str(tmp_path / "d.png"))
     np.testing.assert_array_equal(np.asarray(img)[..., 0], np.clip(np.rint(b / 257.0), 0, 255).astype(np.uint8))
+
+
+def test_bad_device_and_counts_are_one_line(tmp_path):
+    for bad in ("bogus", "cuda:x", "gpu"):
+        with pytest.raises(SystemExit, match="--device .*auto, cpu, cuda or cuda:N"):
+            workdir.stage_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here"):
+            workdir.stage_device("cuda")
+    assert workdir.stage_device("cpu").type == "cpu"
+    demo = importlib.util.spec_from_file_location("demo_flags", os.path.join(ROOT, "00_make_demo_data.py"))
+    mod = importlib.util.module_from_spec(demo)
+    demo.loader.exec_module(mod)
+    for n in ("0", "-5"):
+        with pytest.raises(SystemExit, match="--num-images"):
+            mod.main(["--out", str(tmp_path / "d"), "--num-images", n])
