@@ -435,6 +435,7 @@ class PrepareImage:
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.work)
     rank, world = workdir.init_dist()
     device = workdir.stage_device(args.device)
     folder = os.path.join(args.work, "regions")

@@ -348,6 +348,7 @@ def chunk_key(args, engine_info, tokenizer, table_fingerprint):
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.work)
     rank, world = workdir.init_dist()
     folder = os.path.join(args.work, "ocr")
     done = workdir.read_manifest(folder)

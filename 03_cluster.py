@@ -792,6 +792,7 @@ def summarise(folder, inp, k):
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.work)
     rank, world = workdir.init_dist()
     inp = read_regions(args.work, args.image_statuses)
     folder = args.out

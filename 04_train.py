@@ -1012,6 +1012,8 @@ class Meter:
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.work)
+    workdir.check_folder_flag(args.run_dir, "--run-dir")
     t_start = time.time()
     env = start_processes(args)
     try:

@@ -1168,6 +1168,7 @@ def jsonable(o):
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.out, "--out")
     rank, world = workdir.init_dist()
     t_start = time.time()
     device = workdir.stage_device(args.device)

@@ -146,6 +146,7 @@ def verify(encoder, out: str, size: int) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    workdir.check_folder_flag(args.out, "--out")
     t0 = time.time()
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or folder")

@@ -216,6 +216,13 @@ def unlock_folder(folder: str) -> None:
         os.close(fd)
 
 
+def check_folder_flag(path: str, flag: str = "--work") -> str:
+    """A folder flag (--work, --out) that names an existing file: one line, not a traceback from makedirs."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a file, not a folder: pass a folder (created when missing)")
+    return path
+
+
 def stage_device(text: str):
     """--device of 01 and 05: auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N; one
     line naming the flag for anything else, or for a GPU that is not there."""

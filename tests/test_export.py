@@ -147,3 +147,15 @@ def test_refuses_unrelated_folder_and_bad_checkpoint(checkpoint, tmp_path):
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(SystemExit, match="not a kit checkpoint"):
         ex.main(["--checkpoint", str(bad), "--out", str(tmp_path / "e2")])
+
+
+def test_folder_flags_that_name_a_file_are_one_line(checkpoint, tmp_path):
+    path, _ = checkpoint
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match="--out .*is a file, not a folder"):
+        ex.main(["--checkpoint", str(path), "--out", str(f)])
+    for script, flags in (("01_mine_regions.py", ["--work", str(f)]), ("03_cluster.py", ["--work", str(f)]),
+                          ("04_train.py", ["--work", str(f)])):
+        with pytest.raises(SystemExit, match="--work .*is a file, not a folder"):
+            load_script(script[:-3], script).main(flags)
