@@ -393,7 +393,6 @@ def parse_encoder(text: str) -> tuple[str, str]:
 
 def checkpoint_config(path: str):
     """The kit ViTConfig of a kit checkpoint or an HF folder, without building the model."""
-    import torch
     import model as kit
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
@@ -406,8 +405,11 @@ def checkpoint_config(path: str):
             raise SystemExit(f"error: {cfg_file}: {e}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no encoder at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "encoder_config" not in ckpt:
+    try:
+        ckpt = kit.read_checkpoint(path, mmap=True)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if not isinstance(ckpt, dict) or "encoder_config" not in ckpt:
         raise SystemExit(f"error: {path} is not a kit checkpoint (no encoder_config)")
     return kit.ViTConfig(**ckpt["encoder_config"])
 

@@ -548,6 +548,16 @@ def kit_config_to_hf(cfg: ViTConfig) -> dict:
             "num_key_value_groups": 1, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "axial"}}
 
 
+def read_checkpoint(path: str, **kw):
+    """torch.load(weights_only=True) with one clear ValueError for a file that is not a whole checkpoint (zero
+    bytes, cut off by a kill or a full disk, another kind of file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:160]}): it is "
+                         "empty, cut off or another kind of file; rerun the stage that wrote it") from None
+
+
 def _read_hf_weights(path: str) -> dict:
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
@@ -556,13 +566,21 @@ def _read_hf_weights(path: str) -> dict:
             files = sorted(set(json.load(f)["weight_map"].values()))
         sd = {}
         for name in files:
-            sd.update(load_file(os.path.join(path, name)))
+            sd.update(_safetensors(os.path.join(path, name), load_file))
         return sd
     if os.path.exists(os.path.join(path, "model.safetensors")):
-        return load_file(os.path.join(path, "model.safetensors"))
+        return _safetensors(os.path.join(path, "model.safetensors"), load_file)
     if os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        return read_checkpoint(os.path.join(path, "pytorch_model.bin"))
     raise FileNotFoundError(f"{path} has config.json but no model.safetensors(.index.json) or pytorch_model.bin")
+
+
+def _safetensors(path: str, load_file) -> dict:
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}): it is "
+                         "empty, cut off or another kind of file; download or export it again") from None
 
 
 def load_encoder(path: str, projection: bool | None = None, **overrides) -> VisionEncoder:
@@ -581,7 +599,7 @@ def load_encoder(path: str, projection: bool | None = None, **overrides) -> Visi
             cfg = hf_config_to_kit(json.load(f), projection, **overrides)
         sd = hf_to_kit_state_dict(_read_hf_weights(path), cfg)
     elif os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
             raise ValueError(f"{path} is not a kit checkpoint (needs 'encoder' and 'encoder_config' keys, "
                              f"has {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")

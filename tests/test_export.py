@@ -159,3 +159,27 @@ def test_folder_flags_that_name_a_file_are_one_line(checkpoint, tmp_path):
                           ("04_train.py", ["--work", str(f)])):
         with pytest.raises(SystemExit, match="--work .*is a file, not a folder"):
             load_script(script[:-3], script).main(flags)
+
+
+def test_broken_checkpoints_are_one_line(checkpoint, tmp_path):
+    # zero bytes, cut off by a kill, random bytes, a plain tensor, a broken safetensors file: 06 (and
+    # load_encoder under 04 --init-from and 05) name the file and what to do, no traceback
+    path, _ = checkpoint
+    data = path.read_bytes()
+    bad = {"empty.pt": b"", "cut.pt": data[: len(data) // 2], "noise.pt": np.random.default_rng(0).bytes(4096)}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=f"{name} is not a readable torch checkpoint.*rerun the stage"):
+            ex.main(["--checkpoint", str(tmp_path / name), "--out", str(tmp_path / ("e_" + name))])
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(SystemExit, match="not a kit checkpoint"):
+        ex.main(["--checkpoint", str(tmp_path / "tensor.pt"), "--out", str(tmp_path / "e_tensor")])
+    hf = tmp_path / "hf"
+    model_py.save_hf(model_py.load_encoder(str(path)), str(hf))
+    st = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(st[: len(st) // 3])
+    with pytest.raises(SystemExit, match="not a readable safetensors file"):
+        ex.main(["--checkpoint", str(hf), "--out", str(tmp_path / "e_hf")])
+    ev = load_script("eval_broken", "05_eval.py")
+    with pytest.raises(SystemExit, match="cut.pt is not a readable torch checkpoint"):
+        ev.checkpoint_config(str(tmp_path / "cut.pt"))
