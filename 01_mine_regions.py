@@ -112,11 +112,24 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and preprocess ahead "
                    "of the device (-1: the process's share of the cores, at most 8; 0: in this process)")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
+                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
+    workdir.check_flags(args, {"sam_max_side": ">= 1", "points_per_side": ">= 1", "points_per_batch": ">= 1",
+                               "pred_iou_thresh": "[0, 1]", "stability_score_thresh": "[0, 1]",
+                               "box_nms_thresh": "(0, 1]", "crop_n_layers": ">= 0", "min_mask_region_area": ">= 0",
+                               "min_box_side": ">= 0", "min_image_side": ">= 0", "dedup_iou": "(0, 1]",
+                               "max_regions": ">= 0", "feature_batch": ">= 1", "workers": ">= -1",
+                               "chunk_size": ">= 1", "max_pixels": ">= 1"})
     if args.sam_checkpoint and not os.path.isfile(args.sam_checkpoint):
         p.error(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
+    if args.clip_config and not os.path.exists(args.clip_config):
+        p.error(f"--clip-config {args.clip_config}: no such file or folder")
+    if args.features == "clip" and args.clip_pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) and \
+            not os.path.isfile(args.clip_pretrained):
+        p.error(f"--clip-pretrained {args.clip_pretrained}: no such file (a local checkpoint, or an open_clip tag)")
     if args.boxes and not os.path.exists(args.boxes):
         p.error(f"--boxes {args.boxes}: no such file or folder")
     if args.chunk_size < 1 or args.min_box_side < 0 or not 0 < args.dedup_iou <= 1:
@@ -197,17 +210,29 @@ class BoxFile:
         self.by_name = {}
         if self.folder:
             return
-        with open(path) as fh:
-            coco = json.load(fh)
-        skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
-        by_image = {}
-        for a in coco.get("annotations", []):
-            if a.get("category_id") not in skip:
-                by_image.setdefault(a["image_id"], []).append(a)
-        for im in coco.get("images", []):
-            anns = by_image.get(im["id"], [])
-            self.by_name.setdefault(im["file_name"], anns)
-            self.by_name.setdefault("\0" + os.path.basename(im["file_name"]), anns)
+        try:
+            with open(path, "rb") as fh:
+                coco = json.loads(fh.read())
+            skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
+            by_image = {}
+            for a in coco.get("annotations", []):
+                if a.get("category_id") not in skip:
+                    by_image.setdefault(a["image_id"], []).append(a)
+            outside = 0
+            for im in coco.get("images", []):
+                name = im["file_name"]
+                if not isinstance(name, str) or os.path.isabs(name) or workdir.escapes(name):
+                    outside += 1               # a name that leaves the image root matches no image
+                    continue
+                anns = by_image.get(im["id"], [])
+                self.by_name.setdefault(name, anns)
+                self.by_name.setdefault("\0" + os.path.basename(name), anns)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: --boxes {path}: not a COCO detection file ({type(e).__name__}: "
+                             f"{str(e)[:100]}); pass a COCO JSON or a folder of SA-1B per-image JSON files") from None
+        if outside:
+            print(f"warning: --boxes {path}: {outside} images have a file_name outside the image root (absolute or "
+                  "../): they match no image", file=sys.stderr, flush=True)
 
     def get(self, table, i):
         """The annotations of table row i, or None when the file has no entry for it."""
@@ -433,6 +458,7 @@ class PrepareImage:
 # main ------------------------------------------------------------------------------------------------------
 
 
+@workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
     workdir.check_folder_flag(args.work)
@@ -448,7 +474,8 @@ def main(argv=None):
                              "with --force (then 03 and 04 with --force)")
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
-    table = workdir.ensure_image_table(args.work, args.images)
+    workdir.lock_stage(folder, "01_mine_regions.py")
+    table = workdir.ensure_image_table(args.work, args.images, args.max_pixels)
     workdir.barrier()                  # every rank has read the old manifest before rank 0 removes it
     if rank == 0 and args.force and done:
         os.remove(os.path.join(folder, "manifest.json"))
@@ -544,9 +571,10 @@ def main(argv=None):
                 "areas": cat(areas, (0,), np.float32), "region_features": cat(regions, (0, features.dim), np.float16)}
 
     key = {k: v for k, v in vars(args).items()
-           if k not in ("force", "images", "work", "device", "feature_batch", "workers")}
+           if k not in ("force", "images", "work", "device", "feature_batch", "workers", "max_pixels")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
+    key["max_pixels"] = table.max_pixels
     num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
     rows = workdir.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
                                 {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})

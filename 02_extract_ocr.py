@@ -103,6 +103,8 @@ def parse_args(argv):
     p.add_argument("--lang", default=LANG, help="paddle: PaddleOCR language")
     p.add_argument("--det-model-dir", help="paddle: text detection model folder (default: PaddleOCR downloads)")
     p.add_argument("--rec-model-dir", help="paddle: text recognition model folder (default: PaddleOCR downloads)")
+    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
+                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
     p.add_argument("--device", default="auto", help="paddle: cpu, gpu:N, or auto (gpu:LOCAL_RANK when Paddle "
                    "has CUDA); rapidocr: auto (the CUDA provider when onnxruntime-gpu is installed), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="rapidocr: onnxruntime threads per process (0: all "
@@ -117,6 +119,9 @@ def parse_args(argv):
                    "the engine (-1: the process's share of the cores, at most 8; 0: in this process)")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
+    workdir.check_flags(args, {"det_limit_side": ">= 1", "max_pixels": ">= 1", "threads": ">= 0",
+                               "min_score": "[0, 1)", "max_side": ">= 0", "max_tokens": ">= 1",
+                               "max_engine_pixels": ">= 1", "chunk_size": ">= 1", "workers": ">= -1"})
     if args.workers < -1:
         p.error("--workers must be >= -1")
     if args.chunk_size < 1 or args.max_tokens < 1 or args.max_side < 0 or args.threads < 0:
@@ -346,6 +351,7 @@ def chunk_key(args, engine_info, tokenizer, table_fingerprint):
             "image_table": table_fingerprint, "max_engine_pixels": args.max_engine_pixels}
 
 
+@workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
     workdir.check_folder_flag(args.work)
@@ -356,13 +362,14 @@ def main(argv=None):
         workdir.say(f"{folder} is complete ({done['rows']['lines']} lines on {done['rows']['images']} images, "
                     f"engine {done['engine']['name']}); --force redoes it")
         return done
-    table = workdir.ensure_image_table(args.work, args.images)
+    workdir.lock_stage(folder, "02_extract_ocr.py")
+    table = workdir.ensure_image_table(args.work, args.images, args.max_pixels)
     workdir.barrier()                           # every rank has read the old manifest before rank 0 removes it
     t_start = time.time()
     engine, engine_info = (paddle_engine if args.engine == "paddle" else rapidocr_engine)(args)
     tokenizer = ClipTokens(args.max_tokens)
     fingerprint = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
-    key = chunk_key(args, engine_info, tokenizer, fingerprint)
+    key = {**chunk_key(args, engine_info, tokenizer, fingerprint), "max_pixels": table.max_pixels}
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
         if args.force:
@@ -443,7 +450,8 @@ def main(argv=None):
                     "lines_without_tokens": sum(
                         int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
                         for k in range(0, len(token_offsets) - 1, 1 << 24)),
-                    "image_table": fingerprint, "status_names": OCR_STATUS, "status_counts": counts}
+                    "image_table": fingerprint, "settings": key, "status_names": OCR_STATUS,
+                    "status_counts": counts}
         manifest = workdir.finish_stage(folder, manifest)     # as written: with "complete" and "finished"
         summarize(manifest, status, found, workdir.load(folder, "line_offsets"), table,
                   num_chunks, done_before, args.chunk_size, t_ready - t_start, time.time() - t_ready)

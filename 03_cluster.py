@@ -138,6 +138,9 @@ def parse_args(argv):
                    "path when faiss has none); auto picks faiss GPU, then torch GPU, then faiss CPU")
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
+    workdir.check_flags(args, {"k": ">= 1", "image_topl": ">= 1", "merge_shards": ">= 0", "iters": ">= 0",
+                               "refine_iters": ">= 0", "seed": ">= 0", "max_points_per_centre": ">= 1",
+                               "assign_chunk": ">= 1"})
     args.refine_iters = args.iters if args.refine_iters is None else args.refine_iters
     if args.k < 1 or args.iters < 0 or args.refine_iters < 0 or args.seed < 0 or args.assign_chunk < 1:
         p.error("--k and --assign-chunk must be >= 1; --iters, --refine-iters and --seed >= 0")
@@ -576,9 +579,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
             cc, st = spherical_kmeans(x[order[at[c]: at[c + 1]]], int(k_cell[c]), iters, seed,
                                       (PHASES.index("cell"), int(c)), n_cell[c], before[c], init, chunk, backend)
             if path and writes_ckpt():
-                with open(path + ".tmp", "wb") as f:
-                    np.savez(f, centres=cc, objective_sum=st["objective_sum"], reseeded=st["reseeded"])
-                os.replace(path + ".tmp", path)
+                workdir.save_npz(path, centres=cc, objective_sum=st["objective_sum"], reseeded=st["reseeded"])
         centres[first[c]: first[c + 1]] = cc
         fine["objective_sum"] += np.asarray(st["objective_sum"], np.float64)
         fine["reseeded"] += np.asarray(st["reseeded"], np.int64)
@@ -633,9 +634,7 @@ def shard_merge(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init=
                     st = st2.get("refine", st2["fine"])
             obj = np.array([st["objective_sum"][-1] if st["objective_sum"] else 0.0, sum(st["reseeded"])])
             if sub:
-                with open(sub + ".npz.tmp", "wb") as f:
-                    np.savez(f, centres=c, objective=obj)
-                os.replace(sub + ".npz.tmp", sub + ".npz")
+                workdir.save_npz(sub + ".npz", centres=c, objective=obj)
                 shutil.rmtree(sub, ignore_errors=True)
         pieces.append(c)
         last += obj
@@ -790,6 +789,7 @@ def summarise(folder, inp, k):
     return sizes, n_img, {"regions": cos_r / max(inp["R"], 1), "images_top1": cos_i / max(n_img, 1)}
 
 
+@workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
     workdir.check_folder_flag(args.work)
@@ -823,6 +823,7 @@ def main(argv=None):
     # checkpoints of other settings or other inputs are discarded, never mixed in
     key = {k: getattr(args, k) for k in RESULT_SETTINGS if k != "image_topl"}
     key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
+    workdir.lock_stage(folder, "03_cluster.py", "wait for it to end, or write to another --out")
     workdir.barrier()                            # every rank has read the old manifest before rank 0 clears
     if rank == 0:
         if args.force and done:

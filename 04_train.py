@@ -119,7 +119,7 @@ import torch.distributed as dist
 import losses
 import workdir
 from losses import CentreBank
-from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset
+from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset, read_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # defaults (the papers' values where they state one; see README "Choices and deviations")
@@ -213,6 +213,16 @@ def parse_args(argv=None):
     a("--tensorboard", action="store_true")
     a("--force", action="store_true", help="start over: discard the run folder's checkpoint and log")
     args = p.parse_args(argv)
+    workdir.check_flags(args, {"image_size": ">= 0", "region_blocks": ">= -1", "embed_dim": ">= -1",
+                               "num_regions": ">= 1", "image_topl": ">= 1", "min_box_visible": "[0, 1]",
+                               "min_crop_scale": "(0, 1]", "workers": ">= 0", "shuffle_block": ">= 1",
+                               "shuffle_window": ">= 1", "object_weight": ">= 0", "ocr_weight": ">= 0",
+                               "image_weight": ">= 0", "rho": "(0, 1]", "scale": "> 0", "margin": ">= 0",
+                               "batch_size": ">= 1", "accum": ">= 1", "steps": ">= 0", "epochs": "> 0",
+                               "lr": ">= 0", "min_lr_ratio": "[0, 1]", "warmup": ">= 0", "weight_decay": ">= 0",
+                               "bank_lr_mult": ">= 0", "bank_weight_decay": ">= 0", "beta2": "[0, 1)",
+                               "grad_clip": ">= 0", "seed": ">= 0", "log_every": ">= 1", "save_every": ">= 1",
+                               "keep_every": ">= 0", "peak_tflops": ">= 0"})
     rice = args.method == "rice"
     args.model = args.model or MODEL[args.method]
     args.object_weight = (1.0 if rice else 0.0) if args.object_weight is None else args.object_weight
@@ -255,7 +265,7 @@ def array(folder, name, shape=None, what=""):
     path = os.path.join(folder, name + ".npy")
     if not os.path.exists(path):
         fail(f"{path} is missing ({what}): rerun that stage with --force")
-    a = np.load(path, mmap_mode="r")
+    a = workdir.load(folder, name)
     if shape is not None and (len(shape) != a.ndim or any(s is not None and s != t for s, t in zip(shape, a.shape))):
         fail(f"{path} has shape {a.shape}, expected {tuple('?' if s is None else s for s in shape)} ({what}): "
              f"the stage outputs do not belong together; rerun the stages in order with --force")
@@ -354,7 +364,10 @@ def load_stage_outputs(args, rows_path) -> dict:
     del reg_status, boxes
     return dict(work=work, n=n, K=K, n_train=rows.n, counts=counts, ocr=ocr, clusters=cl_folder, regions=reg_folder,
                 fingerprints={"images": img_m.get("fingerprint"), "regions": regions_fp,
-                              "clusters": cl_m.get("finished")})
+                              "clusters": cl_m.get("finished"),
+                              # 02 rerun with other settings (--max-tokens, --min-score) gives other labels
+                              "ocr": ({k: ocr_m.get(k) for k in ("finished", "rows", "tokenizer", "settings")}
+                                      if ocr else None)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -705,7 +718,16 @@ def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
     latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
     if not os.path.exists(latest):
         return 0
-    ckpt = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    kept = sorted(f for f in os.listdir(os.path.dirname(latest)) if f.startswith("step_") and f.endswith(".pt"))
+    instead = (f"copy the newest kept checkpoint over it (cp {os.path.join(os.path.dirname(latest), kept[-1])} "
+               f"{latest}), or " if kept else "")
+    try:
+        ckpt = read_checkpoint(latest, mmap=True)
+    except ValueError as e:
+        fail(f"cannot resume: {e}. {instead}--force to start over")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in ("config", "encoder", "optimizer", "banks", "step")):
+        fail(f"cannot resume: {latest} is not a checkpoint of 04_train.py (no config / encoder / optimizer / banks / "
+             f"step). {instead}--force to start over")
     old = ckpt["config"]
     changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
     if old.get("inputs") != config["inputs"]:
@@ -713,9 +735,15 @@ def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
     if changed:
         fail(f"{latest} was trained with other settings: {changed}. Resume with the old settings, use another "
              f"--run-dir, or --force to start over")
-    encoder.load_state_dict(ckpt["encoder"])
-    opt.load_state_dict(ckpt["optimizer"])
+    try:
+        encoder.load_state_dict(ckpt["encoder"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"cannot resume: {latest} does not fit this model ({type(e).__name__}: {str(e)[:200]}). "
+             f"{instead}--force to start over")
     for name, bank in banks.items():
+        if name not in ckpt["banks"]:
+            fail(f"cannot resume: {latest} has no bank {name!r}: {instead}--force to start over")
         restore_bank(bank, bank_opt, ckpt["banks"][name], os.path.dirname(latest))
     step = int(ckpt["step"])
     if env.rank == 0:
@@ -801,7 +829,14 @@ def restore_bank(bank, opt, meta, ckpt_dir):
         path = os.path.join(ckpt_dir, shard["file"])
         if not os.path.exists(path):
             fail(f"{path} is missing (a bank shard the checkpoint lists): copy the whole ckpt/ folder, or --force")
-        part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            part = read_checkpoint(path, mmap=True)
+            whole = (shard["stop"] - shard["start"], bank.dim)
+            if not isinstance(part, dict) or tuple(part["weight"].shape) != whole:
+                raise ValueError(f"{path} does not hold the {whole[0]} x {whole[1]} rows the checkpoint lists")
+        except (ValueError, KeyError) as err:
+            fail(f"cannot resume: a bank shard is damaged: {err}. Copy the ckpt/ folder again, or --force to start "
+                 "over")
         rows = slice(s - shard["start"], e - shard["start"])
         with torch.no_grad():
             bank.weight[s - lo: e - lo] = part["weight"][rows].to(bank.weight.device)
@@ -823,9 +858,21 @@ def read_bank(ckpt_path: str, name: str) -> dict:
 
 
 def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill or a full disk leaves the previous file whole (a
+    full disk: one line with the bytes needed, and the partial file removed)."""
     tmp = path + ".tmp"
-    workdir.guard_disk(path, lambda: torch.save(obj, tmp))
+    workdir.guard_disk(path, lambda: torch.save(obj, tmp), need=tensor_bytes(obj), partial=tmp)
     os.replace(tmp, path)
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1010,6 +1057,7 @@ class Meter:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
     workdir.check_folder_flag(args.work)

@@ -97,7 +97,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -126,7 +126,8 @@ TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
 PROBES = ("image", "contents", "objects", "ocr", "dense")
 
-EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error"]
+EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error",
+               "outside_root"]
 MASK_STATUS = ["ok", "missing", "unreadable", "wrong_size", "none"]
 GENERIC_NAMES = {"latest", "last", "final", "best", "model", "checkpoint", "ckpt", "checkpoints", "export"}
 
@@ -159,6 +160,8 @@ def parse_args(argv):
     p.add_argument("--tsne-max-colours", type=int, default=TSNE_MAX_COLOURS)
     p.add_argument("--tsne-color-by", default="auto", help="auto, class, or one category field such as shape")
     p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
+    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
+                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="encoder forward precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
@@ -167,6 +170,11 @@ def parse_args(argv):
                    "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches)")
     p.add_argument("--force", action="store_true", help="recompute features even if a finished set matches")
     args = p.parse_args(argv)
+    workdir.check_flags(args, {"image_size": ">= 1", "test_fraction": "(0, 1)", "val_fraction": "(0, 1)",
+                               "seed": ">= 0", "batch_size": ">= 1", "chunk_size": ">= 1", "knn_k": ">= 1",
+                               "knn_temperature": "> 0", "c_refine": ">= 0", "probe_iters": ">= 1",
+                               "min_visible": "[0, 1]", "max_tokens": ">= 1", "dense_max_patches": ">= 1",
+                               "tsne_max": ">= 0", "tsne_max_colours": ">= 1", "max_pixels": ">= 1"})
     args.probes = [s.strip() for s in args.probes.split(",") if s.strip()]
     unknown = sorted(set(args.probes) - set(PROBES))
     if unknown or not args.probes:
@@ -187,15 +195,8 @@ def parse_args(argv):
         workdir.resolve_source(args.images)        # tar shards (a pattern, a .tar, a list); else one clear line
     if args.coco and not os.path.isfile(args.coco):
         raise SystemExit(f"error: --coco {args.coco}: no such file")
-    if not 0 < args.test_fraction < 1 or not 0 < args.val_fraction < 1:
-        raise SystemExit("error: --test-fraction and --val-fraction must be in (0, 1)")
-    if min(args.batch_size, args.chunk_size, args.knn_k, args.max_tokens, args.probe_iters) < 1:
-        raise SystemExit("error: --batch-size, --chunk-size, --knn-k, --max-tokens and --probe-iters must be >= 1")
-    if args.tsne_max < 0 or args.tsne_max_colours < 1 or args.dense_max_patches < 1:
-        raise SystemExit("error: --tsne-max must be >= 0 (0: no figure), --tsne-max-colours and "
-                         "--dense-max-patches >= 1")
-    if not 0 <= args.min_visible <= 1 or args.c_refine < 0 or args.knn_temperature <= 0:
-        raise SystemExit("error: --min-visible must be in [0, 1], --c-refine >= 0, --knn-temperature > 0")
+    if args.clip_config and not os.path.exists(args.clip_config):
+        raise SystemExit(f"error: --clip-config {args.clip_config}: no such file or folder")
     return args
 
 
@@ -224,19 +225,11 @@ class Data:
     rows: np.ndarray | None = None
 
 
-def file_digest(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def attach_shards(data: Data, images: str, out: str) -> Data:
+def attach_shards(data: Data, images: str, out: str, max_pixels: int | None = None) -> Data:
     """--images given as tar shards: build (or reuse) the image table in <out>/images and match each COCO
     file_name to a row: the image member's name in its shard, its key, or <shard>/<member> relative to the
     shards' folder. An evaluation set is small, so the name map is held in memory."""
-    table = workdir.ensure_image_table(out, images)
+    table = workdir.ensure_image_table(out, images, max_pixels)
     by_name = {}
     for r in range(len(table)):
         name = table.name(r)
@@ -254,10 +247,18 @@ def attach_shards(data: Data, images: str, out: str) -> Data:
 
 def read_coco(images: str, coco_path: str, masks: str | None, text_category: str) -> Data:
     try:
-        with open(coco_path) as f:
-            coco = json.load(f)
+        return _read_coco(images, coco_path, masks, text_category)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:    # a record without its fields
+        raise SystemExit(f"error: --coco {coco_path}: not a COCO detection file ({type(e).__name__}: "
+                         f"{str(e)[:100]})") from None
+
+
+def _read_coco(images: str, coco_path: str, masks: str | None, text_category: str) -> Data:
+    try:
+        with open(coco_path, "rb") as f:
+            coco = json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --coco {coco_path}: not readable JSON ({e})")
+        raise SystemExit(f"error: --coco {coco_path}: not readable JSON ({e})") from None
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
         raise SystemExit(f"error: --coco {coco_path} is not a COCO detection file (needs images, annotations, "
                          "categories)")
@@ -290,7 +291,8 @@ def read_coco(images: str, coco_path: str, masks: str | None, text_category: str
     if unknown:
         raise SystemExit(f"error: --coco {coco_path}: annotations use category ids {unknown[:5]} that are not in "
                          "its categories")
-    fp = hashlib.sha1(f"{os.path.abspath(images)}\0{file_digest(coco_path)}\0{os.path.abspath(masks or '')}".encode())
+    fp = hashlib.sha1(f"{os.path.abspath(images)}\0{workdir.content_digest(coco_path)}\0"
+                      f"{os.path.abspath(masks or '')}".encode())
     return Data(root=os.path.abspath(images), files=files, ann_offsets=workdir.offsets_from_counts(counts),
                 boxes=np.asarray(boxes, np.float32).reshape(-1, 4), category=np.asarray(cats, np.int64),
                 is_text=np.array([c in text_ids for c in cats], bool), words=words,
@@ -411,23 +413,30 @@ def checkpoint_config(path: str):
         raise SystemExit(f"error: {e}")
     if not isinstance(ckpt, dict) or "encoder_config" not in ckpt:
         raise SystemExit(f"error: {path} is not a kit checkpoint (no encoder_config)")
-    return kit.ViTConfig(**ckpt["encoder_config"])
+    try:
+        return kit.config_from_dict(ckpt["encoder_config"])
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}")
 
 
-def encoder_identity(spec: str) -> dict:
-    """What the features depend on besides the settings: a changed checkpoint file must not reuse old ones."""
+def encoder_identity(spec: str, clip_config: str | None = None) -> dict:
+    """What the features depend on besides the settings: the content (workdir.content_digest) of every local
+    file the encoder is built from, its weights, config and --clip-config, so that other weights under the same
+    name, size and mtime never reuse old features. A random: encoder depends on its config alone."""
+    local = []
     if spec.startswith("openclip:"):
-        parts = spec.split(":", 2)
-        pre = parts[2] if len(parts) > 2 else ""
-        paths = [pre] if os.path.exists(pre) else []
+        rest = spec[len("openclip:"):]
+        arch, _, pre = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        for part in (arch[len("local-dir:"):] if arch.startswith("local-dir:") else arch, pre):
+            if part and os.path.exists(part):
+                local.append(part)
+        if clip_config and os.path.exists(clip_config):
+            local.append(clip_config)
+    elif spec.startswith("random:"):
+        return {"spec": spec, "config": asdict(checkpoint_config(spec[len("random:"):]))}
     else:
-        paths = [spec[len("random:"):] if spec.startswith("random:") else spec]
-    ident = {"spec": spec}
-    for p in paths:
-        files = [p] if os.path.isfile(p) else sorted(os.path.join(p, f) for f in os.listdir(p))
-        ident[os.path.abspath(p)] = [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))]
-                                     for f in files if os.path.isfile(f)]
-    return ident
+        local.append(spec)
+    return {"spec": spec, **{os.path.abspath(p): workdir.content_digest(p) for p in local}}
 
 
 class KitEncoder:
@@ -439,7 +448,10 @@ class KitEncoder:
         if spec.startswith("random:"):
             cfg = checkpoint_config(spec[len("random:"):])
             torch.manual_seed(args.seed)
-            self.model, self.kind = kit.VisionEncoder(cfg), "random"
+            try:
+                self.model, self.kind = kit.VisionEncoder(cfg), "random"
+            except ValueError as e:
+                raise SystemExit(f"error: --encoder {spec}: {e}")
         else:
             try:
                 self.model, self.kind = kit.load_encoder(spec), "kit"
@@ -546,8 +558,9 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     """Features of every image for one encoder into <out>/features/<name>/; returns (arrays, encoder info)."""
     rank, world = workdir.dist_info()
     folder = os.path.join(args.out, "features", name)
-    key = {"encoder": encoder_identity(spec), "image_size": args.image_size, "seed": args.seed,
-           "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "version": 1}
+    key = {"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size, "seed": args.seed,
+           "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "max_pixels": args.max_pixels,
+           "version": 2}
     key = json.loads(json.dumps(key))
     done = workdir.read_manifest(folder)
     workdir.barrier()                       # every rank has read the manifest before rank 0 may remove it
@@ -613,7 +626,11 @@ def make_process(enc, data: Data, args, amp: bool):
                 img, st = data.table.open(row) if row >= 0 else (None, "missing")
             else:
                 path = os.path.join(data.root, data.files[i])
-                img, st = workdir.open_image(path) if os.path.isfile(path) else (None, "missing")
+                if os.path.isabs(data.files[i]) or workdir.escapes(data.files[i]):
+                    img, st = None, "outside_root"     # a file_name must name a file under --images
+                else:
+                    img, st = (workdir.open_image(path, args.max_pixels or workdir.MAX_PIXELS) if os.path.isfile(path)
+                               else (None, "missing"))
             if img is None:
                 status[j] = EVAL_STATUS.index(st if st in EVAL_STATUS else "missing")
                 continue
@@ -1077,10 +1094,7 @@ def tsne_figure(path: str, name: str, kind: str, x, class_ids, data: Data, args)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    workdir.write_bytes(path, buf.getvalue())
     return {"file": os.path.basename(path), "points": int(len(x)), "kind": kind, "coloured_by": panels,
             "perplexity": perplexity}
 
@@ -1168,6 +1182,11 @@ def jsonable(o):
 # main
 
 
+def write_report_md(out: str, md: str) -> None:
+    workdir.write_bytes(os.path.join(out, "report.md"), f"# Probes on frozen features\n\n{md}".encode())
+
+
+@workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
     workdir.check_folder_flag(args.out, "--out")
@@ -1183,15 +1202,13 @@ def main(argv=None):
         body = spec[len("random:"):] if spec.startswith("random:") else spec
         if not spec.startswith("openclip:") and not os.path.exists(body):
             raise SystemExit(f"error: --encoder {name}={spec}: no such file or folder {body}")
+    workdir.lock_stage(args.out, "05_eval.py", "wait for it to end, or use another --out")
     data = read_image_folder(args.image_folder) if args.image_folder else \
         read_coco(args.images, args.coco, args.masks, args.text_category)
     if args.images and workdir.resolve_source(args.images).kind == "tar":
-        data = attach_shards(data, args.images, args.out)
+        data = attach_shards(data, args.images, args.out, args.max_pixels)
     n = len(data.files)
     split = split_images(n, args.test_fraction, args.val_fraction, args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    workdir.barrier()
 
     features, infos = {}, {}
     for name, spec in encoders:
@@ -1207,9 +1224,10 @@ def main(argv=None):
         with open(old) as fh:
             previous = json.load(fh)
         if previous.get("key") == key:
-            with open(os.path.join(args.out, "report.md")) as fh:
-                print(f"{args.out}: report complete for these features and settings (--force recomputes)\n\n"
-                      + fh.read(), flush=True)
+            md = markdown(previous)
+            write_report_md(args.out, md)         # report.md of this report.json, whatever happened to it
+            print(f"{args.out}: report complete for these features and settings (--force recomputes)\n\n{md}",
+                  flush=True)
             workdir.barrier()
             return previous
 
@@ -1306,11 +1324,9 @@ def main(argv=None):
                                     "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report = jsonable(report)
-    workdir.write_json(os.path.join(args.out, "report.json"), report)
     md = markdown(report)
-    with open(os.path.join(args.out, "report.md.tmp"), "w") as fh:
-        fh.write(f"# Probes on frozen features\n\n{md}")
-    os.replace(os.path.join(args.out, "report.md.tmp"), os.path.join(args.out, "report.md"))
+    write_report_md(args.out, md)                 # before report.json: a kill between leaves the old key
+    workdir.write_json(os.path.join(args.out, "report.json"), report)
     timing = ", ".join(f"{nm}: features " + ("reused" if infos[nm].get("reused") else f"{infos[nm]['extract_s']} s")
                        + f", probes {report['encoders'][nm]['probe_s']} s" for nm in names)
     print(f"\n{md}\n{args.out}/report.json, report.md" +

@@ -56,7 +56,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -71,6 +71,14 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 ARCHS = ("mlcd", "clip")
 ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}   # F.gelu: exact GELU (HF hidden_act "gelu")
+
+
+# the largest released encoders are far inside these (MLCD bigG/14: 48 layers, width 1664, MLP 8192)
+CONFIG_BOUNDS = {"patch_size": (1, 1024), "width": (1, 16384), "layers": (1, 256), "heads": (1, 1024),
+                 "mlp_dim": (1, 131072), "image_size": (1, 16384), "region_blocks": (0, 256), "embed_dim": (0, 65536)}
+CONFIG_NAMES = {"patch_size": "patch_size", "width": "hidden_size (width)", "layers": "num_hidden_layers (layers)",
+                "heads": "num_attention_heads (heads)", "mlp_dim": "intermediate_size (mlp_dim)"}
+MAX_PARAMS = 20_000_000_000      # ViT-22B is the largest ViT trained; 4 bytes each in fp32
 
 
 @dataclass
@@ -100,6 +108,14 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
     def __post_init__(self):
+        # sane bounds before anything is allocated: a config.json or checkpoint is input, not trusted
+        for name, (low, high) in CONFIG_BOUNDS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ValueError(f"{CONFIG_NAMES.get(name, name)} {v!r} is outside [{low}, {high}]: not a ViT this "
+                                 "kit builds (a damaged or hostile config?)")
+        if not (isinstance(self.ln_eps, (int, float)) and 0 < self.ln_eps < 1):
+            raise ValueError(f"layer_norm_eps {self.ln_eps!r} must be in (0, 1)")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.act not in ACTIVATIONS:
@@ -292,8 +308,37 @@ class Block(nn.Module):
 # encoder
 
 
+def config_from_dict(d) -> ViTConfig:
+    """A kit checkpoint's encoder_config -> ViTConfig, with one ValueError for unknown or out-of-bounds fields."""
+    names = {f.name for f in fields(ViTConfig)}
+    if not isinstance(d, dict) or set(d) - names:
+        raise ValueError(f"encoder_config has fields a ViTConfig does not: "
+                         f"{sorted(set(d) - names)[:5] if isinstance(d, dict) else type(d).__name__}")
+    return ViTConfig(**d)
+
+
+def param_count(cfg: ViTConfig) -> int:
+    """Parameters of VisionEncoder(cfg), from the config alone (equal to num_params; tests/test_model.py)."""
+    D, M, L = cfg.width, cfg.mlp_dim, cfg.layers
+    block = 4 * D * D + 4 * D + 2 * D * M + M + D + 4 * D
+    head = 2 * D + (D * cfg.embed_dim if cfg.embed_dim else 0)
+    table = (1 + cfg.grid ** 2) * D if cfg.arch == "clip" else cfg.head_dim // 2
+    return 3 * cfg.patch_size ** 2 * D + D + table + 2 * D + L * block + head
+
+
+def check_memory(cfg: ViTConfig) -> None:
+    """Refuse a config whose fp32 weights exceed MAX_PARAMS or this machine's memory, before allocating."""
+    n = param_count(cfg)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n > MAX_PARAMS or 4 * n > total:
+        raise ValueError(f"the config describes {n / 1e9:.1f}B parameters ({4 * n / 2 ** 30:.0f} GiB in fp32; this "
+                         f"machine has {total / 2 ** 30:.0f} GiB): not a ViT this kit builds (a damaged or hostile "
+                         "config?)")
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: ViTConfig):
+        check_memory(cfg)
         super().__init__()
         self.cfg = cfg
         D = cfg.width
@@ -507,6 +552,13 @@ def hf_config_to_kit(hf: dict, projection: bool | None = None, **overrides) -> V
     """config.json -> ViTConfig. projection: take CLIP's visual projection as the head (embed_dim =
     projection_dim); by default only for CLIPVisionModelWithProjection folders, whose output is the projected
     embedding. A CLIPModel's vision tower is taken without it, as CLIPVisionModel.from_pretrained takes it."""
+    try:
+        return _hf_config_to_kit(hf, projection, **overrides)
+    except (TypeError, KeyError, AttributeError) as e:      # a field missing or of the wrong type
+        raise ValueError(f"config.json is not a usable vision config ({type(e).__name__}: {e})") from None
+
+
+def _hf_config_to_kit(hf: dict, projection: bool | None = None, **overrides) -> ViTConfig:
     arch = hf_arch(hf)
     vision = {**HF_DEFAULTS[arch], **(hf.get("vision_config") or hf)}
     if vision["hidden_act"] not in ACTIVATIONS:
@@ -603,7 +655,7 @@ def load_encoder(path: str, projection: bool | None = None, **overrides) -> Visi
         if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
             raise ValueError(f"{path} is not a kit checkpoint (needs 'encoder' and 'encoder_config' keys, "
                              f"has {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
-        cfg = ViTConfig(**{**ckpt["encoder_config"], **overrides})
+        cfg = config_from_dict({**ckpt["encoder_config"], **overrides})
         sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["encoder"].items()}
     else:
         raise FileNotFoundError(f"no encoder at {path}")

@@ -28,6 +28,7 @@ interrupted. Transient I/O errors (EIO, ESTALE, timeouts) are retried, then stop
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import io
 import json
@@ -77,10 +78,11 @@ def say(*args) -> None:
 
 
 def write_npy(path: str, array) -> None:
-    """Write one array as .npy through open_memmap, atomically (tmp file + os.replace)."""
+    """Write one array as .npy through open_memmap, atomically (tmp file + os.replace); its space is reserved
+    first (allocate_npy), so a full disk is one message, never a SIGBUS from a page of the mapping."""
     array = np.asarray(array)
     tmp = path + ".tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    out = allocate_npy(tmp, array.dtype, array.shape)
     if array.size:
         out[...] = array
     out.flush()
@@ -88,28 +90,99 @@ def write_npy(path: str, array) -> None:
     os.replace(tmp, path)
 
 
+def allocate_npy(path: str, dtype, shape) -> np.memmap:
+    """open_memmap(path, "w+") with the file's blocks reserved (posix_fallocate): a disk without the space
+    fails here, with a message naming the folder and the bytes needed, instead of at a page fault later."""
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    out = guard_disk(path, lambda: np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape)), need)
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        guard_disk(path, lambda: os.posix_fallocate(fd, 0, size), need=size)
+    except OSError as e:                 # a file system without fallocate (EOPNOTSUPP): write as before
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+    return out
+
+
 def write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+
+    def write():
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    guard_disk(path, write, partial=tmp)
+    os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """data to path, atomically (tmp file + os.replace); a full disk is one line (guard_disk)."""
+    tmp = path + ".tmp"
+
+    def write():
+        with open(tmp, "wb") as f:
+            f.write(data)
+    guard_disk(path, write, need=len(data), partial=tmp)
+    os.replace(tmp, path)
+
+
+def save_npz(path: str, **arrays) -> None:
+    """np.savez to path, atomically; a full disk is one line (guard_disk)."""
+    tmp = path + ".tmp"
+
+    def write():
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    guard_disk(path, write, need=sum(np.asarray(a).nbytes for a in arrays.values()), partial=tmp)
     os.replace(tmp, path)
 
 
 def read_manifest(folder: str) -> dict | None:
+    """The folder's manifest.json, or None when there is none. One that does not parse (it is written
+    atomically, so only damage from outside makes one) is taken as unfinished, with a warning: the stage that
+    owns the folder redoes it, and a later stage says which stage to run."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            m = json.loads(f.read())
+        if isinstance(m, dict):
+            return m
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if dist_info()[0] == 0:
+        print(f"warning: {path} is damaged (not a JSON object): {folder} is taken as unfinished", file=sys.stderr,
+              flush=True)
+    return None
+
+
+STAGE_OF = {"images": "01_mine_regions.py (or 02_extract_ocr.py; both build the image table)",
+            "regions": "01_mine_regions.py", "ocr": "02_extract_ocr.py", "clusters": "03_cluster.py"}
+
+
+def writer_of(folder: str) -> str:
+    """The stage that writes a work folder, for messages."""
+    name = os.path.basename(os.path.normpath(folder))
+    return STAGE_OF.get(name, "03_cluster.py" if name.startswith("clusters") else f"the stage that writes {name}/")
 
 
 def load(folder: str, name: str, mmap: bool = True) -> np.ndarray:
+    """<folder>/<name>.npy (memory-mapped); a missing or damaged file is one line naming it."""
     path = os.path.join(folder, name + ".npy")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: run the stage that writes {os.path.basename(folder)}/ first")
-    return np.load(path, mmap_mode="r" if mmap else None)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise SystemExit(f"error: {path} is damaged ({str(e)[:120]}): rerun {writer_of(folder)} with --force") \
+            from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,6 +197,19 @@ def fs_bytes(s: str) -> bytes:
     """UTF-8, with the undecodable bytes of a file name (os.fsdecode's surrogate escapes) given back as they
     were: a name that is not UTF-8 (Latin-1 from an old archive) round-trips to the same file."""
     return s.encode("utf-8", "surrogateescape")
+
+
+def content_digest(path: str) -> str:
+    """sha1 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order, recursive):
+    what cached work is keyed by where a file can change under the same name, size and mtime."""
+    h = hashlib.sha1()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        h.update(fs_bytes(os.path.relpath(f, path)) + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha1").digest())
+    return h.hexdigest()
 
 
 def pack_strings(strings) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +278,8 @@ def lock_folder(folder: str, what: str, hint: str) -> None:
     holder dies, so a killed run leaves none behind (NFS v4 and Lustre with -o flock support it)."""
     import fcntl
     import socket
+    if os.path.abspath(folder) in _LOCKS:      # this process holds it already (a stage called twice in one test)
+        return
     os.makedirs(folder, exist_ok=True)
     fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -210,6 +298,13 @@ def lock_folder(folder: str, what: str, hint: str) -> None:
     _LOCKS[os.path.abspath(folder)] = fd
 
 
+def lock_stage(folder: str, what: str, hint: str = "wait for it to end, or use another --work") -> None:
+    """One run of a stage per output folder: rank 0 holds <folder>/.lock (lock_folder) for the run; a second
+    copy, and every rank of a second torchrun, stops with one line naming the holder. The ranks of one run
+    share rank 0's lock."""
+    on_rank0(lambda: lock_folder(folder, what, hint))
+
+
 def unlock_folder(folder: str) -> None:
     fd = _LOCKS.pop(os.path.abspath(folder), None)
     if fd is not None:
@@ -221,6 +316,28 @@ def check_folder_flag(path: str, flag: str = "--work") -> str:
     if path and os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path} is a file, not a folder: pass a folder (created when missing)")
     return path
+
+
+def check_flags(args, rules: dict) -> None:
+    """Numeric flags against their ranges, after argparse: rules {dest: ">= 1" | "> 0" | "[0, 1]" | "(0, 1]" |
+    "[0, 1)"}; a flag left at None (optional) is not checked. One line naming the first flag out of range (NaN
+    is out of every range)."""
+    import math
+    for dest, rule in rules.items():
+        v = getattr(args, dest)
+        if v is None:
+            continue
+        r = rule.replace(" ", "")
+        if r[0] in "[(":
+            lo, hi = (float(x) for x in r[1:-1].split(","))
+            ok = (v >= lo if r[0] == "[" else v > lo) and (v <= hi if r[-1] == "]" else v < hi)
+            want = f"in {rule}"
+        else:
+            op, bound = (r[:2], float(r[2:])) if r[1] == "=" else (r[:1], float(r[1:]))
+            ok = v >= bound if op == ">=" else v > bound
+            want = f"{op} {bound:g}"
+        if not ok or (isinstance(v, float) and not math.isfinite(v)):
+            raise SystemExit(f"error: --{dest.replace('_', '-')} {v}: must be {want}")
 
 
 def stage_device(text: str):
@@ -318,7 +435,8 @@ def run_chunks(folder: str, num_items: int, chunk_size: int, process, desc: str,
             arrays = process(start, end)
             path = chunk_path(folder, c)
             tmp = chunk_path(folder, c, f".{rid}.tmp.npz")
-            guard_disk(tmp, lambda: np.savez(tmp, **arrays))
+            guard_disk(path, lambda: np.savez(tmp, **arrays), need=sum(np.asarray(a).nbytes for a in arrays.values()),
+                       partial=tmp)
             os.replace(tmp, path)
             if c not in own:
                 bar.total += end - start
@@ -339,16 +457,80 @@ def claim(folder: str, c: int, rid: str) -> bool:
         return False
 
 
-def guard_disk(path: str, write) -> None:
-    """Run `write()`; a full disk or a read-only filesystem ends the run with one line, not a traceback."""
-    import errno
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# what torch.save's zip writer says when a write fails (it raises RuntimeError, not OSError)
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def disk_message(path: str, need: int | None = None, reason: str = "no space left on the device") -> str:
+    """One line for a write that the disk refused: the folder, its free space, the bytes needed when known."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe or "/").free
+    needed = f", {human_bytes(need)} needed" if need else ""
+    return (f"error: cannot write {path}: {reason} ({folder} has {human_bytes(free)} free{needed}): free "
+            "space (or pass a folder on another disk) and rerun the same command; finished work is kept")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def guard_disk(path: str, write, need: int | None = None, partial: str | None = None):
+    """write(); a full disk, a quota or a read-only file system ends the run with disk_message, not a
+    traceback (also torch.save's RuntimeError when the disk is what failed). need: the bytes it writes, when
+    known: checked against the free space first. partial: the temporary file write() fills, removed on failure
+    so that the space it took is free again."""
+    def refuse(reason):
+        if partial and os.path.exists(partial):
+            os.remove(partial)
+        return SystemExit(disk_message(path, need, reason))
+    if need:
+        probe = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(probe) and shutil.disk_usage(probe).free < need:
+            raise refuse("not enough space")
     try:
-        write()
+        return write()
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise SystemExit(f"error: cannot write {path}: {e.strerror}: free space (or fix the filesystem) and "
-                             "rerun the same command; finished work is kept") from None
+        if e.errno in DISK_ERRNOS:
+            raise refuse(e.strerror.lower()) from None
         raise
+    except RuntimeError as e:
+        if any(w in str(e) for w in TORCH_WRITE_FAILED):
+            raise refuse("the write failed (disk full?)") from None
+        raise
+
+
+def stage_main(main):
+    """Decorator of the stages' main(argv=None). A full disk (or quota, or read-only file system) that a write
+    outside guard_disk meets still ends in disk_message's one line, naming the file (or the --out / --run-dir /
+    --work folder when the error names none); the folder locks main took are released however it ends, so a
+    test or notebook that calls main again, or starts a subprocess after it, is not refused by its own lock."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        held = set(_LOCKS)
+        try:
+            return main(argv)
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            where = e.filename
+            if not where:
+                args = list(sys.argv[1:] if argv is None else argv)
+                flags = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--out", "--run-dir", "--work")]
+                where = os.path.join(flags[0] if flags else os.getcwd(), "...")
+            raise SystemExit(disk_message(where, None, e.strerror.lower())) from None
+        finally:
+            for folder in set(_LOCKS) - held:
+                os.close(_LOCKS.pop(folder))
+    return wrapped
 
 
 def prepare_chunks(folder: str, key: dict) -> None:
@@ -418,13 +600,19 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
     targets.update({("offsets", cn): os.path.join(folder, cn.replace("counts", "offsets") + ".npy") for cn in counted})
     tmp = {t: p + ".tmp.npy" for t, p in targets.items()}
     if rank == 0:
+        layout = {n: npz_shape(files[0], n) if num_chunks else ((0,), np.dtype(np.float32)) for n in arrays}
+        need = sum(total[n] * int(np.prod(s[1:], dtype=np.int64)) * d.itemsize for n, (s, d) in layout.items()) + \
+            sum(8 * (total[cn] + 1) for cn in counted)
+        free = shutil.disk_usage(folder).free
+        if need > free:                        # before any byte: the chunks stay, the rerun merges them
+            raise SystemExit(disk_message(os.path.join(folder, "*.npy"), need, "not enough space for the merged "
+                                          "arrays"))
         for n in arrays:
-            shape, dtype = npz_shape(files[0], n) if num_chunks else ((0,), np.dtype(np.float32))
-            out = np.lib.format.open_memmap(tmp["array", n], mode="w+", dtype=dtype,
-                                            shape=(total[n],) + tuple(shape[1:]))
+            shape, dtype = layout[n]
+            out = allocate_npy(tmp["array", n], dtype, (total[n],) + tuple(shape[1:]))
             del out
         for cn in counted:
-            out = np.lib.format.open_memmap(tmp["offsets", cn], mode="w+", dtype=np.int64, shape=(total[cn] + 1,))
+            out = allocate_npy(tmp["offsets", cn], np.int64, (total[cn] + 1,))
             out[0] = 0
             out.flush()
             del out
@@ -498,7 +686,7 @@ def count_values(array, names: list[str], block: int = 1 << 24) -> dict:
 def finish_stage(folder: str, manifest: dict) -> dict:
     """Write the manifest (the stage is complete from here on), drop the chunk files, return the manifest."""
     manifest = {**manifest, "complete": True,
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")}
     write_json(os.path.join(folder, "manifest.json"), manifest)
     shutil.rmtree(os.path.join(folder, "chunks"), ignore_errors=True)
     return manifest
@@ -513,7 +701,6 @@ TRANSIENT_ERRNOS = {"EIO", "ESTALE", "ETIMEDOUT", "EAGAIN", "EINTR", "ENETDOWN",
 
 
 def transient(e: BaseException) -> bool:
-    import errno
     return isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in TRANSIENT_ERRNOS
 
 
@@ -627,20 +814,60 @@ def resolve_source(source: str) -> Source:
     raise SystemExit(f"error: --images {source}: neither a folder, a list file, a .tar shard nor a shard pattern")
 
 
-def walk_files(root: str):
+LEFT_OUT = {"hidden": "hidden files or folders (names starting with '.')",
+            "unreadable_folders": "folders that cannot be listed (permissions or I/O errors)",
+            "link_loops": "symlinked folders that lead back into a folder being walked",
+            "not_files": "entries that are neither files nor folders (broken symlinks, sockets, devices)"}
+
+
+def walk_files(root: str, left_out: dict | None = None, _above: tuple = ()):
     """Every regular file under root, as a path relative to root, in sorted order of those paths, one folder's
-    listing in memory at a time (a folder sorts as its name plus '/', which is the global sorted order)."""
+    listing in memory at a time (a folder sorts as its name plus '/', which is the global sorted order).
+    Symlinked files and folders are followed. What is left out on purpose is counted in `left_out` (keys of
+    LEFT_OUT): hidden names (.DS_Store, macOS ._ files, .ipynb_checkpoints), sub-folders that cannot be read,
+    symlink loops, and entries that are not files."""
+    left_out = {} if left_out is None else left_out
+    real = os.path.realpath(root)
     try:
-        entries = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in os.scandir(root)
-                         if not e.name.startswith("."))
+        with os.scandir(root) as it:
+            listing = list(it)
     except OSError as e:
-        raise SystemExit(f"error: cannot list {root}: {e.strerror}") from None
+        if not _above:
+            raise SystemExit(f"error: cannot list {root}: {e.strerror}") from None
+        left_out["unreadable_folders"] = left_out.get("unreadable_folders", 0) + 1
+        return
+    entries = []
+    for e in listing:
+        if e.name.startswith("."):
+            left_out["hidden"] = left_out.get("hidden", 0) + 1
+            continue
+        try:
+            is_dir = e.is_dir()
+            is_file = not is_dir and e.is_file()
+        except OSError:
+            is_dir = is_file = False
+        if not (is_dir or is_file):
+            left_out["not_files"] = left_out.get("not_files", 0) + 1
+            continue
+        entries.append((e.name + "/" if is_dir else e.name, e))
+    entries.sort(key=lambda t: t[0])
     for key, e in entries:
         if key.endswith("/"):
-            for sub in walk_files(e.path):
+            if os.path.realpath(e.path) in _above + (real,):
+                left_out["link_loops"] = left_out.get("link_loops", 0) + 1
+                continue
+            for sub in walk_files(e.path, left_out, _above + (real,)):
                 yield e.name + "/" + sub
-        elif e.is_file():
+        else:
             yield e.name
+
+
+def say_left_out(where: str, left_out: dict) -> None:
+    """One warning line with the count of each kind of entry that a folder walk left out (walk_files)."""
+    parts = [f"{n} {LEFT_OUT[k]}" for k, n in left_out.items() if n]
+    if parts and dist_info()[0] == 0:
+        print(f"warning: left out of {where}: " + "; ".join(parts) + ". To take such files in, list their paths "
+              "in a text file and pass that as --images", file=sys.stderr, flush=True)
 
 
 def list_inputs(source: str) -> tuple[str, list[str]]:
@@ -649,15 +876,17 @@ def list_inputs(source: str) -> tuple[str, list[str]]:
     src = resolve_source(source)
     if src.kind == "tar":
         raise SystemExit(f"error: {source} holds tar shards; this input takes a folder of images or a list file")
-    paths = list(iter_listed(src))
+    left_out = {}
+    paths = list(iter_listed(src, left_out))
+    say_left_out(src.root, left_out)
     if not paths:
         raise SystemExit(f"error: no files in {source}: nothing to do")
     return src.root, paths
 
 
-def iter_listed(src: Source):
+def iter_listed(src: Source, left_out: dict | None = None):
     if src.list_file is None:
-        yield from walk_files(src.root)
+        yield from walk_files(src.root, left_out)
         return
     # utf-8-sig: a byte-order mark is not part of the first path; surrogateescape: a list written in Latin-1
     # (or any bytes) names the same files os.listdir would
@@ -682,7 +911,7 @@ class NpyAppender:
 
     def close(self) -> None:
         self.raw.close()
-        out = np.lib.format.open_memmap(self.path + ".tmp.npy", mode="w+", dtype=self.dtype, shape=(self.n,))
+        out = allocate_npy(self.path + ".tmp.npy", self.dtype, (self.n,))
         step = max(1, (16 << 20) // self.dtype.itemsize)
         with open(self.path + ".raw.tmp", "rb") as fh:
             for at in range(0, self.n, step):
@@ -746,11 +975,15 @@ def write_listing(src: Source, folder: str) -> dict:
     else:
         hash_path, buf = os.path.join(out, "hashes.u64"), []
         with open(hash_path, "wb") as hash_file:   # one uint64 per listed path, on disk, not in a Python list
-            for p in iter_listed(src):
+            left_out = {}
+            for p in iter_listed(src, left_out):
                 writer.add(p)
                 h.update(b"\0" + fs_bytes(p))
                 if src.list_file is not None:      # a folder walk cannot list a path twice; a list file can
-                    buf.append(path_hash(os.path.normpath(p if os.path.isabs(p) else os.path.join(src.root, p))))
+                    # (a path outside the list's folder gets outside_root: it must not make a later row a repeat)
+                    key = (p if os.path.isabs(p) else f"\0outside\0{writer.n}" if escapes(p)
+                           else os.path.join(src.root, p))
+                    buf.append(path_hash(os.path.normpath(key)))
                     if len(buf) >= 1 << 16:
                         hash_file.write(np.asarray(buf, np.uint64).tobytes())
                         buf = []
@@ -763,10 +996,17 @@ def write_listing(src: Source, folder: str) -> dict:
         write_npy(os.path.join(out, "duplicate.npy"), repeated(hashes, writer.n))
         del hashes
         os.remove(hash_path)
-        info = {"kind": "files", "units": (writer.n + LOOSE_BLOCK - 1) // LOOSE_BLOCK, "rows": writer.n}
+        info = {"kind": "files", "units": (writer.n + LOOSE_BLOCK - 1) // LOOSE_BLOCK, "rows": writer.n,
+                "left_out": left_out}
     info["fingerprint"] = h.hexdigest()
     write_json(os.path.join(out, "listing.json"), info)
     return info
+
+
+def escapes(relative: str) -> bool:
+    """True when a relative path leads out of the folder it is relative to (../x, a/../../x)."""
+    norm = os.path.normpath(relative)
+    return norm == ".." or norm.startswith(".." + os.sep)
 
 
 def path_hash(p: str) -> int:
@@ -796,10 +1036,11 @@ def repeated(hashes: np.ndarray, n: int, part_rows: int = 16 << 20) -> np.ndarra
 # the image table: one row per sample (a loose file, or the members of a tar that share a key)
 
 # status of every row; the decoding stages (01, 02, 04, 05) record a decode failure in their own statuses
-IMAGE_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "duplicate", "no_image"]
+IMAGE_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "duplicate", "no_image",
+                "outside_root"]
 SHARD_STATUS = ["ok", "empty", "truncated", "not_tar", "missing"]
 OK = 0
-MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large
+MAX_PIXELS = 178_956_970      # PIL's decompression-bomb limit; larger images get status too_large (--max-pixels)
 NO_SHARD = -1                 # shard of a loose file
 TABLE_VERSION = 2             # the layout of images/ (1: paths only, every file decoded)
 
@@ -897,6 +1138,7 @@ class ImageTable:
     json_length: np.ndarray
     status: np.ndarray          # uint8, index into IMAGE_STATUS
     size: np.ndarray            # int32 (n, 2): width, height (upright); 0 when not ok
+    max_pixels: int = MAX_PIXELS  # the decode budget the table was built with (ensure_image_table)
     files: ShardFiles | None = None
 
     def __len__(self):
@@ -932,8 +1174,10 @@ class ImageTable:
             return None
         return meta if isinstance(meta, dict) else None
 
-    def open(self, i: int, max_pixels: int = MAX_PIXELS):
-        """(RGB PIL image or None, status) of row i: a loose file, or the image member read with one pread."""
+    def open(self, i: int, max_pixels: int | None = None):
+        """(RGB PIL image or None, status) of row i: a loose file, or the image member read with one pread;
+        within the table's decode budget (or a smaller max_pixels)."""
+        max_pixels = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
         if int(self.shard[i]) == NO_SHARD:
             path = self.path(i)
             if not os.path.isfile(path):
@@ -991,7 +1235,8 @@ def read_image_table(work: str) -> ImageTable:
                          "with --images and a new --work (or delete that folder)")
     return ImageTable(m["root"], load(folder, "shard_path_offsets"), load(folder, "shard_path_bytes"),
                       *[load(folder, n) for n in ("shard", "name_offsets", "name_bytes", "offset", "length",
-                                                  "json_offset", "json_length", "status", "size")])
+                                                  "json_offset", "json_length", "status", "size")],
+                      max_pixels=int(m.get("max_pixels", MAX_PIXELS)))
 
 
 def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
@@ -1085,15 +1330,26 @@ def scan_shard(path: str, max_pixels: int, files: ShardFiles) -> dict:
     return {"rows": rows, "status": shard_status, **stats}
 
 
-def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXELS) -> ImageTable:
+def ensure_image_table(work: str, source: str | None, max_pixels: int | None = None) -> ImageTable:
     """Build (sharded over ranks, resumable) or reuse the image table of `work`. Every sample gets a row and a
     status; the order (shard by shard, members in tar order; loose files sorted) is fixed here, once, for every
-    later stage. Units of work: one tar shard, or LOOSE_BLOCK loose files."""
+    later stage. Units of work: one tar shard, or LOOSE_BLOCK loose files.
+
+    max_pixels (--max-pixels): the decode budget, fixed with the table. An image above it gets too_large from
+    its header, before anything is decoded; every later decode of the table keeps to the same budget (a decode
+    holds about 3 bytes per pixel as RGB, plus the file's own mode: 537 MB + 358 MB for a 16-bit image at the
+    default). None: the table's own, or MAX_PIXELS for a new one. A list file's relative path that leads out of
+    the list's folder (../) gets outside_root: write absolute paths to name files elsewhere on purpose."""
     rank, world = init_dist()
     folder = os.path.join(work, "images")
     m = read_manifest(folder)
+    if max_pixels is not None and max_pixels < 1:
+        raise SystemExit(f"error: --max-pixels {max_pixels}: must be >= 1 (default {MAX_PIXELS:,}, PIL's limit)")
     if m and m.get("complete"):
         table = read_image_table(work)
+        if max_pixels is not None and max_pixels != table.max_pixels:
+            raise SystemExit(f"error: {folder} was built with --max-pixels {table.max_pixels}, not {max_pixels}: "
+                             "pass the same budget (or leave it out), or use another --work")
         if source is not None and rank == 0:   # one listing is enough; torchrun stops the others if it fails
             src = resolve_source(source)
             tmp = os.path.join(folder, "check")
@@ -1107,9 +1363,12 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
     if source is None:
         raise SystemExit(f"error: {work} has no image table yet: pass --images")
     src = resolve_source(source)
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    lock_stage(folder, f"{os.path.basename(sys.argv[0]) or 'a stage'} building the image table",
+               "wait for it to end (the table is built once for every stage), or use another --work")
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
-        write_listing(src, folder)
+        say_left_out(src.root, write_listing(src, folder).get("left_out", {}))
     barrier()
     lst = os.path.join(folder, "listing")
     with open(os.path.join(lst, "listing.json")) as fh:
@@ -1145,6 +1404,9 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
                     status[j] = IMAGE_STATUS.index("duplicate")
                     continue
                 p = unpack_string(names_off, names, i)
+                if not os.path.isabs(p) and escapes(p):
+                    status[j] = IMAGE_STATUS.index("outside_root")
+                    continue
                 p = p if os.path.isabs(p) else os.path.join(src.root, p)
                 if not os.path.isfile(p):
                     status[j] = IMAGE_STATUS.index("unreadable")
@@ -1186,6 +1448,7 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
         members = np.asarray(load(folder, "shard_members")).sum(0).tolist()
         manifest = {"stage": "images", "version": TABLE_VERSION, "source": os.path.abspath(source), "kind": info["kind"],
                     "root": src.root, "fingerprint": info["fingerprint"], "rows": rows["status"],
+                    "max_pixels": max_pixels, "left_out": info.get("left_out", {}),
                     "status_names": IMAGE_STATUS, "status_counts": counts}
         if info["kind"] == "tar":
             manifest.update(shards=n_units, shard_status_names=SHARD_STATUS, shard_status_counts=shard_counts,
@@ -1196,9 +1459,18 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int = MAX_PIXE
         shards = (f" from {n_units} shards (" + ", ".join(f"{v} {k}" for k, v in shard_counts.items() if v) + ")"
                   if info["kind"] == "tar" else "")
         print(f"image table: {rows['status']} samples{shards}: {summary}", flush=True)
+        if counts["too_large"]:
+            say(f"note: {counts['too_large']} images are above --max-pixels {max_pixels:,}: status too_large, not "
+                "decoded")
+        if counts["outside_root"]:
+            print(f"warning: {counts['outside_root']} relative paths of {src.list_file} lead out of its folder "
+                  "(../): status outside_root, not read; write absolute paths to take such files in",
+                  file=sys.stderr, flush=True)
         if counts["ok"] == 0:
             print("warning: no readable image among the inputs", file=sys.stderr, flush=True)
     barrier()
+    if rank == 0:
+        unlock_folder(folder)
     return read_image_table(work)
 
 

@@ -410,14 +410,51 @@ def test_image_folder_mode(world, tmp_path, capsys):
     c = probes["image"]["counts"]
     assert c["train"] + c["val"] + c["test"] == 36 and 0 <= probes["image"]["linear"]["top1"] <= 1
     assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
-    # a rerun only prints the finished report; other probe settings reuse the features; a changed checkpoint
-    # file recomputes them
+    # a rerun only prints the finished report (and writes report.md again if a kill took it); other probe
+    # settings reuse the features; a touched file with the same bytes too; other weights of the same size and
+    # mtime (the cache is keyed by content) recompute them
+    (tmp_path / "o" / "report.md").unlink()
     assert ev.main(flags) == rep and "report complete" in capsys.readouterr().out
+    assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
     other = ev.main([*flags, "--knn-k", "3"])
     tiny = other["encoders"]["tiny"]
     assert tiny["encoder"]["reused"] and tiny["probes"]["image"]["knn"]["k"] == 3
     os.utime(tmp_path / "tiny.pt", (1, 1))
-    assert not ev.main(flags)["encoders"]["tiny"]["encoder"]["reused"]
+    assert ev.main(flags)["encoders"]["tiny"]["encoder"]["reused"]
+    ckpt = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    ckpt["encoder"] = {k: v.flip(0) for k, v in ckpt["encoder"].items()}
+    size = os.path.getsize(tmp_path / "tiny.pt")
+    torch.save(ckpt, tmp_path / "tiny.pt")
+    os.utime(tmp_path / "tiny.pt", (1, 1))
+    assert os.path.getsize(tmp_path / "tiny.pt") == size
+    again = ev.main(flags)["encoders"]["tiny"]
+    assert not again["encoder"]["reused"] and again["probes"] != rep["encoders"]["tiny"]["probes"]
+
+
+def test_cache_identity_is_the_content_of_every_local_file(tmp_path):
+    """open_clip's local-dir:DIR:none, a weights file, --clip-config: other bytes under the same names, sizes
+    and mtimes give another identity; a random: encoder depends on its config alone."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 32}}')
+    (d / "weights.bin").write_bytes(b"abcd")
+    (tmp_path / "extra.json").write_text("{}")
+    specs = [f"openclip:local-dir:{d}:none", f"openclip:ViT-B-32:{d / 'weights.bin'}"]
+    before = [ev.encoder_identity(s, str(tmp_path / "extra.json")) for s in specs]
+    for f, new in ((d / "weights.bin", b"abce"), (d / "open_clip_config.json", b'{"model_cfg": {"embed_dim": 33}}'),
+                   (tmp_path / "extra.json", b"[]")):
+        st = os.stat(f)
+        f.write_bytes(new)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        after = [ev.encoder_identity(s, str(tmp_path / "extra.json")) for s in specs]
+        assert after[0] != before[0]
+        before = after
+    ckpt = model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny")))
+    torch.save(ckpt, tmp_path / "a.pt")
+    ident = ev.encoder_identity(f"random:{tmp_path / 'a.pt'}")
+    ckpt["encoder"] = {k: v * 2 for k, v in ckpt["encoder"].items()}
+    torch.save(ckpt, tmp_path / "a.pt")
+    assert ev.encoder_identity(f"random:{tmp_path / 'a.pt'}") == ident
 
 
 def test_two_process_torchrun_equals_one(report, world, tmp_path):

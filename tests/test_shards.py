@@ -320,7 +320,8 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(np, "savez", full)
-    with pytest.raises(SystemExit, match="No space left on device: free space"):
+    with pytest.raises(SystemExit, match=r"cannot write .*00000000\.npz: no space left on device \(.* free, "
+                                         r"16 bytes needed\): free space"):
         workdir.run_chunks(str(tmp_path / "stage"), 4, 2, lambda s, e: {"x": np.zeros(e - s)}, "t", {})
 
 
@@ -391,8 +392,9 @@ def test_a_device_failure_stops_the_rank_instead_of_marking_images(world, tmp_pa
 
 
 def test_input_forms_and_list_files(world, tmp_path):
-    """--images as a glob, one .tar, a list of .tar paths; a list of loose paths (relative, absolute, a repeat:
-    duplicate, a missing file: unreadable); clear refusals for a pattern that matches nothing and a mixed list."""
+    """--images as a glob, one .tar, a list of .tar paths; a list of loose paths (relative and leading out of the
+    list's folder: outside_root; absolute; a repeat: duplicate; a missing file: unreadable); clear refusals for a
+    pattern that matches nothing and a mixed list."""
     sh = world / "shards"
     for source in (str(sh / "0000[01].tar"), str(sh / "00001.tar")):
         src = workdir.resolve_source(source)
@@ -403,9 +405,9 @@ def test_input_forms_and_list_files(world, tmp_path):
     images = world / "data" / "images"
     loose = tmp_path / "images.txt"
     loose.write_text(f"{os.path.relpath(images / '00001.png', tmp_path)}\n{images / '00000.png'}\n"
-                     f"{images / '00001.png'}\nnowhere.png\n")
+                     f"{images / '00001.png'}\nnowhere.png\n{images / '00000.png'}\n")
     table = workdir.ensure_image_table(str(tmp_path / "w"), str(loose))
-    assert [workdir.IMAGE_STATUS[s] for s in table.status] == ["ok", "ok", "duplicate", "unreadable"]
+    assert [workdir.IMAGE_STATUS[s] for s in table.status] == ["outside_root", "ok", "ok", "unreadable", "duplicate"]
     assert table.open(1)[0].size == (128, 128)
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(f"{sh / '00000.tar'}\n" * 1000 + f"{images / '00000.png'}\n")

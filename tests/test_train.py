@@ -537,3 +537,38 @@ def test_resume_drops_log_records_past_the_checkpoint(world, tmp_path):
     tr.main(flags + ["--steps", "6"])
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
     assert read_log(run)[4]["loss"] != 1.0
+
+
+def test_resume_refuses_damaged_checkpoints_and_rerun_ocr(world, tmp_path):
+    """A damaged latest.pt or bank shard is one line naming the file and what to do (the newest kept step file
+    when there is one); a resume after 02 was rerun with other settings is refused (its labels changed)."""
+    data, work = world
+    work = copy_work(work, tmp_path / "work")
+    run = str(tmp_path / "run")
+    flags = ["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--save-every", "2", "--keep-every", "2"]
+    tr.main(flags + ["--steps", "2"])
+    latest = os.path.join(run, "ckpt", "latest.pt")
+    good = open(latest, "rb").read()
+    for damage in (b"", good[: len(good) // 2], os.urandom(4096)):
+        open(latest, "wb").write(damage)
+        with pytest.raises(SystemExit, match=rf"^error: cannot resume: {latest} is not a readable torch checkpoint .*"
+                                             r"cp .*step_00000002\.pt .*--force to start over$"):
+            tr.main(flags + ["--steps", "4"])
+    torch.save(torch.zeros(3), latest)                                   # a checkpoint, but a plain tensor
+    with pytest.raises(SystemExit, match="is not a checkpoint of 04_train.py"):
+        tr.main(flags + ["--steps", "4"])
+    open(latest, "wb").write(good)
+    shard = os.path.join(run, "ckpt", "banks_00000002", "object.00000-of-00001.pt")
+    saved = open(shard, "rb").read()
+    open(shard, "wb").write(saved[:100])
+    with pytest.raises(SystemExit, match=r"^error: cannot resume: a bank shard is damaged: .*object\.00000-of-00001"):
+        tr.main(flags + ["--steps", "4"])
+    open(shard, "wb").write(saved)
+    # 02 rerun with other settings (here its manifest's settings, as --max-tokens 1 writes them)
+    ocr_manifest = os.path.join(work, "ocr", "manifest.json")
+    m = json.load(open(ocr_manifest))
+    workdir.write_json(ocr_manifest, {**m, "settings": {"max_tokens": 1}})
+    with pytest.raises(SystemExit, match="trained with other settings: .*stage outputs"):
+        tr.main(flags + ["--steps", "4"])
+    workdir.write_json(ocr_manifest, m)
+    assert tr.main(flags + ["--steps", "4"])["complete"]

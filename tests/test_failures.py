@@ -1,0 +1,309 @@
+"""What a careless or hostile user can do to the stages, one class per test, on small generated files: files left
+out of a folder walk (counted, warned), the decode budget, paths that leave their root, hostile model configs,
+a second copy of a stage on one folder, a full disk, and numeric flags out of range. Each ends in a status with
+a count, or one line naming the file or flag and a non-zero exit; never a traceback, never a silent loss."""
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from test_cluster import ROOT, load_script
+
+import model as model_py  # noqa: E402
+import workdir  # noqa: E402
+
+mine = load_script("mine_regions_failures", "01_mine_regions.py")
+ocr = load_script("extract_ocr_failures", "02_extract_ocr.py")
+cluster = load_script("cluster_failures", "03_cluster.py")
+train = load_script("train_failures", "04_train.py")
+ev = load_script("eval_failures", "05_eval.py")
+export = load_script("export_failures", "06_export_hf.py")
+demo = load_script("demo_failures", "00_make_demo_data.py")
+PIXELS = ["--features", "pixels", "--min-box-side", "4", "--min-image-side", "16", "--workers", "0"]
+
+
+def png(path, w=48, h=40, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    a = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+
+
+def boxes_for(root):
+    """A COCO box file with one box on every image under root (01 takes it instead of running SAM)."""
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    coco = {"images": [{"id": k, "file_name": f} for k, f in enumerate(files)],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1, "bbox": [2, 2, 20, 20]}
+                            for k in range(len(files))],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = os.path.join(os.path.dirname(root), "boxes.json")
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    return ["--boxes", path, *PIXELS]
+
+
+def status_counts(work):
+    return workdir.read_manifest(os.path.join(work, "images"))["status_counts"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the inputs
+
+
+def test_files_left_out_of_a_walk_are_counted_and_warned(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "imgs"
+    for name in ("a.png", "sub/b.png", "sub/deeper/c.png", ".hidden.png", ".cache/d.png", "locked/e.png",
+                 "linked/f.png"):
+        png(str(root / name))
+    os.symlink(root / "linked", root / "via_link")          # a symlinked folder: taken in
+    os.symlink(root, root / "sub" / "loop")                 # back into a folder being walked: left out, counted
+    os.symlink(root / "gone.png", root / "broken.png")      # a broken link: not a file
+    real_scandir = os.scandir
+
+    def scandir(path="."):                                  # as a folder without read permission (root ignores
+        if isinstance(path, str) and os.path.basename(path) == "locked":   # the mode bits: simulated)
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(workdir.os, "scandir", scandir)
+    work = str(tmp_path / "w")
+    table = workdir.ensure_image_table(work, str(root))
+    names = sorted(table.name(i) for i in range(len(table)))
+    assert names == ["a.png", "linked/f.png", "sub/b.png", "sub/deeper/c.png", "via_link/f.png"]
+    m = workdir.read_manifest(os.path.join(work, "images"))
+    assert m["left_out"] == {"hidden": 2, "not_files": 1, "unreadable_folders": 1, "link_loops": 1}
+    err = capsys.readouterr().err
+    assert "warning: left out of" in err and "2 hidden files or folders" in err and "1 folders that cannot" in err
+
+
+def test_decode_budget_is_a_status_before_any_decode(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    png(str(root / "small.png"), 40, 30)
+    png(str(root / "big.png"), 400, 300)                    # 120,000 pixels
+    work = str(tmp_path / "w")
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    mine.main(["--images", str(root), "--work", work, *boxes_for(str(root)), "--max-pixels", "100000"])
+    table = workdir.read_image_table(work)
+    status = {table.name(i): workdir.IMAGE_STATUS[table.status[i]] for i in range(len(table))}
+    assert status == {"big.png": "too_large", "small.png": "ok"}
+    assert (40, 30) in decoded and (400, 300) not in decoded and table.max_pixels == 100000
+    assert table.open(int(np.flatnonzero(table.status)[0])) == (None, "too_large")
+    # the budget is fixed with the table: another value is refused, leaving it out takes the table's
+    with pytest.raises(SystemExit, match="built with --max-pixels 100000, not 5000"):
+        ocr.main(["--work", work, "--max-pixels", "5000"])
+    with pytest.raises(SystemExit, match="--max-pixels 0: must be >= 1"):
+        mine.main(["--images", str(root), "--work", str(tmp_path / "w2"), *boxes_for(str(root)), "--max-pixels", "0"])
+
+
+def test_list_paths_that_leave_the_lists_folder_get_a_status(tmp_path):
+    png(str(tmp_path / "lists" / "in.png"))
+    png(str(tmp_path / "outside.png"))
+    png(str(tmp_path / "other.png"))
+    png(str(tmp_path / "elsewhere" / "abs.png"))
+    lst = tmp_path / "lists" / "train.txt"
+    lst.write_text(f"in.png\n../outside.png\nsub/../../other.png\n{tmp_path / 'elsewhere' / 'abs.png'}\n")
+    table = workdir.ensure_image_table(str(tmp_path / "w"), str(lst))
+    got = [workdir.IMAGE_STATUS[s] for s in table.status]
+    assert got == ["ok", "outside_root", "outside_root", "ok"]          # absolute paths are taken as written
+    assert status_counts(str(tmp_path / "w"))["outside_root"] == 2
+
+
+def test_box_file_names_outside_the_image_root_match_nothing(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    png(str(root / "a.png"))
+    coco = {"images": [{"id": 1, "file_name": "../imgs/a.png"}, {"id": 2, "file_name": "/etc/a.png"}],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1, "bbox": [1, 1, 9, 9]} for k in (1, 2)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "b.json").write_text(json.dumps(coco))
+    m = mine.main(["--images", str(root), "--work", str(tmp_path / "w"), "--boxes", str(tmp_path / "b.json"), *PIXELS])
+    assert m["box_sources"]["none"] == 1 and m["rows"]["boxes"] == 0
+    assert "2 images have a file_name outside the image root" in capsys.readouterr().err
+    for bad in ('{"images": [{"id": 1}]}', "[1, 2]", "\xff\xfe"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(SystemExit, match="^error: --boxes .*bad.json: not a COCO detection file"):
+            mine.main(["--images", str(root), "--work", str(tmp_path / "w2"), "--boxes", str(tmp_path / "bad.json"),
+                       *PIXELS])
+
+
+def test_coco_file_names_outside_the_image_folder_are_not_read(tmp_path):
+    images = tmp_path / "images"
+    for i in range(8):
+        png(str(images / f"{i}.png"), 64, 64, seed=i)
+    png(str(tmp_path / "secret.png"), 64, 64, seed=99)
+    files = [f"{i}.png" for i in range(8)] + ["../secret.png", str(tmp_path / "secret.png")]
+    coco = {"images": [{"id": k, "file_name": f, "width": 64, "height": 64} for k, f in enumerate(files)],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1 + k % 2, "bbox": [4, 4, 30, 30], "area": 900}
+                            for k in range(len(files))],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny"))), tmp_path / "t.pt")
+    rep = ev.main(["--images", str(images), "--coco", str(tmp_path / "coco.json"), "--encoder", str(tmp_path / "t.pt"),
+                   "--out", str(tmp_path / "ev"), "--probes", "image", "--tsne-max", "0", "--c-refine", "0"])
+    assert rep["data"]["images"]["status"] == {"ok": 8, "outside_root": 2}
+
+
+def test_hostile_model_configs_are_refused_before_allocation(tmp_path):
+    for field, value in (("num_hidden_layers", 10 ** 9), ("hidden_size", 10 ** 7), ("intermediate_size", -1),
+                         ("patch_size", 0), ("num_attention_heads", "16")):
+        folder = tmp_path / f"hf_{field}"
+        folder.mkdir()
+        cfg = {"model_type": "mlcd_vision_model", "hidden_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "intermediate_size": 128, "patch_size": 16, "image_size": 64, field: value}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="outside|must be"):
+            model_py.load_encoder(str(folder))
+        with pytest.raises(SystemExit, match=f"^error: cannot load an encoder from {folder}"):
+            export.main(["--checkpoint", str(folder), "--out", str(tmp_path / "out")])
+        with pytest.raises(SystemExit, match="^error: "):
+            ev.checkpoint_config(str(folder))
+    # within every bound, still far beyond memory: refused from the parameter count, nothing allocated
+    huge = model_py.ViTConfig(width=16384, heads=128, layers=256, mlp_dim=131072)
+    with pytest.raises(ValueError, match="B parameters"):
+        model_py.VisionEncoder(huge)
+    ckpt = model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny")))
+    torch.save({**ckpt, "encoder_config": {**ckpt["encoder_config"], "layers": 10 ** 9}}, tmp_path / "big.pt")
+    torch.save({**ckpt, "encoder_config": {**ckpt["encoder_config"], "evil": 1}}, tmp_path / "odd.pt")
+    for bad in ("big.pt", "odd.pt"):
+        with pytest.raises(ValueError):
+            model_py.load_encoder(str(tmp_path / bad))
+        with pytest.raises(SystemExit, match="^error: "):
+            ev.checkpoint_config(str(tmp_path / bad))
+    for cfg in (model_py.preset("tiny"), model_py.preset("clip-tiny"), model_py.preset("clip-B/16", embed_dim=512)):
+        assert model_py.param_count(cfg) == model_py.VisionEncoder(cfg).num_params()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run per stage folder
+
+
+def hold_lock(folder):
+    """Hold <folder>/.lock as another process's run would (flock on a separate open file)."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"03_cluster.py (pid 12345 on elsewhere, since 2026-12-01T00:00:00)\n", 0)
+    return fd
+
+
+def test_a_second_copy_of_a_stage_is_refused(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(4):
+        png(str(root / f"{i}.png"), seed=i)
+    work = str(tmp_path / "w")
+    for folder, run in ((os.path.join(work, "images"), lambda: mine.main(["--images", str(root), "--work", work,
+                                                                             *boxes_for(str(root))])),
+                        (os.path.join(work, "regions"), lambda: mine.main(["--images", str(root), "--work", work,
+                                                                              *boxes_for(str(root))])),
+                        (os.path.join(work, "ocr"), lambda: ocr.main(["--images", str(root), "--work", work]))):
+        fd = hold_lock(folder)
+        with pytest.raises(SystemExit, match=r"is in use by 03_cluster.py \(pid 12345 on elsewhere"):
+            run()
+        os.close(fd)                                         # the holder ends: the kernel drops its lock
+    mine.main(["--images", str(root), "--work", work, *boxes_for(str(root))])
+    # the lock of a finished run is gone: another process can run the stage on the same folder at once
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "01_mine_regions.py"), "--work", work,
+                          *boxes_for(str(root)),
+                          "--force"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-1500:]
+    fd = hold_lock(os.path.join(work, "clusters"))
+    with pytest.raises(SystemExit, match="is in use by"):
+        cluster.main(["--work", work, "--k", "2", "--image-topl", "1"])
+    os.close(fd)
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny"))), tmp_path / "t.pt")
+    fd = hold_lock(str(tmp_path / "ev"))
+    with pytest.raises(SystemExit, match="is in use by"):
+        ev.main(["--image-folder", str(root), "--encoder", f"random:{tmp_path / 't.pt'}",
+                 "--out", str(tmp_path / "ev")])
+    os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a full disk
+
+
+def test_full_disk_is_one_line_and_the_rerun_completes(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    for i in range(6):
+        png(str(root / f"{i}.png"), seed=i)
+    plain = str(tmp_path / "plain")
+    mine.main(["--images", str(root), "--work", plain, *boxes_for(str(root))])
+    work = str(tmp_path / "w")
+    real_usage = workdir.shutil.disk_usage
+    # the merge finds too little space: refused before any byte, chunks kept
+    monkeypatch.setattr(workdir.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=100))
+    with pytest.raises(SystemExit, match=r"cannot write .*/w/images/.*: not enough space \(.* free, .* needed\)"):
+        mine.main(["--images", str(root), "--work", work, *boxes_for(str(root))])
+    monkeypatch.setattr(workdir.shutil, "disk_usage", real_usage)
+    # the disk fills while the space of an array is reserved (posix_fallocate): no SIGBUS from the mapping
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(workdir.os, "posix_fallocate", full)
+    with pytest.raises(SystemExit, match=r"cannot write .*\.tmp\.npy: no space left on device \(.* free, .* needed\)"):
+        mine.main(["--images", str(root), "--work", work, *boxes_for(str(root))])
+    monkeypatch.undo()
+    # a write anywhere else: the stage's decorator still names the folder
+    monkeypatch.setattr(mine, "feature_model", lambda a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(SystemExit, match=f"cannot write {work}/...: no space left"):
+        mine.main(["--images", str(root), "--work", work, *boxes_for(str(root))])
+    monkeypatch.undo()
+    mine.main(["--images", str(root), "--work", work, *boxes_for(str(root))])        # space again: it completes
+    for name in ("boxes", "region_features", "image_features", "status"):
+        assert np.array_equal(np.load(os.path.join(work, "regions", name + ".npy")),
+                              np.load(os.path.join(plain, "regions", name + ".npy")))
+    # torch.save's writer fails with a RuntimeError: one line, and the partial file is gone
+    target = str(tmp_path / "ckpt.pt")
+
+    def torch_full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896 vs 790")
+    monkeypatch.setattr(train.torch, "save", torch_full)
+    with pytest.raises(SystemExit, match=r"cannot write .*ckpt.pt: the write failed \(disk full\?\)"):
+        train.save_atomic({"w": torch.zeros(10)}, target)
+    assert not os.path.exists(target + ".tmp") and not os.path.exists(target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flags
+
+
+BAD_FLAGS = [
+    (mine, ["--chunk-size", "0"]), (mine, ["--dedup-iou", "1.5"]), (mine, ["--workers", "-2"]),
+    (mine, ["--pred-iou-thresh", "nan"]), (mine, ["--max-regions", "-1"]), (mine, ["--sam-max-side", "0"]),
+    (ocr, ["--max-tokens", "0"]), (ocr, ["--min-score", "1"]), (ocr, ["--threads", "-1"]),
+    (ocr, ["--max-engine-pixels", "0"]), (ocr, ["--det-limit-side", "-3"]),
+    (cluster, ["--k", "0"]), (cluster, ["--image-topl", "0"]), (cluster, ["--max-points-per-centre", "0"]),
+    (train, ["--rho", "0"]), (train, ["--rho", "1.5"]), (train, ["--lr", "-1"]), (train, ["--epochs", "0"]),
+    (train, ["--beta2", "1"]), (train, ["--workers", "-1"]), (train, ["--save-every", "0"]),
+    (train, ["--log-every", "0"]), (train, ["--scale", "inf"]), (train, ["--min-lr-ratio", "2"]),
+    (ev, ["--tsne-max", "-1"]), (ev, ["--knn-k", "0"]), (ev, ["--test-fraction", "1"]), (ev, ["--batch-size", "0"]),
+    (ev, ["--knn-temperature", "0"]), (ev, ["--image-size", "-8"]),
+]
+
+
+@pytest.mark.parametrize("module,flags", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_numeric_flags_out_of_range_are_one_line(module, flags, tmp_path):
+    base = {ev: ["--image-folder", str(tmp_path), "--encoder", "random:x"]}.get(module, [])
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--work", str(tmp_path), *base, *flags] if module is not ev else [*base, *flags])
+    assert isinstance(e.value.code, str) and e.value.code.startswith(f"error: {flags[0]} "), e.value.code
+
+
+def test_flags_by_subprocess_exit_non_zero_without_a_traceback(tmp_path):
+    for script, flags in (("01_mine_regions.py", ["--work", str(tmp_path), "--chunk-size", "-1"]),
+                          ("04_train.py", ["--work", str(tmp_path), "--rho", "-1"]),
+                          ("00_make_demo_data.py", ["--out", str(tmp_path / "d"), "--num-images", "0"])):
+        res = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("error: --"), res.stderr
