@@ -660,7 +660,10 @@ def load_encoder(path: str, projection: bool | None = None, **overrides) -> Visi
     else:
         raise FileNotFoundError(f"no encoder at {path}")
     enc = VisionEncoder(cfg)
-    missing, unexpected = enc.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    try:
+        missing, unexpected = enc.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    except (RuntimeError, AttributeError) as e:     # tensors of other shapes, or values that are no tensors
+        raise ValueError(f"{path}: the weights do not fit its config ({str(e).splitlines()[0][:200]})") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the architecture: missing {missing[:8]}, unexpected {unexpected[:8]}")

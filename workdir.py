@@ -518,6 +518,8 @@ def stage_main(main):
         held = set(_LOCKS)
         try:
             return main(argv)
+        except KeyboardInterrupt:
+            raise SystemExit("interrupted: finished work is kept; rerun the same command to continue") from None
         except OSError as e:
             if e.errno not in DISK_ERRNOS:
                 raise
@@ -589,7 +591,11 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
     fd = os.open(rows_path, os.O_WRONLY)
     layout = _npy_layout(rows_path)
     for c in range(rank, num_chunks, world):
-        _pwrite_rows(fd, layout, c, np.array([[npz_shape(files[c], n)[0][0] for n in shape_names]], np.int64))
+        try:
+            counts = [npz_shape(files[c], n)[0][0] for n in shape_names]
+        except Exception as e:               # a chunk damaged on disk since it was written (atomically)
+            damaged_chunk(files[c], e)
+        _pwrite_rows(fd, layout, c, np.array([counts], np.int64))
     os.close(fd)
     barrier()
     chunk_rows = np.load(rows_path)                                      # (num_chunks, names): small
@@ -621,14 +627,18 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
     fds = {t: os.open(p, os.O_WRONLY) for t, p in tmp.items()}
     try:
         for c in range(rank, num_chunks, world):
-            with np.load(files[c]) as z:
-                for n in arrays:
-                    guard_disk(tmp["array", n], lambda: _pwrite_rows(fds["array", n], layouts["array", n],
-                                                                     int(base[c, col[n]]), z[n]))
-                for cn in counted:         # offsets: where each owning row's rows start in the owned array
-                    ends = int(base[c, col[owner[cn]]]) + np.cumsum(z[cn].astype(np.int64))
-                    guard_disk(tmp["offsets", cn], lambda: _pwrite_rows(fds["offsets", cn], layouts["offsets", cn],
-                                                                        int(base[c, col[cn]]) + 1, ends))
+            try:
+                with np.load(files[c]) as npz:
+                    z = {k: npz[k] for k in list(arrays) + counted}     # one chunk's rows
+            except Exception as e:
+                damaged_chunk(files[c], e)
+            for n in arrays:
+                guard_disk(tmp["array", n], lambda: _pwrite_rows(fds["array", n], layouts["array", n],
+                                                                 int(base[c, col[n]]), z[n]))
+            for cn in counted:             # offsets: where each owning row's rows start in the owned array
+                ends = int(base[c, col[owner[cn]]]) + np.cumsum(z[cn].astype(np.int64))
+                guard_disk(tmp["offsets", cn], lambda: _pwrite_rows(fds["offsets", cn], layouts["offsets", cn],
+                                                                    int(base[c, col[cn]]) + 1, ends))
     finally:
         for f in fds.values():
             os.close(f)
@@ -663,6 +673,15 @@ def _pwrite_rows(fd: int, layout: tuple[int, int], row: int, array) -> None:
         while len(part):
             n = os.pwrite(fd, part, at)
             part, at = part[n:], at + n
+
+
+def damaged_chunk(path: str, e: BaseException):
+    """A chunk file that no longer reads (damaged on disk after its atomic write): remove it, so that the rerun
+    redoes that chunk, and stop with one line."""
+    if os.path.exists(path):
+        os.remove(path)
+    raise SystemExit(f"error: the chunk file {path} is damaged ({type(e).__name__}: {str(e)[:100]}); it is removed: "
+                     "rerun the same command, which redoes that chunk") from None
 
 
 def npz_shape(path: str, name: str) -> tuple[tuple, np.dtype]:

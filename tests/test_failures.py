@@ -307,3 +307,51 @@ def test_flags_by_subprocess_exit_non_zero_without_a_traceback(tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.strip().splitlines()[-1].startswith("error: --"), res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# broken hand-offs
+
+
+def test_damaged_chunks_arrays_and_manifests_name_the_file(tmp_path, capsys):
+    def process(s, e):
+        return {"x": np.arange(s, e, dtype=np.float32), "n": np.ones(e - s, np.int64)}
+    folder = str(tmp_path / "stage")
+    chunks, _ = workdir.run_chunks(folder, 10, 3, process, "t", {})
+    bad = workdir.chunk_path(folder, 1)
+    open(bad, "wb").write(b"PK\x03\x04 not a zip any more")
+    with pytest.raises(SystemExit, match=r"chunk file .*00000001\.npz is damaged .* it is removed: rerun"):
+        workdir.merge_chunks(folder, chunks, ["x", "n"], {})
+    assert not os.path.exists(bad)
+    workdir.run_chunks(folder, 10, 3, process, "t", {})                  # redoes chunk 1 only
+    workdir.merge_chunks(folder, chunks, ["x", "n"], {})
+    assert np.array_equal(np.load(os.path.join(folder, "x.npy")), np.arange(10, dtype=np.float32))
+    # a cut-off array and a manifest that is not JSON
+    regions = tmp_path / "w" / "regions"
+    regions.mkdir(parents=True)
+    workdir.write_npy(str(regions / "boxes.npy"), np.zeros((50, 4), np.float32))
+    data = open(regions / "boxes.npy", "rb").read()
+    open(regions / "boxes.npy", "wb").write(data[:300])
+    with pytest.raises(SystemExit, match=r"boxes\.npy is damaged .*: rerun 01_mine_regions\.py with --force"):
+        workdir.load(str(regions), "boxes")
+    (regions / "manifest.json").write_bytes(b'{"stage": "regions", "compl')
+    assert workdir.read_manifest(str(regions)) is None
+    assert "manifest.json is damaged" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="run 01_mine_regions.py"):
+        cluster.main(["--work", str(tmp_path / "w"), "--k", "2", "--image-topl", "1"])
+    # weights of other shapes than their config says
+    ckpt = model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny")))
+    ckpt["encoder"]["conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="the weights do not fit its config"):
+        model_py.load_encoder(str(tmp_path / "odd.pt"))
+    with pytest.raises(SystemExit, match="^error: cannot load an encoder from"):
+        export.main(["--checkpoint", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "out")])
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    png(str(root / "a.png"))
+    monkeypatch.setattr(mine, "feature_model", lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit, match="^interrupted: finished work is kept; rerun the same command"):
+        mine.main(["--images", str(root), "--work", str(tmp_path / "w"), *boxes_for(str(root))])
