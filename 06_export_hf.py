@@ -5,18 +5,19 @@ RICE / MLCD-bigG and MLCD-L/14-336 / B/32 folders.
     python 06_export_hf.py --checkpoint runs/demo/train/ckpt/latest.pt --out runs/demo/export
     python 06_export_hf.py --checkpoint runs/big/train336/ckpt/latest.pt --out exports/rice-l14-336 --image-size 336
 
-The folder then stands alone: with transformers >= 4.51.3 and nothing of this kit,
-    from transformers import CLIPImageProcessor, MLCDVisionModel      # CLIPVisionModel for arch "clip"
-    model = MLCDVisionModel.from_pretrained("runs/demo/export")
-    processor = CLIPImageProcessor.from_pretrained("runs/demo/export")
-which is how LLaVA-NeXT's MLCD and CLIP vision towers load a tower and its processor from one `vision_tower`
-path.
+The folder then stands alone: with transformers >= 4.52.1 (the first release with MLCDVisionModel; 4.51.3 has
+none) and nothing of this kit,
+    from transformers import AutoImageProcessor, AutoModel           # or MLCDVisionModel / CLIPVisionModel
+    model = AutoModel.from_pretrained("runs/demo/export")
+    processor = AutoImageProcessor.from_pretrained("runs/demo/export")
+or pipeline("image-feature-extraction", model="runs/demo/export"). LLaVA-NeXT: README, Architectures and
+released weights.
 
 Reads a kit checkpoint (.pt with `encoder` and `encoder_config`: 04's training checkpoints, or files written with
 model.encoder_checkpoint) or a Hugging Face folder that model.load_encoder reads. Writes --out:
     model.safetensors         the weights under the released checkpoints' key names (`vision_model.` prefix)
-    config.json               MLCDVisionConfig (model_type mlcd_vision_model) or CLIPVisionConfig (model_type
-                              clip_vision_model); image_size = --image-size
+    config.json               MLCDVisionConfig (model_type mlcd, as the released folders) or CLIPVisionConfig
+                              (model_type clip_vision_model); image_size = --image-size
     preprocessor_config.json  CLIPImageProcessor: resize the short side to S (bicubic), centre-crop S x S,
                               rescale 1/255, normalise with CLIP's mean and std, convert to RGB: the settings
                               of workdir.resize_crop(crop="center") + workdir.normalize, the kit's own input
@@ -31,8 +32,9 @@ projection in the clip presets; the released MLCD / RICE folders have none), sai
 checkpoint has one. The RICE region path has no weights of its own (it reuses the last blocks), so nothing of
 it is lost; the HF model simply runs the global path.
 
-Verification, in the same run: the folder is loaded back with MLCDVisionModel / CLIPVisionModel.from_pretrained and
-CLIPImageProcessor.from_pretrained; a random input goes through the kit encoder and the loaded model, and the
+Verification, in the same run: the folder is loaded back with MLCDVisionModel / CLIPVisionModel.from_pretrained,
+with AutoModel.from_pretrained (which must pick the same class), and with CLIPImageProcessor and
+AutoImageProcessor.from_pretrained; a random input goes through the kit encoder and both loaded models, and the
 max abs difference of last_hidden_state and pooler_output must be <= 1e-4 (fp32, CPU; a larger one is an error).
 The processor's pixel_values on a non-square test image are compared with resize_crop + normalize and the
 difference is reported: PIL's bicubic (the kit) and torchvision's antialiased bicubic (transformers' fast
@@ -89,7 +91,7 @@ def is_previous_export(folder: str) -> bool:
         return False
     try:
         with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f).get("model_type") in ("mlcd_vision_model", "clip_vision_model")
+            return json.load(f).get("model_type") in ("mlcd", "mlcd_vision_model", "clip_vision_model")
     except (OSError, ValueError):
         return False
 
@@ -116,19 +118,29 @@ def verify(encoder, out: str, size: int) -> dict:
     import transformers
     from transformers import CLIPImageProcessor
     hf = getattr(transformers, HF_CLASS[encoder.cfg.arch]).from_pretrained(out).eval()
+    auto = transformers.AutoModel.from_pretrained(out).eval()
+    if type(auto) is not type(hf):
+        raise SystemExit(f"error: AutoModel loads {out} as {type(auto).__name__}, not {type(hf).__name__}")
     processor = CLIPImageProcessor.from_pretrained(out)
+    auto_processor = transformers.AutoImageProcessor.from_pretrained(out)
     g = torch.Generator().manual_seed(SEED)
     x = torch.randn(2, 3, size, size, generator=g)
+    diff_hidden = diff_pooled = 0.0
     with torch.no_grad():
         ours = encoder.eval()(x)
-        theirs = hf(pixel_values=x)
         # HF's pooler_output is ln_post(CLS); the kit's class_embedding adds the loss head when there is one
         pooled = encoder.ln_post(ours.last_hidden_state[:, 0])
-    diff_hidden = (ours.last_hidden_state - theirs.last_hidden_state).abs().max().item()
-    diff_pooled = (pooled - theirs.pooler_output).abs().max().item()
+        for loaded in (hf, auto):
+            theirs = loaded(pixel_values=x)
+            diff_hidden = max(diff_hidden, (ours.last_hidden_state - theirs.last_hidden_state).abs().max().item())
+            diff_pooled = max(diff_pooled, (pooled - theirs.pooler_output).abs().max().item())
 
     img = test_image()
     pv = processor(img, return_tensors="pt")["pixel_values"]
+    auto_pv = auto_processor(img, return_tensors="pt")["pixel_values"]
+    if tuple(auto_pv.shape) != tuple(pv.shape):
+        raise SystemExit(f"error: AutoImageProcessor ({type(auto_processor).__name__}) from {out} gives "
+                         f"pixel_values {tuple(auto_pv.shape)}, CLIPImageProcessor {tuple(pv.shape)}")
     pixels, _, _ = workdir.resize_crop(img, size, crop="center")
     ref = workdir.normalize(torch.from_numpy(pixels.copy())[None])
     if tuple(pv.shape) != tuple(ref.shape):
@@ -137,9 +149,11 @@ def verify(encoder, out: str, size: int) -> dict:
     d = (pv - ref).abs()
     levels = (d * torch.tensor(workdir.IMAGE_STD).view(1, 3, 1, 1) * 255).round()   # in uint8 steps
     return {"max_abs_diff_last_hidden_state": diff_hidden, "max_abs_diff_pooler_output": diff_pooled,
-            "tolerance": TOLERANCE, "hf_class": type(hf).__name__, "processor_class": type(processor).__name__,
+            "tolerance": TOLERANCE, "hf_class": type(hf).__name__, "auto_class": type(auto).__name__,
+            "processor_class": type(processor).__name__, "auto_processor_class": type(auto_processor).__name__,
             "preprocess_test_image": list(img.size),
             "preprocess_max_abs_diff": d.max().item(), "preprocess_mean_abs_diff": d.mean().item(),
+            "auto_preprocess_max_abs_diff": (auto_pv - ref).abs().max().item(),
             "preprocess_max_uint8_levels": int(levels.max().item()),
             "preprocess_share_of_values_differing": float((levels > 0).float().mean().item())}
 

@@ -596,7 +596,9 @@ def kit_config_to_hf(cfg: ViTConfig) -> dict:
         # projection_dim is read only by the ...WithProjection classes; the export carries no projection
         return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **common,
                 "projection_dim": cfg.embed_dim or cfg.width}
-    return {"architectures": ["MLCDVisionModel"], "model_type": "mlcd_vision_model", **common,
+    # "mlcd", as the released folders say: transformers' Auto classes and pipeline() know it (4.52.1 on; its
+    # MLCDVisionConfig.model_type, "mlcd_vision_model", is not registered in every release); both are read back
+    return {"architectures": ["MLCDVisionModel"], "model_type": "mlcd", **common,
             "num_key_value_groups": 1, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "axial"}}
 
 

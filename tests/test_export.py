@@ -43,7 +43,7 @@ def photo(w=150, h=97, seed=0):
 
 
 def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path, capsys):
-    from transformers import CLIPImageProcessor, MLCDVisionModel
+    from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor, MLCDVisionModel, pipeline
     path, enc = checkpoint
     out = tmp_path / "export"
     res = ex.main(["--checkpoint", str(path), "--out", str(out)])
@@ -52,11 +52,18 @@ def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path, capsys):
     assert "head (linear 64 -> 16)" in printed and res["head_dropped"]   # embed_dim 16: said, not exported
     assert res["max_abs_diff_last_hidden_state"] <= 1e-4 and res["max_abs_diff_pooler_output"] <= 1e-4
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "mlcd_vision_model" and cfg["image_size"] == 64 and cfg["patch_size"] == 8
+    assert cfg["model_type"] == "mlcd" and cfg["image_size"] == 64 and cfg["patch_size"] == 8
 
-    # the folder alone, as LLaVA-NeXT's MLCD tower loads it
+    # the folder alone, as LLaVA-NeXT's MLCD tower loads it, and through the Auto classes and pipeline()
     hf = MLCDVisionModel.from_pretrained(str(out)).eval()
     processor = CLIPImageProcessor.from_pretrained(str(out))
+    assert type(AutoModel.from_pretrained(str(out))) is MLCDVisionModel and res["auto_class"] == "MLCDVisionModel"
+    assert isinstance(AutoImageProcessor.from_pretrained(str(out)), type(processor))
+    img = photo()
+    feats = pipeline("image-feature-extraction", model=str(out))(img, return_tensors=True)
+    with torch.no_grad():
+        direct = hf(**processor(img, return_tensors="pt")).last_hidden_state
+    assert feats.shape == direct.shape and (feats - direct).abs().max() <= 1e-5
     assert processor.crop_size == {"height": 64, "width": 64} and processor.size == {"shortest_edge": 64}
     for h, w in [(64, 64), (48, 80)]:                 # non-square too: 2-D RoPE, no position embedding
         x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
@@ -128,7 +135,7 @@ def test_clip_export_is_a_clip_vision_model(tmp_path):
                   image_size=32)
     CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=8)).save_pretrained(tmp_path / "clip")
     res = ex.main(["--checkpoint", str(tmp_path / "clip"), "--out", str(tmp_path / "from_clip_model")])
-    assert res["hf_class"] == "CLIPVisionModel" and res["max_abs_diff_last_hidden_state"] <= 1e-4
+    assert res["hf_class"] == res["auto_class"] == "CLIPVisionModel" and res["max_abs_diff_last_hidden_state"] <= 1e-4
 
 
 def test_refuses_unrelated_folder_and_bad_checkpoint(checkpoint, tmp_path):
