@@ -93,7 +93,7 @@ import workdir  # noqa: E402
 # defaults -------------------------------------------------------------------------------------------------
 WORK = "runs/demo"
 K = 1_000_000                # MLCD Sec. 4.1 and RICE: 1M classes
-IMAGE_TOPL = 8               # MLCD Sec. 4.1: l = 8 positives per image
+IMAGE_TOPL = workdir.IMAGE_TOPL   # MLCD Sec. 4.1: l = 8 positives per image
 ITERS = 20
 SEED = 0
 MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 256 x K points
@@ -703,7 +703,7 @@ def read_regions(work, image_statuses):
     if any(s not in names for s in wanted):
         raise SystemExit(f"error: --image-statuses {image_statuses}: the regions statuses are {names}")
     labelled = np.isin(np.asarray(status), [names.index(s) for s in wanted])
-    fingerprint = json.loads(json.dumps({k: m.get(k) for k in ("finished", "rows", "image_table", "features")}))
+    fingerprint = workdir.regions_fingerprint(m)
     return dict(folder=folder, regions=rf, images=imf, status=status, labelled=labelled, R=r, n=n,
                 C=int(imf.shape[1]), fingerprint=fingerprint)
 

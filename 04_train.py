@@ -120,6 +120,7 @@ import losses
 import workdir
 from losses import CentreBank
 from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset, read_checkpoint
+from model import peak_tflops as model_peak_tflops
 
 # ----------------------------------------------------------------------------------------------------------
 # defaults (the papers' values where they state one; see README "Choices and deviations")
@@ -133,11 +134,9 @@ BETAS = (0.9, 0.98)           # not stated; CLIP's ViT values
 EPS = 1e-6
 WARMUP = 2000                 # MLCD Tab. 10
 NUM_REGIONS = 10              # RICE Tab. 5a
-IMAGE_TOPL = 8                # MLCD l
+IMAGE_TOPL = workdir.IMAGE_TOPL  # MLCD Sec. 4.1: l = 8
 OCR_VOCAB = 49408             # CLIP BPE, 02_extract_ocr.py
 RHO, SCALE, MARGIN = 0.1, 64.0, 0.3
-PEAK_TFLOPS = {"H100": {"bf16": 989.4, "fp32": 494.7}, "H200": {"bf16": 989.4, "fp32": 494.7},
-               "A100": {"bf16": 312.0, "fp32": 156.0}}      # dense tensor-core peaks (fp32 = TF32)
 NO_DECAY = ("class_embedding", "class_pos_emb", "position_embedding")   # as MAE / timm: tokens and positions
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them
@@ -293,7 +292,7 @@ def load_stage_outputs(args, rows_path) -> dict:
     cl_folder, cl_m = complete_manifest(work, "clusters", "03_cluster.py", args.clusters)
     if reg_m.get("image_table") != img_m.get("fingerprint"):
         fail(f"{reg_folder} was made from another image table than {img_folder}: rerun 01_mine_regions.py --force")
-    regions_fp = json.loads(json.dumps({k: reg_m.get(k) for k in ("finished", "rows", "image_table", "features")}))
+    regions_fp = workdir.regions_fingerprint(reg_m)
     if cl_m.get("inputs", {}).get("regions") != regions_fp:
         fail(f"{cl_folder} was clustered from other region features than {reg_folder} now holds "
              f"(01 was rerun after 03): rerun 03_cluster.py --force")
@@ -573,11 +572,9 @@ def lr_at(step, args, total):
 def peak_tflops(args, device, dtype):
     if args.peak_tflops:
         return args.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in PEAK_TFLOPS.items():
-            if key in name:
-                return peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
+    if device.type == "cuda":                  # fp32 trains with TF32 on (start_processes)
+        found = model_peak_tflops(torch.cuda.get_device_name(device), dtype, tf32=True)
+        return found[0] if found else None
     return None
 
 
@@ -662,10 +659,8 @@ def start_processes(args) -> SimpleNamespace:
     group beside NCCL (losses.all_gather_host), so the step needs no device-to-host copy."""
     rank, world = workdir.dist_info()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        fail("--device cuda but torch sees no GPU")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = workdir.stage_device(args.device)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

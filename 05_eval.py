@@ -23,10 +23,12 @@ one), patch tokens = patch_tokens (the last hidden state, row-major over the gri
 RICE region path's region_embeddings for the box (only when region_blocks > 0). open_clip: image feature =
 the image tower's pooled, projected output; patch tokens = its ln_post'ed patch tokens (output_tokens).
 
-Input: workdir.resize_crop(crop="center") (short side to --image-size, centre square; the boxes move with the
-pixels), then CLIP's mean and std (workdir.normalize; open_clip models use their own configured mean and
-std, the same numbers for OpenAI weights). --image-size defaults to the kit encoder's image_size; open_clip
-models always run at their configured size (their position embeddings are fixed). Unreadable images get a
+Input: each encoder's own preprocessing (Preprocess; the report says which, per encoder): kit checkpoints the
+kit's (short side to --image-size, bicubic, centre square, CLIP's mean and std: workdir.resize_crop +
+normalize, as 04 trains); HF folders what their preprocessor_config.json says (mean, std, resampling, centre
+crop or not); open_clip models their own transform (resize mode, interpolation, mean and std of their config).
+The boxes and the masks take the same geometry. --image-size defaults to the kit encoder's image_size;
+open_clip models always run at their configured size (their position embeddings are fixed). Unreadable images get a
 status (as in the image table) and are left out of every probe; they never stop a run.
 
 Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images), or --images as tar shards
@@ -71,6 +73,8 @@ probe-test. The dense probe trains on a seeded subsample of --dense-max-patches 
 and keeps the searched model (no refit): full-batch fits over every patch are what costs on a CPU. k-NN:
 cosine similarity, the --knn-k (10) nearest probe-train samples vote with weight exp(cos / --knn-temperature)
 (DINO's weighted k-NN). Each probe also reports the majority-class (OCR: most frequent tokens) baseline.
+The probes themselves are probes.py: functions of arrays and a ProbeSettings, no file I/O; this script reads
+the data, builds the encoders, extracts the features, draws the t-SNE and writes the report.
 
 Writes --out (default runs/demo/eval):
     report.json          per encoder and probe: metrics, counts, settings, C search, timings; data counts
@@ -102,6 +106,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import probes  # noqa: E402
 import workdir  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
@@ -111,16 +116,8 @@ VAL_FRACTION = 0.2           # share of probe-train held out for the regularisat
 SEED = 0
 BATCH_SIZE = 32
 CHUNK_SIZE = 256             # images per resumable chunk of feature extraction
-KNN_K = 10
-KNN_TEMPERATURE = 0.07       # DINO's weighted k-NN
-C_GRID = [10.0 ** e for e in range(-2, 7)]     # CLIP searched 1e-6..1e6; below 1e-2 nothing is learnt on unit features
-C_REFINE = 2                 # halving rounds around the best C (half, then quarter decade)
-PROBE_ITERS = 1000           # L-BFGS iterations per fit at most (CLIP's max_iter)
-TOL_GRAD = 1e-4              # L-BFGS stops at this max-abs gradient of the mean loss (sklearn's tol)
 MIN_VISIBLE = 0.5            # boxes with less of their area inside the centre crop are left out
-MAX_TOKENS = 10              # as 02_extract_ocr.py: unique CLIP BPE ids per word, at most M = 10
-RECALL_AT = 5
-DENSE_MAX_PATCHES = 5_000    # training patches of the dense probe (a seeded subsample; raise it on a GPU)
+MAX_TOKENS = workdir.OCR_MAX_TOKENS   # as 02 labels a line: unique CLIP BPE ids per word, at most M = 10
 TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
@@ -149,13 +146,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=SEED, help="the split, random: encoders, subsamples, t-SNE")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--knn-k", type=int, default=KNN_K)
-    p.add_argument("--knn-temperature", type=float, default=KNN_TEMPERATURE)
-    p.add_argument("--c-refine", type=int, default=C_REFINE, help="halving rounds of the C search")
-    p.add_argument("--probe-iters", type=int, default=PROBE_ITERS, help="L-BFGS iterations per fit")
+    p.add_argument("--knn-k", type=int, default=probes.KNN_K)
+    p.add_argument("--knn-temperature", type=float, default=probes.KNN_TEMPERATURE)
+    p.add_argument("--c-refine", type=int, default=probes.C_REFINE, help="halving rounds of the C search")
+    p.add_argument("--probe-iters", type=int, default=probes.PROBE_ITERS, help="L-BFGS iterations per fit")
     p.add_argument("--min-visible", type=float, default=MIN_VISIBLE)
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    p.add_argument("--dense-max-patches", type=int, default=DENSE_MAX_PATCHES)
+    p.add_argument("--dense-max-patches", type=int, default=probes.DENSE_MAX_PATCHES)
     p.add_argument("--tsne-max", type=int, default=TSNE_MAX, help="t-SNE points (0: no t-SNE figure)")
     p.add_argument("--tsne-max-colours", type=int, default=TSNE_MAX_COLOURS)
     p.add_argument("--tsne-color-by", default="auto", help="auto, class, or one category field such as shape")
@@ -237,8 +234,8 @@ def attach_shards(data: Data, images: str, out: str, max_pixels: int | None = No
             by_name.setdefault(k, r)
     data.rows = np.array([by_name.get(f, by_name.get(os.path.splitext(f)[0], -1)) for f in data.files], np.int64)
     data.table = table
-    data.fingerprint = hashlib.sha1(f"{data.fingerprint}\0{workdir.read_manifest(os.path.join(out, 'images'))['fingerprint']}"
-                                    .encode()).hexdigest()
+    table_fp = workdir.read_manifest(os.path.join(out, "images"))["fingerprint"]
+    data.fingerprint = hashlib.sha1(f"{data.fingerprint}\0{table_fp}".encode()).hexdigest()
     missing = int((data.rows < 0).sum())
     if missing:
         workdir.say(f"warning: {missing} of the --coco images are not in {images}: status missing")
@@ -333,17 +330,11 @@ def split_images(n: int, test_fraction: float, val_fraction: float, seed: int) -
     return split
 
 
-def crop_geometry(w: int, h: int, size: int):
-    """(resized width, height, left, top) of workdir.resize_crop(crop="center"): the same arithmetic."""
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    return nw, nh, (nw - size) // 2, (nh - size) // 2
-
-
 def visible_share(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Share of each box's area inside the centre square crop, on the original image (no resampling): the
     same for every encoder and input size, so all encoders see the same boxes."""
     s = min(w, h)
-    _, _, left, top = crop_geometry(w, h, s)
+    _, _, left, top = workdir.short_side_geometry(w, h, s)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     c = np.clip(b - [left, top, left, top], 0, s)
@@ -351,14 +342,21 @@ def visible_share(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.where(area > 0, kept / np.maximum(area, 1e-12), 0.0)
 
 
-def patch_labels(inst: np.ndarray, sem_of_inst: np.ndarray, size: int, patch: int) -> np.ndarray:
-    """Instance-id mask (h, w) -> the semantic class of each patch of the centre crop (row-major), by majority of
-    its pixels after the same resize and crop as the image (nearest neighbour for labels). sem_of_inst maps an
-    instance id to its category id (0 background, -1 unknown); a tie goes to the smaller class id."""
+def patch_labels(inst: np.ndarray, sem_of_inst: np.ndarray, pre, patch: int) -> np.ndarray:
+    """Instance-id mask (h, w) -> the semantic class of each patch of the encoder's input square (row-major), by
+    majority of its pixels after the encoder's own resize and crop (pre: Preprocess, or an int size for the kit's
+    centre crop; nearest neighbour for labels, padding as background). sem_of_inst maps an instance id to its
+    category id (0 background, -1 unknown); a tie goes to the smaller class id."""
     from PIL import Image
+    pre = Preprocess(pre) if isinstance(pre, int) else pre
+    size = pre.size
     h, w = inst.shape
-    nw, nh, left, top = crop_geometry(w, h, size)
-    m = np.asarray(Image.fromarray(inst).resize((nw, nh), Image.NEAREST))[top: top + size, left: left + size]
+    _, _, left, top, nw, nh = pre.geometry(w, h)
+    resized = np.asarray(Image.fromarray(inst).resize((nw, nh), Image.NEAREST))
+    m = np.zeros((size, size), resized.dtype)
+    x0, y0, px, py = int(max(left, 0)), int(max(top, 0)), int(max(-left, 0)), int(max(-top, 0))
+    part = resized[y0: y0 + size, x0: x0 + size]
+    m[py: py + part.shape[0], px: px + part.shape[1]] = part
     sem = sem_of_inst[m]
     g = size // patch
     blocks = sem[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
@@ -370,6 +368,89 @@ def patch_labels(inst: np.ndarray, sem_of_inst: np.ndarray, size: int, patch: in
 
 # ----------------------------------------------------------------------------------------------------------
 # encoders
+
+
+@dataclass
+class Preprocess:
+    """An encoder's own input: its resize rule, resampling, crop and normalisation, as its config says (the kit's
+    for kit checkpoints; the folder's preprocessor_config.json for HF folders; open_clip's own transform for
+    open_clip models), with the same geometry applied to the boxes and the masks.
+
+    mode "shortest": the short side to `size` (the long side floored), then the centre square, its offset
+    floored (CLIPImageProcessor, the kit's workdir.resize_crop) or rounded (torchvision's CenterCrop, open_clip);
+    "squash": both sides to `size`; "longest": the long side to `size` (rounded sides), padded to the square
+    (open_clip's ResizeKeepRatio + CenterCropOrPad)."""
+    size: int
+    mode: str = "shortest"
+    resample: int = 3                      # PIL's code: 3 bicubic, 2 bilinear
+    round_offset: bool = False
+    mean: tuple = workdir.IMAGE_MEAN
+    std: tuple = workdir.IMAGE_STD
+    source: str = "kit"
+    transform: object = None               # open_clip: its own transform (PIL image -> normalised tensor)
+
+    def geometry(self, w: int, h: int) -> tuple[float, float, float, float, int, int]:
+        """(scale x, scale y, left, top, resized width, height): output pixel = input pixel * scale - offset."""
+        S = self.size
+        if self.mode == "squash":
+            return S / w, S / h, 0.0, 0.0, S, S
+        if self.mode == "longest":
+            r = max(w / S, h / S)
+            nw, nh = round(w / r), round(h / r)
+        else:
+            nw, nh, _, _ = workdir.short_side_geometry(w, h, S)
+        off = (lambda d: int(round(d / 2.0))) if self.round_offset else (lambda d: d // 2)
+        left = off(nw - S) if nw >= S else -((S - nw) // 2)
+        top = off(nh - S) if nh >= S else -((S - nh) // 2)
+        return nw / w, nh / h, float(left), float(top), nw, nh
+
+    def pixels(self, img):
+        """The normalised (3, S, S) float tensor of a PIL RGB image."""
+        import torch
+        if self.transform is not None:
+            return self.transform(img)
+        sx, sy, left, top, nw, nh = self.geometry(*img.size)
+        if (nw, nh) != img.size:
+            img = img.resize((nw, nh), self.resample)
+        S = self.size
+        a = np.zeros((S, S, 3), np.uint8)                  # (only "longest" pads: with black)
+        x0, y0 = int(max(left, 0)), int(max(top, 0))
+        px, py = int(max(-left, 0)), int(max(-top, 0))
+        crop = np.asarray(img.crop((x0, y0, x0 + min(S, nw), y0 + min(S, nh))), np.uint8)
+        a[py: py + crop.shape[0], px: px + crop.shape[1]] = crop
+        x = torch.from_numpy(a).permute(2, 0, 1).float()      # as workdir.normalize computes it, in 0..255
+        return (x - torch.tensor(self.mean).view(3, 1, 1) * 255) / (torch.tensor(self.std).view(3, 1, 1) * 255)
+
+    def boxes(self, boxes, w: int, h: int) -> np.ndarray:
+        """Boxes (x0 y0 x1 y1, input pixels) -> output pixels, clipped to the square."""
+        sx, sy, left, top, _, _ = self.geometry(w, h)
+        b = np.asarray(boxes, np.float64).reshape(-1, 4) * [sx, sy, sx, sy] - [left, top, left, top]
+        return np.clip(b, 0, self.size).astype(np.float32)
+
+    def info(self) -> dict:
+        return {"source": self.source, "size": self.size, "resize": self.mode, "resample": self.resample,
+                "crop_offset": "rounded" if self.round_offset else "floored", "mean": list(self.mean),
+                "std": list(self.std)}
+
+
+def hf_preprocess(folder: str, size: int) -> Preprocess | None:
+    """The Preprocess of an HF folder's preprocessor_config.json (a CLIPImageProcessor's mean, std, resample and
+    do_center_crop) at the encoder's input size (--image-size, else its config's image_size, which the
+    released folders' crop_size equals); None without the file."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            pp = json.loads(f.read())
+        mean, std = tuple(pp.get("image_mean", workdir.IMAGE_MEAN)), tuple(pp.get("image_std", workdir.IMAGE_STD))
+        resample = int(pp.get("resample", 3))
+        mode = "shortest" if pp.get("do_center_crop", True) else "squash"
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {path} is not a readable image-processor config ({e})") from None
+    if len(mean) != 3 or len(std) != 3:
+        raise SystemExit(f"error: {path}: image_mean and image_std need three values")
+    return Preprocess(size, mode, resample, False, mean, std, source="preprocessor_config.json")
 
 
 def parse_encoder(text: str) -> tuple[str, str]:
@@ -468,14 +549,17 @@ class KitEncoder:
         self.params = self.model.num_params()
         self.model.to(device).eval()
         self.device, self.torch = device, torch
+        body = spec[len("random:"):] if spec.startswith("random:") else spec
+        self.preprocess = (hf_preprocess(body, self.size) if os.path.isdir(body) else None) or Preprocess(self.size)
 
     def __call__(self, pixels, boxes, valid):
-        """uint8 (B, S, S, 3) -> image (B, Di), patch tokens (B, P, Dt), regions (B, N, Dr) or None."""
-        out = self.model(workdir.normalize(pixels.to(self.device)), boxes, valid)
+        """normalised (B, 3, S, S) -> image (B, Di), patch tokens (B, P, Dt), regions (B, N, Dr) or None."""
+        out = self.model(pixels.to(self.device), boxes, valid)
         return out.class_embedding, out.patch_tokens, out.region_embeddings
 
     def info(self):
         return {"kind": self.kind, "image_size": self.size, "patch_size": self.patch, "region_path": self.has_region,
+                "preprocess": self.preprocess.info(),
                 "image_dim": self.image_dim, "token_dim": self.token_dim, "params": self.params,
                 "config": {k: v for k, v in vars(self.model.cfg).items()}}
 
@@ -484,7 +568,6 @@ class OpenClipEncoder:
     """An open_clip model's image tower: pooled (projected) output and its patch tokens."""
 
     def __init__(self, spec: str, args, device):
-        import torch
         import open_clip
         rest = spec[len("openclip:"):]
         if rest.startswith("hf-hub:") and rest.count(":") == 1:
@@ -498,7 +581,7 @@ class OpenClipEncoder:
         if args.clip_config:
             open_clip.add_model_config(args.clip_config)
         try:
-            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+            model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
         except Exception as e:            # unknown model name or tag, bad weights file: the user must fix it
             raise SystemExit(f"error: --encoder {spec}: open_clip could not build it: {type(e).__name__}: {e}")
         visual = model.visual
@@ -514,9 +597,11 @@ class OpenClipEncoder:
             workdir.say(f"note: {spec} runs at its configured {self.size} px, not --image-size {args.image_size} "
                         "(fixed position embeddings)")
         pp = getattr(visual, "preprocess_cfg", {}) or {}
-        mean, std = pp.get("mean", workdir.IMAGE_MEAN), pp.get("std", workdir.IMAGE_STD)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        # its own transform for the pixels, its resize mode for the boxes and masks
+        self.preprocess = Preprocess(self.size, pp.get("resize_mode", "shortest"),
+                                     {"bilinear": 2, "bicubic": 3}.get(pp.get("interpolation", "bicubic"), 3), True,
+                                     tuple(pp.get("mean", workdir.IMAGE_MEAN)), tuple(pp.get("std", workdir.IMAGE_STD)),
+                                     source="open_clip transform", transform=transform)
         self.has_region = False
         self.image_dim = int(visual.output_dim)
         self.token_dim = int(visual.transformer.width)
@@ -524,8 +609,7 @@ class OpenClipEncoder:
         self.device, self.spec = device, spec
 
     def __call__(self, pixels, boxes, valid):
-        x = pixels.to(self.device).permute(0, 3, 1, 2).float()
-        pooled, tokens = self.model((x - self.mean) / self.std)
+        pooled, tokens = self.model(pixels.to(self.device))
         g = self.size // self.patch
         if tokens.shape[1] != g * g:
             raise SystemExit(f"error: --encoder {self.spec}: {tokens.shape[1]} output tokens, not a {g}x{g} grid "
@@ -535,7 +619,7 @@ class OpenClipEncoder:
     def info(self):
         return {"kind": self.kind, "image_size": self.size, "patch_size": self.patch, "region_path": False,
                 "image_dim": self.image_dim, "token_dim": self.token_dim, "params": self.params,
-                "mean": (self.mean.flatten() / 255).tolist(), "std": (self.std.flatten() / 255).tolist()}
+                "preprocess": self.preprocess.info()}
 
 
 def build_encoder(spec: str, args, device):
@@ -560,7 +644,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     folder = os.path.join(args.out, "features", name)
     key = {"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size, "seed": args.seed,
            "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "max_pixels": args.max_pixels,
-           "version": 2}
+           "version": 3}
     key = json.loads(json.dumps(key))
     done = workdir.read_manifest(folder)
     workdir.barrier()                       # every rank has read the manifest before rank 0 may remove it
@@ -604,7 +688,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
 def make_process(enc, data: Data, args, amp: bool):
     """The per-chunk work for workdir.run_chunks: decode, resize/crop, batch, encode, pool in boxes."""
     import torch
-    S, p = enc.size, enc.patch
+    S, p, pre = enc.size, enc.patch, enc.preprocess
     grid = S // p
     category_lut = data.category
 
@@ -636,10 +720,10 @@ def make_process(enc, data: Data, args, amp: bool):
                 continue
             try:
                 a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
-                pixels, boxes, _ = workdir.resize_crop(img, S, data.boxes[a:b], crop="center")
+                pixels, boxes = pre.pixels(img), pre.boxes(data.boxes[a:b], *img.size)
                 size[j] = img.size
                 if data.masks:
-                    dense_lab[j] = read_patch_labels(data, i, img.size, S, p, mask_status, j, category_lut)
+                    dense_lab[j] = read_patch_labels(data, i, img.size, pre, p, mask_status, j, category_lut)
                 ready.append((j, pixels, boxes))
             except Exception as e:                   # one odd image must not stop the run: record it
                 status[j] = EVAL_STATUS.index("error")
@@ -647,7 +731,7 @@ def make_process(enc, data: Data, args, amp: bool):
         for s in range(0, len(ready), args.batch_size):
             batch = ready[s: s + args.batch_size]
             B, N = len(batch), max(len(bx) for _, _, bx in batch)
-            pixels = torch.from_numpy(np.stack([px for _, px, _ in batch]))
+            pixels = torch.stack([px for _, px, _ in batch])
             boxes = torch.zeros(B, N, 4)
             valid = torch.zeros(B, N, dtype=torch.bool)
             for k, (_, _, bx) in enumerate(batch):
@@ -686,7 +770,7 @@ def make_process(enc, data: Data, args, amp: bool):
     return process
 
 
-def read_patch_labels(data: Data, i: int, image_size, S: int, p: int, mask_status, j: int, category_lut):
+def read_patch_labels(data: Data, i: int, image_size, pre: Preprocess, p: int, mask_status, j: int, category_lut):
     """The patch classes of item i from its mask PNG, or None (with a mask status) when it is unusable."""
     from PIL import Image
     path = os.path.join(data.masks, data.files[i])
@@ -709,199 +793,11 @@ def read_patch_labels(data: Data, i: int, image_size, S: int, p: int, mask_statu
     lut[0] = 0
     lut[1: 1 + min(b - a, 255)] = category_lut[a: a + min(b - a, 255)]
     mask_status[j] = MASK_STATUS.index("ok")
-    return patch_labels(inst, lut, S, p)
+    return patch_labels(inst, lut, pre, p)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# probes
-
-
-def unit(x):
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def knn_predict(train_x, train_y, test_x, k: int, temperature: float, device="cpu", block: int = 4096):
-    """Weighted k-NN on cosine similarity: the k most similar training rows vote with exp(cos / T).
-    Labels are ints 0..C-1; returns predicted labels. Rows must be L2-normalised."""
-    import torch
-    tr = torch.as_tensor(train_x, device=device)
-    ty = torch.as_tensor(train_y, device=device, dtype=torch.long)
-    C = int(ty.max()) + 1
-    k = min(k, len(tr))
-    out = []
-    for s in range(0, len(test_x), block):
-        sims = torch.as_tensor(test_x[s: s + block], device=device) @ tr.T
-        top, idx = sims.topk(k, dim=1)
-        votes = torch.zeros(len(sims), C, device=device, dtype=torch.float64)
-        votes.scatter_add_(1, ty[idx], torch.exp(top.double() / temperature))
-        out.append(votes.argmax(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-@dataclass
-class Linear:
-    W: object                    # (d, K) torch tensor
-    b: object                    # (K,)
-    iters: int                   # L-BFGS iterations used (the cap: stopped before the tolerance was met)
-
-
-def fit_linear(x, y, C: float, num_outputs: int, multilabel: bool = False, iters: int = PROBE_ITERS,
-               tol: float = TOL_GRAD, device="cpu") -> Linear:
-    """L2-regularised logistic regression with sklearn's objective 0.5 |W|^2 + C sum_i loss_i (bias not
-    penalised), divided by C n: mean loss + |W|^2 / (2 C n). Softmax cross-entropy over num_outputs classes
-    (y int, -1 = no class: left out) or, multilabel, the sum of per-output BCE (y multi-hot (n, num_outputs)).
-    Full-batch L-BFGS (strong-Wolfe line search) from zero, stopped as sklearn stops: max-abs gradient below
-    `tol` (sklearn's default 1e-4), or after `iters` iterations (CLIP: 1000)."""
-    import torch
-    import torch.nn.functional as F
-    x = torch.as_tensor(x, device=device, dtype=torch.float32)
-    y = torch.as_tensor(y, device=device)
-    if not multilabel:
-        keep = y >= 0
-        x, y = x[keep], y[keep].long()
-    n, d = x.shape
-    # centred features: the same optimum (the unpenalised bias absorbs the mean, folded back below), but the
-    # bias no longer couples to W along the mean direction, which L-BFGS otherwise crawls along on nearly
-    # collinear features (untrained encoders)
-    mu = x.mean(0) if n else torch.zeros(d, device=device)
-    x = x - mu
-    W = torch.zeros(d, num_outputs, device=device, requires_grad=True)
-    b = torch.zeros(num_outputs, device=device, requires_grad=True)
-    lam = 1.0 / (C * max(n, 1))
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=2 * iters, history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = x @ W + b
-        if multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum") / n
-        else:
-            loss = F.cross_entropy(logits, y)
-        loss = loss + 0.5 * lam * (W * W).sum()
-        loss.backward()
-        return loss
-
-    if n:
-        with torch.enable_grad():
-            opt.step(closure)
-    used = int(opt.state[W].get("n_iter", 0)) if n else 0
-    W, b = W.detach(), b.detach()
-    return Linear(W, b - mu @ W, used)
-
-
-def linear_scores(x, m: Linear, device="cpu"):
-    import torch
-    return (torch.as_tensor(x, device=device, dtype=torch.float32) @ m.W + m.b).cpu().numpy()
-
-
-def search_c(fit, score, grid=C_GRID, refine: int = C_REFINE) -> tuple[float, list, Linear]:
-    """CLIP's search: every decade of `grid`, then `refine` rounds that halve the step around the best.
-    fit(C) -> model, score(model) -> validation score (higher is better). Returns (best C, [(C, score)] in the
-    order tried, the best C's model); among equal scores the smallest C (the strongest regularisation) wins."""
-    tried, models = {}, {}
-    for C in grid:
-        models[C] = fit(C)
-        tried[C] = score(models[C])
-
-    def best():
-        top = max(tried.values())
-        return min(c for c, v in tried.items() if v == top)
-
-    step = 1.0
-    for _ in range(refine):
-        step /= 2
-        c0 = best()
-        for C in (c0 / 10 ** step, c0 * 10 ** step):
-            if C not in tried:
-                models[C] = fit(C)
-                tried[C] = score(models[C])
-    c = best()
-    return c, [(float(k), float(v)) for k, v in tried.items()], models[c]
-
-
-def encode_labels(*arrays):
-    """Labels (any hashable) -> ints 0..C-1 over the classes of arrays[0] (probe-train), -1 for a class it does
-    not have (a probe-test sample of such a class always counts as wrong)."""
-    classes = sorted(set(arrays[0].tolist()))
-    index = {c: i for i, c in enumerate(classes)}
-    return classes, [np.array([index.get(v, -1) for v in a.tolist()], np.int64) for a in arrays]
-
-
-def classification_probe(x, labels, split, args, device) -> dict:
-    """Linear probe (CLIP protocol) and weighted k-NN, top-1 accuracy. x: L2-normalised rows; labels: ints or
-    strings; split per row: 0 train, 1 validation (part of probe-train), 2 probe-test."""
-    t0 = time.time()
-    tr, va, te = (split == 0), (split == 1), (split == 2)
-    full = tr | va
-    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
-    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
-    counts["classes"] = len(classes)
-    counts["test_of_unseen_classes"] = int((y_te < 0).sum())
-    if counts["test"] == 0 or len(classes) < 2:
-        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 classes in probe-train",
-                "counts": counts}
-    res = {"counts": counts, "majority_top1": float((y_te == np.bincount(y_full).argmax()).mean())}
-    # linear: C searched train -> validation, refitted on train + validation, scored once on probe-test
-    if counts["val"] and len(set(y_tr.tolist())) >= 2:
-        C, search, _ = search_c(
-            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=args.probe_iters, device=device),
-            lambda m: float((linear_scores(x[va], m, device).argmax(1) == y_va).mean()), refine=args.c_refine)
-    else:                                               # too few images for a validation part
-        C, search = 1.0, []
-    final = fit_linear(x[full], y_full, C, len(classes), iters=args.probe_iters, device=device)
-    res["linear"] = {"top1": float((linear_scores(x[te], final, device).argmax(1) == y_te).mean()), "C": C,
-                     "iters": final.iters, "search": search, "val_metric": "top1"}
-    pred = knn_predict(x[full], y_full, x[te], args.knn_k, args.knn_temperature, device)
-    res["knn"] = {"top1": float((pred == y_te).mean()), "k": min(args.knn_k, int(full.sum())),
-                  "temperature": args.knn_temperature}
-    res["time_s"] = round(time.time() - t0, 3)
-    return res
-
-
-def mean_average_precision(scores, Y) -> tuple[float, int]:
-    """(macro mean of sklearn's average precision over the columns of Y with a positive, their number)."""
-    from sklearn.metrics import average_precision_score
-    cols = Y.sum(0) > 0
-    if not cols.any():
-        return float("nan"), 0
-    return float(average_precision_score(Y[:, cols], scores[:, cols], average="macro")), int(cols.sum())
-
-
-def multilabel_probe(x, sets: list, split, args, device) -> dict:
-    """Multi-label linear probe (one BCE output per label seen in probe-train, CLIP's protocol otherwise) ->
-    mAP over the labels present in probe-test. sets: per row the set of its labels (may be empty). Baseline:
-    a constant score, whose average precision is the label's prevalence in probe-test."""
-    t0 = time.time()
-    tr, va, te = (split == 0), (split == 1), (split == 2)
-    full = tr | va
-    vocab = sorted({v for i in np.flatnonzero(full) for v in sets[i]}, key=str)
-    index = {v: k for k, v in enumerate(vocab)}
-    Y = np.zeros((len(sets), len(vocab)), np.float32)
-    for i, s in enumerate(sets):
-        for v in s:
-            if v in index:
-                Y[i, index[v]] = 1
-    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum()), "labels": len(vocab),
-              "test_labels_unseen": len({v for i in np.flatnonzero(te) for v in sets[i]} - set(vocab))}
-    if counts["test"] == 0 or len(vocab) < 2:
-        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 labels in probe-train",
-                "counts": counts}
-    present = Y[te].sum(0) > 0
-    res = {"counts": counts, "prevalence_map": float(Y[te][:, present].mean(0).mean()) if present.any() else None}
-    if counts["val"] and (Y[va].sum(0) > 0).any():
-        C, search, _ = search_c(
-            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device),
-            lambda m: mean_average_precision(linear_scores(x[va], m, device), Y[va])[0], refine=args.c_refine)
-    else:
-        C, search = 1.0, []
-    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device)
-    m, scored = mean_average_precision(linear_scores(x[te], final, device), Y[te])
-    res["linear"] = {"map": m, "labels_scored": scored, "C": C, "iters": final.iters, "search": search,
-                     "val_metric": "map"}
-    res["time_s"] = round(time.time() - t0, 3)
-    return res
+# the contents of an image (its classes and category fields): the multi-label probes' labels
 
 
 def image_contents(data: Data) -> tuple[dict, np.ndarray]:
@@ -925,102 +821,6 @@ def image_contents(data: Data) -> tuple[dict, np.ndarray]:
                     out[f][i].add(data.categories[c].get(f))
                 count[i] += 1
     return out, count
-
-
-def recall_at(scores, targets: list, k: int) -> float:
-    """Mean over rows of |top-k outputs by score  intersect  targets| / |targets| (rows without targets left out)."""
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    r = [len(set(t.tolist()) & set(row.tolist())) / len(t) for row, t in zip(top, targets) if len(t)]
-    return float(np.mean(r)) if r else float("nan")
-
-
-def ocr_probe(x, tokens: list, words: np.ndarray, split, args, device) -> dict:
-    """Multi-label linear probe over the token ids of probe-train -> recall@5; word k-NN accuracy."""
-    t0 = time.time()
-    tr, va, te = (split == 0), (split == 1), (split == 2)
-    full = tr | va
-    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
-    vocab = sorted({t for i in np.flatnonzero(full) for t in tokens[i]})
-    index = {t: k for k, t in enumerate(vocab)}
-    counts["token_ids"] = len(vocab)
-    if counts["test"] == 0 or len(vocab) < 2:
-        return {"skipped": "no probe-test text boxes" if counts["test"] == 0 else "fewer than 2 token ids",
-                "counts": counts}
-    # targets as output positions; ids never seen in probe-train become -1: they can never be recalled
-    targets = [np.array([index.get(t, -1) for t in tokens[i]], np.int64) for i in range(len(tokens))]
-    Y = np.zeros((len(tokens), len(vocab)), np.float32)
-    for i, t in enumerate(targets):
-        Y[i, t[t >= 0]] = 1
-    te_targets = [targets[i] for i in np.flatnonzero(te)]
-    freq = Y[full].sum(0)                              # baseline: probe-train's most frequent token ids
-    res = {"counts": counts, f"frequency_recall@{RECALL_AT}": recall_at(
-        np.broadcast_to(freq, (int(te.sum()), len(vocab))), te_targets, RECALL_AT)}
-    if counts["val"]:
-        va_targets = [targets[i] for i in np.flatnonzero(va)]
-        C, search, _ = search_c(
-            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device),
-            lambda m: recall_at(linear_scores(x[va], m, device), va_targets, RECALL_AT), refine=args.c_refine)
-    else:
-        C, search = 1.0, []
-    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=args.probe_iters, device=device)
-    res["linear"] = {f"recall@{RECALL_AT}": recall_at(linear_scores(x[te], final, device), te_targets, RECALL_AT),
-                     "C": C, "iters": final.iters, "search": search, "val_metric": f"recall@{RECALL_AT}"}
-    words_seen, (y_full, y_te) = encode_labels(words[full], words[te])
-    pred = knn_predict(x[full], y_full, x[te], args.knn_k, args.knn_temperature, device)
-    res["knn"] = {"word_top1": float((pred == y_te).mean()), "k": min(args.knn_k, int(full.sum())),
-                  "words_in_probe_train": len(words_seen), "test_words_unseen": int((y_te < 0).sum())}
-    res["time_s"] = round(time.time() - t0, 3)
-    return res
-
-
-def miou(pred, truth, num_classes: int) -> tuple[float, int]:
-    """(mean IoU over the classes present in `truth`, their number); ints in 0..num_classes-1."""
-    conf = np.bincount(truth * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = conf.sum(1) > 0
-    return float((tp[present] / union[present]).mean()), int(present.sum())
-
-
-def dense_probe(tokens, labels, split, args, device) -> dict:
-    """A linear classifier (the same logistic regression and C search) on L2-normalised patch tokens -> mIoU
-    and patch accuracy on the probe-test patches. Training patches: a seeded subsample of at most
-    --dense-max-patches of probe-train minus validation (full-batch L-BFGS over every patch is the cost);
-    validation and probe-test patches: all."""
-    t0 = time.time()
-    keep = labels >= 0
-    tr, va, te = keep & (split == 0), keep & (split == 1), keep & (split == 2)
-    if tr.sum() > args.dense_max_patches:
-        sub = np.zeros_like(tr)
-        sub[np.random.default_rng(args.seed).choice(np.flatnonzero(tr), args.dense_max_patches, replace=False)] = True
-        tr = sub
-    counts = {"train_patches": int(tr.sum()), "val_patches": int(va.sum()), "test_patches": int(te.sum()),
-              "unknown_patches": int((~keep).sum())}
-    full = tr | va
-    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
-    counts["classes"] = len(classes)
-    if counts["test_patches"] == 0 or len(classes) < 2:
-        return {"skipped": "no probe-test patches" if not counts["test_patches"] else "fewer than 2 classes",
-                "counts": counts}
-    K = len(classes) + 1                               # one more slot: classes that probe-train never shows
-    y_va, y_te = np.where(y_va < 0, K - 1, y_va), np.where(y_te < 0, K - 1, y_te)
-    x = unit(tokens)
-    # the searched model is kept (no refit on train + validation): the training patches are a subsample
-    # anyway, and a refit on every validation patch would cost as much as the whole search
-    if counts["val_patches"] and len(set(y_tr.tolist())) >= 2:
-        C, search, final = search_c(
-            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=args.probe_iters, device=device),
-            lambda m: miou(linear_scores(x[va], m, device).argmax(1), y_va, K)[0], refine=args.c_refine)
-    else:
-        C, search = 1.0, []
-        final = fit_linear(x[full], y_full, C, len(classes), iters=args.probe_iters, device=device)
-    pred = linear_scores(x[te], final, device).argmax(1)
-    m, present = miou(pred, y_te, K)
-    return {"counts": {**counts, "test_classes_present": present},
-            "linear": {"miou": m, "patch_accuracy": float((pred == y_te).mean()), "C": C, "iters": final.iters,
-                       "search": search, "val_metric": "miou"},
-            "majority_miou": miou(np.full_like(y_te, np.bincount(y_full).argmax()), y_te, K)[0],
-            "time_s": round(time.time() - t0, 3)}
 
 
 def clip_tokenizer(max_tokens: int):
@@ -1099,42 +899,20 @@ def tsne_figure(path: str, name: str, kind: str, x, class_ids, data: Data, args)
             "perplexity": perplexity}
 
 
-COLUMNS = [  # (header, probe key, metric path)
-    ("image linear", "image", ("linear", "top1")), ("image k-NN", "image", ("knn", "top1")),
-    ("image mAP", "present_classes", ("linear", "map")),
-    # "image mAP (<field>)" for each category field (image_contents) goes here: markdown() inserts them
-    ("count linear", "object_count", ("linear", "top1")),
-    ("obj linear (region)", "objects_region", ("linear", "top1")),
-    ("obj k-NN (region)", "objects_region", ("knn", "top1")),
-    ("obj linear (pooled)", "objects_pooled", ("linear", "top1")),
-    ("obj k-NN (pooled)", "objects_pooled", ("knn", "top1")),
-    ("OCR R@5 (region)", "ocr_region", ("linear", "recall@5")),
-    ("word k-NN (region)", "ocr_region", ("knn", "word_top1")),
-    ("OCR R@5 (pooled)", "ocr_pooled", ("linear", "recall@5")),
-    ("word k-NN (pooled)", "ocr_pooled", ("knn", "word_top1")),
-    ("dense mIoU", "dense", ("linear", "miou")),
-]
-
-
-def metric(probes: dict, key: str, path) -> float | None:
-    v = probes.get(key)
-    for p in path:
-        v = v.get(p) if isinstance(v, dict) else None
-    return v
-
-
 def markdown(report: dict) -> str:
     fields = sorted({k[len("present_"):] for e in report["encoders"].values() for k in e["probes"]
                      if k.startswith("present_") and k != "present_classes"})
-    at = [c[1] for c in COLUMNS].index("object_count")
-    columns = COLUMNS[:at] + [(f"image mAP ({f})", f"present_{f}", ("linear", "map")) for f in fields] + COLUMNS[at:]
-    cols = [c for c in columns if any(metric(e["probes"], c[1], c[2]) is not None for e in report["encoders"].values())]
+    at = [c[1] for c in probes.COLUMNS].index("object_count")
+    columns = probes.COLUMNS[:at] + [(f"image mAP ({f})", f"present_{f}", ("linear", "map")) for f in fields] + \
+        probes.COLUMNS[at:]
+    cols = [c for c in columns if any(probes.metric(e["probes"], c[1], c[2]) is not None
+                                      for e in report["encoders"].values())]
     lines = ["| encoder | input | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for name, e in report["encoders"].items():
         cells = []
         for _, key, path in cols:
-            v = metric(e["probes"], key, path)
+            v = probes.metric(e["probes"], key, path)
             cells.append("-" if v is None or v != v else f"{100 * v:.1f}")
         enc = e["encoder"]
         lines.append(f"| {name} | {enc['kind']}, {enc['image_size']} px / {enc['patch_size']} | "
@@ -1276,51 +1054,55 @@ def main(argv=None):
     contents, object_count = image_contents(data) if not args.image_folder else ({}, None)
     tokenizer = clip_tokenizer(args.max_tokens) if not args.image_folder and data.is_text.any() else None
     token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
-    report = {"settings": jsonable({**vars(args), "c_grid": C_GRID, "recall_at": RECALL_AT,
+    report = {"settings": jsonable({**vars(args), "c_grid": probes.C_GRID, "recall_at": probes.RECALL_AT,
                                     "tokenizer": tokenizer.name if tokenizer else None, "world": world}),
               "key": key, "data": data_report, "encoders": {}}
+    settings = probes.ProbeSettings(knn_k=args.knn_k, knn_temperature=args.knn_temperature, c_refine=args.c_refine,
+                                    probe_iters=args.probe_iters, dense_max_patches=args.dense_max_patches,
+                                    seed=args.seed, device=device)
     for name in names:
         f, t_enc = features[name], time.time()
-        probes = {}
+        results = {}
         img_sel = ok & (data.image_label >= 0)
         if "image" in args.probes or args.image_folder:
-            probes["image"] = classification_probe(unit(f["image_features"][img_sel]), data.image_label[img_sel],
-                                                   split[img_sel], args, device)
+            results["image"] = probes.classification_probe(probes.unit(f["image_features"][img_sel]),
+                                                           data.image_label[img_sel], split[img_sel], settings)
         tsne = None
         if not args.image_folder:
             if "contents" in args.probes:
                 # what MLCD's image-level labels are about: which objects an image holds, and how many
-                x_img = unit(f["image_features"][ok])
+                x_img = probes.unit(f["image_features"][ok])
                 for what, sets in contents.items():
-                    probes[f"present_{what}"] = multilabel_probe(x_img, [sets[i] for i in np.flatnonzero(ok)],
-                                                                 split[ok], args, device)
-                probes["object_count"] = classification_probe(x_img, object_count[ok], split[ok], args, device)
+                    results[f"present_{what}"] = probes.multilabel_probe(
+                        x_img, [sets[i] for i in np.flatnonzero(ok)], split[ok], settings)
+                results["object_count"] = probes.classification_probe(x_img, object_count[ok], split[ok], settings)
             obj = kept & ~data.is_text
             txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
             kinds = (["region"] if "region" in f else []) + ["pooled"]
             for kind in kinds:
                 feats = f[kind]
                 if "objects" in args.probes:
-                    probes[f"objects_{kind}"] = classification_probe(unit(feats[obj]), data.category[obj],
-                                                                     split[ann_image[obj]], args, device)
+                    results[f"objects_{kind}"] = probes.classification_probe(
+                        probes.unit(feats[obj]), data.category[obj], split[ann_image[obj]], settings)
                 sel = np.flatnonzero(txt)
                 if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
                     continue
-                probes[f"ocr_{kind}"] = ocr_probe(unit(feats[txt]), [token_lists[i] for i in sel],
-                                                  np.array([data.words[i].lower() for i in sel], dtype=object),
-                                                  split[ann_image[txt]], args, device)
+                results[f"ocr_{kind}"] = probes.ocr_probe(
+                    probes.unit(feats[txt]), [token_lists[i] for i in sel],
+                    np.array([data.words[i].lower() for i in sel], dtype=object), split[ann_image[txt]], settings)
             tsne_sel = obj & (split[ann_image] == 2)
             if args.tsne_max > 0 and "objects" in args.probes:
                 tsne = tsne_figure(os.path.join(args.out, f"tsne_{name}.png"), name, kinds[0],
-                                   unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
+                                   probes.unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
             if data.masks and "dense" in args.probes:
                 po = f["patch_offsets"]
                 patch_image = np.repeat(np.arange(n), np.diff(po))
                 use = ok[patch_image]
-                probes["dense"] = dense_probe(np.asarray(f["dense_tokens"], np.float32)[use],
-                                              np.asarray(f["dense_labels"])[use], split[patch_image[use]], args, device)
+                results["dense"] = probes.dense_probe(np.asarray(f["dense_tokens"], np.float32)[use],
+                                                      np.asarray(f["dense_labels"])[use], split[patch_image[use]],
+                                                      settings)
         info = {k: v for k, v in infos[name].items() if k != "key"}
-        report["encoders"][name] = {"spec": dict(encoders)[name], "encoder": info, "probes": probes,
+        report["encoders"][name] = {"spec": dict(encoders)[name], "encoder": info, "probes": results,
                                     "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report = jsonable(report)

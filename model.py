@@ -694,6 +694,23 @@ def save_hf(encoder: VisionEncoder, out_dir: str) -> None:
     os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
 
 
+# dense datasheet peaks (TFLOP/s) by CUDA device-name substring: bf16 tensor cores, fp32 matmuls on TF32 tensor
+# cores, and plain fp32 (TF32 off). 04 trains fp32 with TF32 on; bench/bench_encoder.py measures fp32 with it off.
+PEAK_TFLOPS = {"H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 67.0},
+               "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}}
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool) -> tuple[float, str] | None:
+    """(the device's peak TFLOP/s for this dtype, which entry) from PEAK_TFLOPS, or None for an unknown device:
+    the denominator of MFU."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            kind = "bf16" if dtype == torch.bfloat16 else ("tf32" if tf32 else "fp32")
+            return peaks[kind], f"{key} {kind} dense datasheet peak"
+    return None
+
+
 def flops_per_image(cfg: ViTConfig, height: int, width: int, num_regions: int = 0) -> float:
     """Training FLOPs per image (forward + backward): 6 x matmul params x tokens plus attention, the nanoGPT /
     PaLM-appendix count (12 x layers x width x T^2 for the T x T score and value matmuls, fwd + bwd)."""

@@ -161,6 +161,17 @@ def read_manifest(folder: str) -> dict | None:
     return None
 
 
+# the papers' constants that more than one stage uses
+IMAGE_TOPL = 8              # MLCD Sec. 4.1: l = 8 positive centres per image (03 labels them, 04 trains on them)
+OCR_MAX_TOKENS = 10         # RICE Tab. 5d: M = 10 token ids per text line (02 writes them, 05 probes them)
+
+
+def regions_fingerprint(manifest: dict) -> dict:
+    """What identifies 01's regions/ for the stages after it (03 records it, 04 checks it): a rerun of 01
+    changes it."""
+    return json.loads(json.dumps({k: manifest.get(k) for k in ("finished", "rows", "image_table", "features")}))
+
+
 STAGE_OF = {"images": "01_mine_regions.py (or 02_extract_ocr.py; both build the image table)",
             "regions": "01_mine_regions.py", "ocr": "02_extract_ocr.py", "clusters": "03_cluster.py"}
 
@@ -318,6 +329,29 @@ def check_folder_flag(path: str, flag: str = "--work") -> str:
     return path
 
 
+_STAGES: dict = {}
+
+
+def stage_module(file: str, name: str | None = None):
+    """A digit-named stage script ("03_cluster.py", beside this file) as a module, loaded once per process and
+    registered in sys.modules (under `name`, default "stage_" + its stem) so that DataLoader workers and pickled
+    functions find it: how tests and benchmarks call a stage's functions and main."""
+    import importlib.util
+    module = _STAGES.get(file)
+    if module is None:
+        name = name or "stage_" + os.path.splitext(os.path.basename(file))[0]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), file))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        _STAGES[file] = module
+    if name:
+        sys.modules.setdefault(name, module)
+    return module
+
+
 def check_flags(args, rules: dict) -> None:
     """Numeric flags against their ranges, after argparse: rules {dest: ">= 1" | "> 0" | "[0, 1]" | "(0, 1]" |
     "[0, 1)"}; a flag left at None (optional) is not checked. One line naming the first flag out of range (NaN
@@ -341,12 +375,15 @@ def check_flags(args, rules: dict) -> None:
 
 
 def stage_device(text: str):
-    """--device of 01 and 05: auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N; one
-    line naming the flag for anything else, or for a GPU that is not there."""
+    """--device of 01, 04 and 05: auto (this rank's GPU when there is one, else the CPU), cpu, cuda (this rank's
+    GPU: LOCAL_RANK) or cuda:N; one line naming the flag for anything else, or for a GPU that is not there."""
     import re
     import torch
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if text == "auto":
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if text == "cuda" and torch.cuda.is_available():
+        text = f"cuda:{local}"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise SystemExit(f"error: --device {text!r}: use auto, cpu, cuda or cuda:N")
     if text.startswith("cuda") and not torch.cuda.is_available():
@@ -1524,6 +1561,14 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)     # CLIP's (OpenAI) mean and 
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)     # preprocessor configs use
 
 
+def short_side_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, height, left, top) of the centre crop: the short side becomes `size`, the long side
+    floor(size * long / short) (CLIPImageProcessor's and torchvision's Resize(int) arithmetic, so 06's exported
+    preprocessor gives the same pixels), the square cut from the middle."""
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_scale: float = 1.0):
     """PIL RGB image -> (uint8 array (size, size, 3), boxes (n, 4) float32 in output pixels, visible (n,)).
 
@@ -1547,9 +1592,7 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_
     if crop == "squash":
         sx, sy, nw, nh = size / w, size / h, size, size
     elif crop in ("center", "random"):
-        # the short side becomes `size`, the long side floor(size * long / short): CLIPImageProcessor's and
-        # torchvision's Resize(int) arithmetic, so 06's exported preprocessor gives the same pixels
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        nw, nh, left, top = short_side_geometry(w, h, size)
         sx, sy = nw / w, nh / h
     else:
         raise ValueError(f"crop must be center, random or squash, got {crop!r}")
@@ -1559,9 +1602,7 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_
         if rng is None:
             raise ValueError("crop='random' needs rng")
         left, top = int(rng.integers(0, nw - size + 1)), int(rng.integers(0, nh - size + 1))
-    elif crop == "center":
-        left, top = (nw - size) // 2, (nh - size) // 2
-    else:
+    elif crop != "center":
         left = top = 0
     if (left, top, nw, nh) != (0, 0, size, size):
         img = img.crop((left, top, left + size, top + size))

@@ -21,7 +21,7 @@ crops per image, R = --regions-per-image (default: the SAM row's regions).
 """
 from __future__ import annotations
 
-import argparse, datetime, importlib.util, itertools, json, os, platform, statistics, sys, time
+import argparse, datetime, itertools, json, os, platform, statistics, sys, time
 
 import numpy as np
 import torch
@@ -38,10 +38,8 @@ PHOTOS = ("text", "page", "astronaut", "coffee", "rocket", "chelsea")    # bundl
 
 
 def load_stage(file):
-    spec = importlib.util.spec_from_file_location(file[3:-3], os.path.join(ROOT, file))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import workdir
+    return workdir.stage_module(file)
 
 
 demo, mine, ocr = (load_stage(f) for f in ("00_make_demo_data.py", "01_mine_regions.py", "02_extract_ocr.py"))

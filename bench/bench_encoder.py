@@ -24,8 +24,6 @@ import model as kit  # noqa: E402
 
 DEFAULT_PRESET, DEFAULT_BATCH, DEFAULT_DTYPE = "tiny", 8, "fp32"
 DEFAULT_REGIONS, DEFAULT_STEPS, DEFAULT_WARMUP, SEED = 0, 10, 3, 0
-# dense peak TFLOP/s by CUDA device-name substring: (bf16, fp32 without TF32)
-GPU_PEAKS = {"H100": (989.4, 67.0), "H200": (989.4, 67.0), "A100": (312.0, 19.5)}
 
 
 def parse_args(argv=None):
@@ -64,10 +62,10 @@ def peak_tflops(args, dev, dtype):
         return args.peak_tflops, "--peak-tflops"
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
-        for key, (bf16, fp32) in GPU_PEAKS.items():
-            if key in name:
-                return (bf16 if dtype == torch.bfloat16 else fp32), f"dense datasheet peak for {key}"
-        sys.exit(f"no peak TFLOP/s known for {name!r}: pass --peak-tflops")
+        found = kit.peak_tflops(name, dtype, tf32=False)     # TF32 is off here (main)
+        if found is None:
+            sys.exit(f"no peak TFLOP/s known for {name!r}: pass --peak-tflops")
+        return found
     n, reps = 2048, 5                                   # CPU: measure a large matmul in the run dtype
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = min(timed(lambda: a @ b, dev) for _ in range(reps))
@@ -147,7 +145,7 @@ def main(argv=None):
     args = parse_args(argv)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if dev.type == "cuda" and args.dtype == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = False   # the fp32 peaks in GPU_PEAKS are without TF32
+        torch.backends.cuda.matmul.allow_tf32 = False   # kit.PEAK_TFLOPS' fp32 entries are without TF32
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     overrides = {} if args.region_blocks is None else {"region_blocks": args.region_blocks}
     cfg = kit.preset(args.preset, **overrides)

@@ -29,7 +29,6 @@ GPUs, else `--backend torch`); reports wall time and the peak GPU memory in use 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -40,9 +39,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-spec = importlib.util.spec_from_file_location("cluster", os.path.join(ROOT, "03_cluster.py"))
-cl = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cl)
+import workdir  # noqa: E402
+
+cl = workdir.stage_module("03_cluster.py", "cluster")
 
 CPU = dict(n=1_000_000, dim=256, k=16_384)
 GPU = dict(n=10_000_000, dim=768, k=1_000_000)

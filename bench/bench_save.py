@@ -21,7 +21,6 @@ smaller K and its bytes per centre row scale linearly (the table says which rows
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -53,10 +52,8 @@ def rss_anon() -> int:
 
 
 def load_train():
-    spec = importlib.util.spec_from_file_location("train04", ROOT / "04_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import workdir
+    return workdir.stage_module("04_train.py", "train04")
 
 
 def worker(rank, world, init, variant, K, D, folder, out):

@@ -96,11 +96,8 @@ def measure(stage: str, images: str, work: str) -> dict:
 
 
 def load(name, file):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import workdir
+    return workdir.stage_module(file, name)
 
 
 def count_files(folder: str) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -72,16 +71,14 @@ def bench_work(args):
     folder = os.path.join(dst, "clusters")
     workdir.write_npy(os.path.join(folder, "region_labels.npy"), rng.integers(0, args.k, R).astype(np.int32))
     workdir.write_npy(os.path.join(folder, "image_labels.npy"), rng.integers(0, args.k, (n, 8)).astype(np.int32))
-    fp = json.loads(json.dumps({k: reg_m.get(k) for k in ("finished", "rows", "image_table", "features")}))
+    fp = workdir.regions_fingerprint(reg_m)
     workdir.finish_stage(folder, {"stage": "clusters", "k": args.k, "inputs": {"regions": fp},
                                   "note": "random labels for bench/bench_train.py"})
     return dst
 
 
 def run_ours(args, work, world=1):
-    spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "04_train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = workdir.stage_module("04_train.py", "train")
     run = os.path.join(args.out, "run")
     argv = ["--work", work, "--run-dir", run, "--force", "--method", "rice", "--model", args.preset,
             "--batch-size", str(args.batch * world), "--steps", str(args.steps), "--warmup", "5",

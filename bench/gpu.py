@@ -214,7 +214,6 @@ def run_parts(args):
 
 def make_world(folder, images, size):
     """00 -> 01 (COCO boxes, pixel stand-in) -> an ocr/ folder of the world's words, for bench_train."""
-    import numpy as np
     sys.path.insert(0, ROOT)
     import workdir
     data = os.path.join(folder, "data")
@@ -226,34 +225,8 @@ def make_world(folder, images, size):
     subprocess.run([sys.executable, os.path.join(ROOT, "01_mine_regions.py"), "--images",
                     os.path.join(data, "shards"), "--work", folder, "--boxes", os.path.join(data, "coco.json"),
                     "--features", "pixels", "--min-box-side", "16", "--min-image-side", "64"], check=True)
-    table = workdir.read_image_table(folder)
-    with open(os.path.join(data, "coco.json")) as f:
-        coco = json.load(f)
-    by_name = {im["file_name"]: im["id"] for im in coco["images"]}
-    words = {}
-    for a in coco["annotations"]:             # without DejaVu (no words drawn) each image's first object
-        if "text" in a or (not fonts and a["image_id"] not in words):      # stands in as a text line
-            words.setdefault(a["image_id"], []).append({**a, "text": a.get("text", f"w{a['category_id']}")})
-    counts, boxes, tok_counts, tokens = [], [], [], []
-    for i in range(len(table)):
-        lines = words.get(by_name.get(table.name(i), -1), [])
-        counts.append(len(lines))
-        for a in lines:
-            x, y, w, h = a["bbox"]
-            boxes.append([x, y, x + w, y + h])
-            ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:10]
-            tok_counts.append(len(ids))
-            tokens += ids
-    ocr = os.path.join(folder, "ocr")
-    os.makedirs(ocr, exist_ok=True)
-    workdir.write_npy(os.path.join(ocr, "line_offsets.npy"), workdir.offsets_from_counts(counts))
-    workdir.write_npy(os.path.join(ocr, "boxes.npy"), np.asarray(boxes, np.float32).reshape(-1, 4))
-    workdir.write_npy(os.path.join(ocr, "token_offsets.npy"), workdir.offsets_from_counts(tok_counts))
-    workdir.write_npy(os.path.join(ocr, "tokens.npy"), np.asarray(tokens, np.int32))
-    workdir.write_npy(os.path.join(ocr, "status.npy"), np.zeros(len(table), np.uint8))
-    workdir.finish_stage(ocr, {"stage": "ocr", "image_table": workdir.read_manifest(os.path.join(folder, "images"))
-                               ["fingerprint"], "tokenizer": {"vocab_size": 49408, "max_tokens": 10},
-                               "rows": {"images": len(table), "lines": len(boxes)}, "note": "words from 00's COCO"})
+    workdir.stage_module("00_make_demo_data.py").write_ocr_stand_in(folder, os.path.join(data, "coco.json"),
+                                                                   objects_as_text=not fonts)
 
 
 def bank_part(out, device, K, D, B, rho, steps=5):

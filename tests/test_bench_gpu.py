@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_cluster import ROOT
+from conftest import ROOT
 
 
 def test_gpu_bench_smoke(tmp_path):

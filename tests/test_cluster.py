@@ -1,11 +1,9 @@
 """03_cluster.py: blobs on the sphere recovered in flat and two-level mode, labels equal to a brute-force search,
 empty clusters re-seeded, an interrupted run resumed byte-identical, two torchrun processes equal to one, clear
 errors on bad input, and the demo world end to end (00 -> 01 -> 03) scored by NMI against the true classes."""
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,19 +11,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT, free_port, load_script
+
 import workdir  # noqa: E402
-
-
-def load_script(name, file):
-    if name in sys.modules:                      # one module object per script, shared with other test files
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, file))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module                   # so worker processes can find its functions by name
-    spec.loader.exec_module(module)
-    return module
 
 
 SCRIPT = os.path.join(ROOT, "03_cluster.py")
@@ -226,12 +214,6 @@ def test_resume_equals_uninterrupted(blob_work, tmp_path, monkeypatch, mode, sto
         assert a[k].tobytes() == b[k].tobytes(), k
     assert m["objective"] == workdir.read_manifest(os.path.join(plain, "clusters"))["objective"]
     assert not os.path.exists(ckpt)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one(blob_work, tmp_path):

@@ -1,22 +1,17 @@
 """00_make_demo_data.py on a small world: files, boxes against masks, classes, words, determinism, resume; the
 webdataset and SA-1B shard formats."""
-import importlib.util
 import io
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-spec = importlib.util.spec_from_file_location("make_demo_data", os.path.join(ROOT, "00_make_demo_data.py"))
-demo = importlib.util.module_from_spec(spec)
-sys.modules["make_demo_data"] = demo               # so worker processes can find its functions by name
-spec.loader.exec_module(demo)
+from conftest import load_script
+
+demo = load_script("make_demo_data", "00_make_demo_data.py")
 
 N, SIZE = 24, 160
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from test_cluster import ROOT, free_port, load_script
+from conftest import ROOT, free_port, load_script
 
 import model as model_py  # noqa: E402
+import probes  # noqa: E402
 import workdir  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "05_eval.py")
@@ -159,7 +160,7 @@ def test_features_equal_plain_references(report, world):
         # dense labels: majority of the pixel classes per patch of the nearest-resized, cropped mask
         inst = np.asarray(Image.open(world / "data" / "masks" / im["file_name"]))
         sem = np.array([0] + [cats[c["annotations"].index(a)] for a in anns])[inst]
-        nw, nh, left, top = ev.crop_geometry(img.width, img.height, S)
+        nw, nh, left, top = workdir.short_side_geometry(img.width, img.height, S)
         sem_img = Image.fromarray(sem.astype(np.int32)).resize((nw, nh), Image.NEAREST)
         sem = np.asarray(sem_img)[top: top + S, left: left + S]
         ref = []
@@ -179,15 +180,70 @@ def test_features_equal_plain_references(report, world):
     np.testing.assert_allclose(np.load(out / "features" / "clip" / "image_features.npy")[3], ref, atol=1e-5)
 
 
+def test_each_encoder_gets_its_own_preprocessing(world, tmp_path):
+    """An open_clip model whose config squashes, resamples bilinearly and normalises with other statistics gets
+    exactly open_clip's own transform (its image feature equals open_clip's), and its boxes the squash
+    geometry; an HF folder gets its preprocessor_config.json's mean and std; each is said in the encoder info."""
+    import open_clip
+    rng = np.random.default_rng(3)
+    (tmp_path / "im").mkdir()
+    sizes = [(90, 60), (60, 100), (128, 72)]
+    for k, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(tmp_path / "im" / f"{k}.png")
+    coco = {"images": [{"id": k, "file_name": f"{k}.png", "width": w, "height": h}
+                       for k, (w, h) in enumerate(sizes)],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1, "bbox": [5, 7, 20, 25], "area": 500}
+                            for k in range(3)], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    local = tmp_path / "squash_clip"                      # an open_clip folder (as hf-hub ones are) with its
+    local.mkdir()                                         # own preprocessing
+    (local / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": json.loads((world / "kit-tiny-clip.json").read_text()),
+        "preprocess_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4], "interpolation": "bilinear",
+                           "resize_mode": "squash"}}))
+    shutil.copy(world / "tiny_clip.pt", local / "open_clip_pytorch_model.bin")
+    args = ev.parse_args(["--images", str(tmp_path / "im"), "--coco", str(tmp_path / "coco.json"), "--encoder", "x",
+                          "--out", str(tmp_path / "o")])
+    data = ev.read_coco(args.images, args.coco, None, "text")
+    arrays, info = ev.extract("sq", f"openclip:local-dir:{local}:none", data, args, torch.device("cpu"))
+    assert info["preprocess"]["source"] == "open_clip transform" and info["preprocess"]["resize"] == "squash"
+    assert info["preprocess"]["mean"] == [0.5, 0.4, 0.3] and info["preprocess"]["resample"] == 2
+    clip, _, transform = open_clip.create_model_and_transforms(f"local-dir:{local}")
+    pre = ev.Preprocess(32, "squash")
+    for k, (w, h) in enumerate(sizes):
+        img = Image.open(tmp_path / "im" / f"{k}.png").convert("RGB")
+        with torch.no_grad():
+            ref = clip.eval().encode_image(transform(img)[None])[0].numpy()
+        np.testing.assert_allclose(arrays["image_features"][k], ref, atol=1e-5)
+        np.testing.assert_allclose(pre.boxes([[5, 7, 25, 32]], w, h)[0], [5 * 32 / w, 7 * 32 / h, 25 * 32 / w,
+                                                                        32 * 32 / h], atol=1e-5)
+    # an HF folder with its own statistics
+    enc = model_py.load_encoder(str(world / "tiny.pt")).eval()
+    folder = tmp_path / "hf"
+    model_py.save_hf(enc, str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25],
+        "resample": 3, "do_center_crop": True, "size": {"shortest_edge": 64},
+        "crop_size": {"height": 64, "width": 64}}))
+    arrays, info = ev.extract("hf", str(folder), data, args, torch.device("cpu"))
+    assert info["preprocess"]["source"] == "preprocessor_config.json" and info["preprocess"]["mean"] == [0.5] * 3
+    for k in range(3):
+        img = Image.open(tmp_path / "im" / f"{k}.png").convert("RGB")
+        pixels, _, _ = workdir.resize_crop(img, 64, crop="center")
+        x = (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] - 127.5) / 63.75
+        with torch.no_grad():
+            np.testing.assert_allclose(arrays["image_features"][k], enc(x).class_embedding[0].numpy(), atol=1e-5)
+
+
 def test_crop_geometry_and_visible_share():
-    """05's crop arithmetic equals workdir.resize_crop's box mapping; the visible share is measured on the
-    original image, so every encoder and input size leaves out the same boxes."""
+    """resize_crop moves boxes by the centre crop's scale and shift (a box at the centre, mapped by hand); the
+    visible share is measured on the original image, so every encoder and input size leaves out the same boxes."""
     rng = np.random.default_rng(0)
     for _ in range(20):
         w, h, S = int(rng.integers(40, 300)), int(rng.integers(40, 300)), int(rng.choice([32, 64, 96]))
         box = np.array([[w / 2 - 3, h / 2 - 2, w / 2 + 4, h / 2 + 5]])           # the centre is always kept
         _, moved, _ = workdir.resize_crop(Image.new("RGB", (w, h)), S, box, crop="center")
-        nw, nh, left, top = ev.crop_geometry(w, h, S)
+        nw, nh, left, top = workdir.short_side_geometry(w, h, S)
         np.testing.assert_allclose(moved[0], box[0] * [nw / w, nh / h, nw / w, nh / h] - [left, top, left, top],
                                    atol=1e-4)
     # 200 x 100: the centre square is x in [50, 150]; a box [30, 10, 70, 20] is half inside
@@ -213,9 +269,9 @@ def test_image_contents_and_multilabel_probe(world):
     Y = rng.random((n, L)) < 0.3
     sets = [set(np.flatnonzero(r).tolist()) for r in Y]
     split = ev.split_images(n, 0.3, 0.2, 0)
-    args = ev.parse_args([*data_flags(world), "--encoder", "x"])
-    good = ev.multilabel_probe(ev.unit(Y + 0.3 * rng.standard_normal((n, L))), sets, split, args, "cpu")
-    noise = ev.multilabel_probe(ev.unit(rng.standard_normal((n, 8))), sets, split, args, "cpu")
+    settings = probes.ProbeSettings()
+    good = probes.multilabel_probe(probes.unit(Y + 0.3 * rng.standard_normal((n, L))), sets, split, settings)
+    noise = probes.multilabel_probe(probes.unit(rng.standard_normal((n, 8))), sets, split, settings)
     assert good["linear"]["map"] > 0.85 and good["linear"]["labels_scored"] == L
     assert abs(good["prevalence_map"] - Y[split == 2].mean()) < 1e-6
     assert abs(noise["linear"]["map"] - noise["prevalence_map"]) < 0.1
@@ -224,10 +280,10 @@ def test_image_contents_and_multilabel_probe(world):
 def test_knn_equals_sklearn():
     from sklearn.neighbors import KNeighborsClassifier
     rng = np.random.default_rng(0)
-    train, test = ev.unit(rng.standard_normal((300, 16))), ev.unit(rng.standard_normal((120, 16)))
+    train, test = probes.unit(rng.standard_normal((300, 16))), probes.unit(rng.standard_normal((120, 16)))
     y = rng.integers(0, 7, 300)
     for k, T in [(10, 0.07), (1, 0.07), (25, 0.5)]:
-        ours = ev.knn_predict(train, y, test, k, T)
+        ours = probes.knn_predict(train, y, test, k, T)
         ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
                                    weights=lambda dist, T=T: np.exp((1 - dist) / T)).fit(train, y).predict(test)
         np.testing.assert_array_equal(ours, ref)
@@ -238,7 +294,7 @@ def test_linear_probe_matches_sklearn_and_picks_best_c(report):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((5, 12))
     y = rng.integers(0, 5, 400)
-    x = ev.unit(centres[y] + 1.5 * rng.standard_normal((400, 12)))
+    x = probes.unit(centres[y] + 1.5 * rng.standard_normal((400, 12)))
     X = torch.tensor(x, dtype=torch.float64)
 
     def objective(W, b, C):            # sklearn's, divided by C n
@@ -249,34 +305,34 @@ def test_linear_probe_matches_sklearn_and_picks_best_c(report):
         # the same objective: solved tightly, a minimum as low as sklearn's (to float32 precision) and the same
         # probabilities; at the default tolerance (sklearn's) the same predictions
         ref = LogisticRegression(C=C, max_iter=1000, tol=1e-8).fit(x, y)
-        tight = ev.fit_linear(x, y, C, 5, iters=1000, tol=1e-7)
+        tight = probes.fit_linear(x, y, C, 5, iters=1000, tol=1e-7)
         assert objective(tight.W, tight.b, C) <= objective(ref.coef_.T, ref.intercept_, C) + 1e-6
-        p_tight = torch.softmax(torch.from_numpy(ev.linear_scores(x, tight)), 1).numpy()
+        p_tight = torch.softmax(torch.from_numpy(probes.linear_scores(x, tight)), 1).numpy()
         np.testing.assert_allclose(p_tight, ref.predict_proba(x), atol=1e-3)
-        default = ev.linear_scores(x, ev.fit_linear(x, y, C, 5)).argmax(1)
+        default = probes.linear_scores(x, probes.fit_linear(x, y, C, 5)).argmax(1)
         assert (default == ref.predict(x)).mean() >= 0.99
     # the search keeps the C with the best validation score (the smallest among ties), in every report probe
     split = np.where(np.arange(400) < 280, 0, np.where(np.arange(400) < 330, 1, 2))
-    res = ev.classification_probe(x, y, split, ev.parse_args(["--image-folder", ".", "--encoder", "x"]), "cpu")
+    res = probes.classification_probe(x, y, split, probes.ProbeSettings())
     rep, _ = report
     searched = [res["linear"]] + [p["linear"] for e in rep["encoders"].values() for p in e["probes"].values()]
     for lin in searched:
         scores = dict(lin["search"])
         best = max(scores.values())
         assert scores[lin["C"]] == best and lin["C"] == min(c for c, v in scores.items() if v == best)
-    assert len(res["linear"]["search"]) == len(ev.C_GRID) + 2 * ev.C_REFINE
+    assert len(res["linear"]["search"]) == len(probes.C_GRID) + 2 * probes.C_REFINE
 
 
 def test_probes_succeed_on_informative_features_and_fail_on_noise():
-    args = ev.parse_args(["--image-folder", ".", "--encoder", "x"])
+    args = probes.ProbeSettings()
     rng = np.random.default_rng(0)
     n, K = 600, 12
     y = rng.integers(0, K, n)
     split = rng.choice(3, n, p=[0.55, 0.15, 0.3])
-    informative = ev.unit(np.eye(32)[y] + 0.05 * rng.standard_normal((n, 32)))
-    noise = ev.unit(rng.standard_normal((n, 32)))
-    good = ev.classification_probe(informative, y, split, args, "cpu")
-    bad = ev.classification_probe(noise, y, split, args, "cpu")
+    informative = probes.unit(np.eye(32)[y] + 0.05 * rng.standard_normal((n, 32)))
+    noise = probes.unit(rng.standard_normal((n, 32)))
+    good = probes.classification_probe(informative, y, split, args)
+    bad = probes.classification_probe(noise, y, split, args)
     assert good["linear"]["top1"] > 0.98 and good["knn"]["top1"] > 0.98
     assert bad["linear"]["top1"] < 3 / K and bad["knn"]["top1"] < 3 / K              # chance is 1/12
     # OCR: features that encode the word's tokens recall them; noise does not
@@ -284,15 +340,15 @@ def test_probes_succeed_on_informative_features_and_fail_on_noise():
     w = rng.integers(0, len(vocab), n)
     tokens = [vocab[i] for i in w]
     words = np.array([f"w{i}" for i in w], dtype=object)
-    feats = ev.unit(np.eye(len(vocab))[w] + 0.05 * rng.standard_normal((n, len(vocab))))
-    ocr_good = ev.ocr_probe(feats, tokens, words, split, args, "cpu")
-    ocr_bad = ev.ocr_probe(ev.unit(rng.standard_normal((n, 20))), tokens, words, split, args, "cpu")
+    feats = probes.unit(np.eye(len(vocab))[w] + 0.05 * rng.standard_normal((n, len(vocab))))
+    ocr_good = probes.ocr_probe(feats, tokens, words, split, args)
+    ocr_bad = probes.ocr_probe(probes.unit(rng.standard_normal((n, 20))), tokens, words, split, args)
     assert ocr_good["linear"]["recall@5"] > 0.98 and ocr_good["knn"]["word_top1"] > 0.98
     assert ocr_bad["linear"]["recall@5"] < 0.5 and ocr_bad["knn"]["word_top1"] < 0.2  # 5 of 40 ids: 0.125
     # dense: patch tokens that encode the class give mIoU ~1
     labels = rng.choice([0, 3, 9], n * 4)
-    dense = ev.dense_probe(np.eye(16)[labels] + 0.05 * rng.standard_normal((n * 4, 16)), labels,
-                           np.repeat(split, 4), args, "cpu")
+    dense = probes.dense_probe(np.eye(16)[labels] + 0.05 * rng.standard_normal((n * 4, 16)), labels,
+                           np.repeat(split, 4), args)
     assert dense["linear"]["miou"] > 0.98
 
 

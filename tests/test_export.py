@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from test_cluster import load_script
+from conftest import load_script
 
 import model as model_py  # noqa: E402
 import workdir  # noqa: E402

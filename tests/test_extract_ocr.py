@@ -1,7 +1,5 @@
 """02_extract_ocr.py: real RapidOCR on rendered words, every input accounted for, token labels, CSR layout,
 byte-identical output after an interruption and with two torchrun processes. CPU only, about a minute."""
-import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,15 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "02_extract_ocr.py")
-FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
-sys.path.insert(0, ROOT)
+from conftest import ROOT, load_script
+
 import workdir  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("extract_ocr", SCRIPT)
-ocr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ocr)
+SCRIPT = os.path.join(ROOT, "02_extract_ocr.py")
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+ocr = load_script("extract_ocr", "02_extract_ocr.py")
 
 # small chunks so that 11 files make 4 chunks; --max-side below region.png's width exercises the rescaling
 RUN = ["--max-side", "480", "--chunk-size", "3", "--engine", "rapidocr", "--workers", "0"]
@@ -258,6 +254,7 @@ def test_paddle_engine_call_and_mapping(monkeypatch):
     """paddleocr is not installed here: a stand-in with the 3.x API checks the call and that its results map to
     the same (box, text, score) lines as RapidOCR's (real PaddleOCR is untested in this environment)."""
     import importlib.machinery
+    import importlib.metadata
     import types
     made = {}
 

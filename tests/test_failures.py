@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from test_cluster import ROOT, load_script
+from conftest import ROOT, load_script
 
 import model as model_py  # noqa: E402
 import workdir  # noqa: E402

@@ -1,7 +1,6 @@
 """01_mine_regions.py and the image table: odd and broken inputs, box files, the real SAM automatic mask
 generator on a tiny random SAM, open_clip features from a tiny random CLIP, resume after kill -9 and a
 two-process torchrun run, both byte-identical to a plain run."""
-import importlib.util
 import json
 import os
 import signal
@@ -15,14 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT, load_script
+
 import workdir  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "01_mine_regions.py")
-spec = importlib.util.spec_from_file_location("mine_regions", SCRIPT)
-mine = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mine)
+mine = load_script("mine_regions", "01_mine_regions.py")
 
 OUTPUTS = ["region_offsets", "boxes", "scores", "areas", "region_features", "image_features", "status"]
 
@@ -358,9 +355,7 @@ def test_bad_device_and_counts_are_one_line(tmp_path):
         with pytest.raises(SystemExit, match="no CUDA device here"):
             workdir.stage_device("cuda")
     assert workdir.stage_device("cpu").type == "cpu"
-    demo = importlib.util.spec_from_file_location("demo_flags", os.path.join(ROOT, "00_make_demo_data.py"))
-    mod = importlib.util.module_from_spec(demo)
-    demo.loader.exec_module(mod)
+    mod = load_script("make_demo_data", "00_make_demo_data.py")
     for n in ("0", "-5"):
         with pytest.raises(SystemExit, match="--num-images"):
             mod.main(["--out", str(tmp_path / "d"), "--num-images", n])

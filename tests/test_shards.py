@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_cluster import ROOT, free_port, load_script
+from conftest import ROOT, free_port, load_script
 
 import workdir  # noqa: E402
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from test_cluster import ROOT, free_port, load_script
+from conftest import ROOT, free_port, load_script
 
 import workdir  # noqa: E402
 import model as model_py  # noqa: E402
@@ -27,40 +27,6 @@ K = 16
 TINY = ["--model", "tiny", "--image-size", "64", "--workers", "0", "--warmup", "2", "--lr", "2e-3"]
 
 
-def write_ocr_from_coco(work, data):
-    """An ocr/ folder as 02 writes it, from the world's text annotations (02 has its own tests; RapidOCR is
-    too slow for this suite's budget). Token ids: a few per word, from its letters."""
-    table = workdir.read_image_table(work)
-    with open(os.path.join(data, "coco.json")) as f:
-        coco = json.load(f)
-    by_name = {im["file_name"]: im["id"] for im in coco["images"]}
-    anns = {}
-    for a in coco["annotations"]:
-        if "text" in a:
-            anns.setdefault(a["image_id"], []).append(a)
-    counts, boxes, tok_counts, tokens = [], [], [], []
-    for i in range(len(table)):
-        lines = anns.get(by_name[os.path.basename(table.path(i))], [])
-        counts.append(len(lines))
-        for a in lines:
-            x, y, w, h = a["bbox"]
-            boxes.append([x, y, x + w, y + h])
-            ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:10]
-            tok_counts.append(len(ids))
-            tokens += ids
-    folder = os.path.join(work, "ocr")
-    os.makedirs(folder, exist_ok=True)
-    workdir.write_npy(os.path.join(folder, "line_offsets.npy"), workdir.offsets_from_counts(counts))
-    workdir.write_npy(os.path.join(folder, "boxes.npy"), np.asarray(boxes, np.float32).reshape(-1, 4))
-    workdir.write_npy(os.path.join(folder, "token_offsets.npy"), workdir.offsets_from_counts(tok_counts))
-    workdir.write_npy(os.path.join(folder, "tokens.npy"), np.asarray(tokens, np.int32))
-    workdir.write_npy(os.path.join(folder, "status.npy"), np.zeros(len(table), np.uint8))
-    img_m = workdir.read_manifest(os.path.join(work, "images"))
-    workdir.finish_stage(folder, {"stage": "ocr", "image_table": img_m["fingerprint"],
-                                  "tokenizer": {"vocab_size": 49408, "max_tokens": 10},
-                                  "rows": {"images": len(table), "lines": len(boxes)}})
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("train_world")
@@ -69,7 +35,7 @@ def world(tmp_path_factory):
     load_script("mine_regions", "01_mine_regions.py").main(
         ["--images", os.path.join(data, "images"), "--work", work, "--boxes", os.path.join(data, "coco.json"),
          "--features", "pixels", "--min-box-side", "12", "--min-image-side", "64"])
-    write_ocr_from_coco(work, data)
+    load_script("make_demo_data", "00_make_demo_data.py").write_ocr_stand_in(work, os.path.join(data, "coco.json"))
     load_script("cluster", "03_cluster.py").main(["--work", work, "--k", str(K)])
     return data, work
 

@@ -1,0 +1,354 @@
+"""The probe protocol of 05_eval.py on arrays: weighted k-NN (DINO), the L2-regularised logistic-regression probe
+with its C search (CLIP's protocol: C searched on a validation part of probe-train, refitted on all of it,
+scored once on probe-test), multi-label mAP, OCR token recall@k, dense mIoU, and the report's columns. Every
+probe takes L2-normalised features, labels, a split per row (0 train, 1 validation, 2 probe-test) and a
+ProbeSettings; none reads or writes a file (05 does: the data, the encoders, extraction, t-SNE, the report).
+
+    import probes
+    s = probes.ProbeSettings(device="cpu")
+    res = probes.classification_probe(probes.unit(x), labels, split, s)   # {"linear": {"top1", "C", ...}, "knn": ...}
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+KNN_K = 10
+KNN_TEMPERATURE = 0.07       # DINO's weighted k-NN
+C_GRID = [10.0 ** e for e in range(-2, 7)]     # CLIP searched 1e-6..1e6; below 1e-2 nothing is learnt on unit features
+C_REFINE = 2                 # halving rounds around the best C (half, then quarter decade)
+PROBE_ITERS = 1000           # L-BFGS iterations per fit at most (CLIP's max_iter)
+TOL_GRAD = 1e-4              # L-BFGS stops at this max-abs gradient of the mean loss (sklearn's tol)
+RECALL_AT = 5
+DENSE_MAX_PATCHES = 5_000    # training patches of the dense probe (a seeded subsample; raise it on a GPU)
+
+
+@dataclass
+class ProbeSettings:
+    """What the probes take besides the arrays (05's --knn-k, --knn-temperature, --c-refine, --probe-iters,
+    --dense-max-patches, --seed, and the device)."""
+    knn_k: int = KNN_K
+    knn_temperature: float = KNN_TEMPERATURE
+    c_refine: int = C_REFINE
+    probe_iters: int = PROBE_ITERS
+    dense_max_patches: int = DENSE_MAX_PATCHES
+    seed: int = 0
+    device: object = "cpu"
+
+
+
+def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(train_x, train_y, test_x, k: int, temperature: float, device="cpu", block: int = 4096):
+    """Weighted k-NN on cosine similarity: the k most similar training rows vote with exp(cos / T).
+    Labels are ints 0..C-1; returns predicted labels. Rows must be L2-normalised."""
+    import torch
+    tr = torch.as_tensor(train_x, device=device)
+    ty = torch.as_tensor(train_y, device=device, dtype=torch.long)
+    C = int(ty.max()) + 1
+    k = min(k, len(tr))
+    out = []
+    for s in range(0, len(test_x), block):
+        sims = torch.as_tensor(test_x[s: s + block], device=device) @ tr.T
+        top, idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(sims), C, device=device, dtype=torch.float64)
+        votes.scatter_add_(1, ty[idx], torch.exp(top.double() / temperature))
+        out.append(votes.argmax(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+@dataclass
+class Linear:
+    W: object                    # (d, K) torch tensor
+    b: object                    # (K,)
+    iters: int                   # L-BFGS iterations used (the cap: stopped before the tolerance was met)
+
+
+def fit_linear(x, y, C: float, num_outputs: int, multilabel: bool = False, iters: int = PROBE_ITERS,
+               tol: float = TOL_GRAD, device="cpu") -> Linear:
+    """L2-regularised logistic regression with sklearn's objective 0.5 |W|^2 + C sum_i loss_i (bias not
+    penalised), divided by C n: mean loss + |W|^2 / (2 C n). Softmax cross-entropy over num_outputs classes
+    (y int, -1 = no class: left out) or, multilabel, the sum of per-output BCE (y multi-hot (n, num_outputs)).
+    Full-batch L-BFGS (strong-Wolfe line search) from zero, stopped as sklearn stops: max-abs gradient below
+    `tol` (sklearn's default 1e-4), or after `iters` iterations (CLIP: 1000)."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.as_tensor(x, device=device, dtype=torch.float32)
+    y = torch.as_tensor(y, device=device)
+    if not multilabel:
+        keep = y >= 0
+        x, y = x[keep], y[keep].long()
+    n, d = x.shape
+    # centred features: the same optimum (the unpenalised bias absorbs the mean, folded back below), but the
+    # bias no longer couples to W along the mean direction, which L-BFGS otherwise crawls along on nearly
+    # collinear features (untrained encoders)
+    mu = x.mean(0) if n else torch.zeros(d, device=device)
+    x = x - mu
+    W = torch.zeros(d, num_outputs, device=device, requires_grad=True)
+    b = torch.zeros(num_outputs, device=device, requires_grad=True)
+    lam = 1.0 / (C * max(n, 1))
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=2 * iters, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ W + b
+        if multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum") / n
+        else:
+            loss = F.cross_entropy(logits, y)
+        loss = loss + 0.5 * lam * (W * W).sum()
+        loss.backward()
+        return loss
+
+    if n:
+        with torch.enable_grad():
+            opt.step(closure)
+    used = int(opt.state[W].get("n_iter", 0)) if n else 0
+    W, b = W.detach(), b.detach()
+    return Linear(W, b - mu @ W, used)
+
+
+def linear_scores(x, m: Linear, device="cpu"):
+    import torch
+    return (torch.as_tensor(x, device=device, dtype=torch.float32) @ m.W + m.b).cpu().numpy()
+
+
+def search_c(fit, score, grid=C_GRID, refine: int = C_REFINE) -> tuple[float, list, Linear]:
+    """CLIP's search: every decade of `grid`, then `refine` rounds that halve the step around the best.
+    fit(C) -> model, score(model) -> validation score (higher is better). Returns (best C, [(C, score)] in the
+    order tried, the best C's model); among equal scores the smallest C (the strongest regularisation) wins."""
+    tried, models = {}, {}
+    for C in grid:
+        models[C] = fit(C)
+        tried[C] = score(models[C])
+
+    def best():
+        top = max(tried.values())
+        return min(c for c, v in tried.items() if v == top)
+
+    step = 1.0
+    for _ in range(refine):
+        step /= 2
+        c0 = best()
+        for C in (c0 / 10 ** step, c0 * 10 ** step):
+            if C not in tried:
+                models[C] = fit(C)
+                tried[C] = score(models[C])
+    c = best()
+    return c, [(float(k), float(v)) for k, v in tried.items()], models[c]
+
+
+def encode_labels(*arrays):
+    """Labels (any hashable) -> ints 0..C-1 over the classes of arrays[0] (probe-train), -1 for a class it does
+    not have (a probe-test sample of such a class always counts as wrong)."""
+    classes = sorted(set(arrays[0].tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [np.array([index.get(v, -1) for v in a.tolist()], np.int64) for a in arrays]
+
+
+def classification_probe(x, labels, split, settings: ProbeSettings) -> dict:
+    """Linear probe (CLIP protocol) and weighted k-NN, top-1 accuracy. x: L2-normalised rows; labels: ints or
+    strings; split per row: 0 train, 1 validation (part of probe-train), 2 probe-test."""
+    dev, iters, refine = settings.device, settings.probe_iters, settings.c_refine
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
+    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
+    counts["classes"] = len(classes)
+    counts["test_of_unseen_classes"] = int((y_te < 0).sum())
+    if counts["test"] == 0 or len(classes) < 2:
+        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 classes in probe-train",
+                "counts": counts}
+    res = {"counts": counts, "majority_top1": float((y_te == np.bincount(y_full).argmax()).mean())}
+    # linear: C searched train -> validation, refitted on train + validation, scored once on probe-test
+    if counts["val"] and len(set(y_tr.tolist())) >= 2:
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=iters, device=dev),
+            lambda m: float((linear_scores(x[va], m, dev).argmax(1) == y_va).mean()), refine=refine)
+    else:                                               # too few images for a validation part
+        C, search = 1.0, []
+    final = fit_linear(x[full], y_full, C, len(classes), iters=iters, device=dev)
+    res["linear"] = {"top1": float((linear_scores(x[te], final, dev).argmax(1) == y_te).mean()), "C": C,
+                     "iters": final.iters, "search": search, "val_metric": "top1"}
+    pred = knn_predict(x[full], y_full, x[te], settings.knn_k, settings.knn_temperature, dev)
+    res["knn"] = {"top1": float((pred == y_te).mean()), "k": min(settings.knn_k, int(full.sum())),
+                  "temperature": settings.knn_temperature}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def mean_average_precision(scores, Y) -> tuple[float, int]:
+    """(macro mean of sklearn's average precision over the columns of Y with a positive, their number)."""
+    from sklearn.metrics import average_precision_score
+    cols = Y.sum(0) > 0
+    if not cols.any():
+        return float("nan"), 0
+    return float(average_precision_score(Y[:, cols], scores[:, cols], average="macro")), int(cols.sum())
+
+
+def multilabel_probe(x, sets: list, split, settings: ProbeSettings) -> dict:
+    """Multi-label linear probe (one BCE output per label seen in probe-train, CLIP's protocol otherwise) ->
+    mAP over the labels present in probe-test. sets: per row the set of its labels (may be empty). Baseline:
+    a constant score, whose average precision is the label's prevalence in probe-test."""
+    dev, iters, refine = settings.device, settings.probe_iters, settings.c_refine
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    vocab = sorted({v for i in np.flatnonzero(full) for v in sets[i]}, key=str)
+    index = {v: k for k, v in enumerate(vocab)}
+    Y = np.zeros((len(sets), len(vocab)), np.float32)
+    for i, s in enumerate(sets):
+        for v in s:
+            if v in index:
+                Y[i, index[v]] = 1
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum()), "labels": len(vocab),
+              "test_labels_unseen": len({v for i in np.flatnonzero(te) for v in sets[i]} - set(vocab))}
+    if counts["test"] == 0 or len(vocab) < 2:
+        return {"skipped": "no probe-test rows" if counts["test"] == 0 else "fewer than 2 labels in probe-train",
+                "counts": counts}
+    present = Y[te].sum(0) > 0
+    res = {"counts": counts, "prevalence_map": float(Y[te][:, present].mean(0).mean()) if present.any() else None}
+    if counts["val"] and (Y[va].sum(0) > 0).any():
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=iters, device=dev),
+            lambda m: mean_average_precision(linear_scores(x[va], m, dev), Y[va])[0], refine=refine)
+    else:
+        C, search = 1.0, []
+    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=iters, device=dev)
+    m, scored = mean_average_precision(linear_scores(x[te], final, dev), Y[te])
+    res["linear"] = {"map": m, "labels_scored": scored, "C": C, "iters": final.iters, "search": search,
+                     "val_metric": "map"}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def recall_at(scores, targets: list, k: int) -> float:
+    """Mean over rows of |top-k outputs by score  intersect  targets| / |targets| (rows without targets left out)."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    r = [len(set(t.tolist()) & set(row.tolist())) / len(t) for row, t in zip(top, targets) if len(t)]
+    return float(np.mean(r)) if r else float("nan")
+
+
+def ocr_probe(x, tokens: list, words: np.ndarray, split, settings: ProbeSettings) -> dict:
+    """Multi-label linear probe over the token ids of probe-train -> recall@5; word k-NN accuracy."""
+    dev, iters, refine = settings.device, settings.probe_iters, settings.c_refine
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    full = tr | va
+    counts = {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum())}
+    vocab = sorted({t for i in np.flatnonzero(full) for t in tokens[i]})
+    index = {t: k for k, t in enumerate(vocab)}
+    counts["token_ids"] = len(vocab)
+    if counts["test"] == 0 or len(vocab) < 2:
+        return {"skipped": "no probe-test text boxes" if counts["test"] == 0 else "fewer than 2 token ids",
+                "counts": counts}
+    # targets as output positions; ids never seen in probe-train become -1: they can never be recalled
+    targets = [np.array([index.get(t, -1) for t in tokens[i]], np.int64) for i in range(len(tokens))]
+    Y = np.zeros((len(tokens), len(vocab)), np.float32)
+    for i, t in enumerate(targets):
+        Y[i, t[t >= 0]] = 1
+    te_targets = [targets[i] for i in np.flatnonzero(te)]
+    freq = Y[full].sum(0)                              # baseline: probe-train's most frequent token ids
+    res = {"counts": counts, f"frequency_recall@{RECALL_AT}": recall_at(
+        np.broadcast_to(freq, (int(te.sum()), len(vocab))), te_targets, RECALL_AT)}
+    if counts["val"]:
+        va_targets = [targets[i] for i in np.flatnonzero(va)]
+        C, search, _ = search_c(
+            lambda C: fit_linear(x[tr], Y[tr], C, len(vocab), multilabel=True, iters=iters, device=dev),
+            lambda m: recall_at(linear_scores(x[va], m, dev), va_targets, RECALL_AT), refine=refine)
+    else:
+        C, search = 1.0, []
+    final = fit_linear(x[full], Y[full], C, len(vocab), multilabel=True, iters=iters, device=dev)
+    res["linear"] = {f"recall@{RECALL_AT}": recall_at(linear_scores(x[te], final, dev), te_targets, RECALL_AT),
+                     "C": C, "iters": final.iters, "search": search, "val_metric": f"recall@{RECALL_AT}"}
+    words_seen, (y_full, y_te) = encode_labels(words[full], words[te])
+    pred = knn_predict(x[full], y_full, x[te], settings.knn_k, settings.knn_temperature, dev)
+    res["knn"] = {"word_top1": float((pred == y_te).mean()), "k": min(settings.knn_k, int(full.sum())),
+                  "words_in_probe_train": len(words_seen), "test_words_unseen": int((y_te < 0).sum())}
+    res["time_s"] = round(time.time() - t0, 3)
+    return res
+
+
+def miou(pred, truth, num_classes: int) -> tuple[float, int]:
+    """(mean IoU over the classes present in `truth`, their number); ints in 0..num_classes-1."""
+    conf = np.bincount(truth * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    present = conf.sum(1) > 0
+    return float((tp[present] / union[present]).mean()), int(present.sum())
+
+
+def dense_probe(tokens, labels, split, settings: ProbeSettings) -> dict:
+    """A linear classifier (the same logistic regression and C search) on L2-normalised patch tokens -> mIoU
+    and patch accuracy on the probe-test patches. Training patches: a seeded subsample of at most
+    settings.dense_max_patches (05: --dense-max-patches) of probe-train minus validation (full-batch L-BFGS
+    over every patch is the cost);
+    validation and probe-test patches: all."""
+    dev, iters, refine = settings.device, settings.probe_iters, settings.c_refine
+    t0 = time.time()
+    keep = labels >= 0
+    tr, va, te = keep & (split == 0), keep & (split == 1), keep & (split == 2)
+    if tr.sum() > settings.dense_max_patches:
+        sub = np.zeros_like(tr)
+        rng = np.random.default_rng(settings.seed)
+        sub[rng.choice(np.flatnonzero(tr), settings.dense_max_patches, replace=False)] = True
+        tr = sub
+    counts = {"train_patches": int(tr.sum()), "val_patches": int(va.sum()), "test_patches": int(te.sum()),
+              "unknown_patches": int((~keep).sum())}
+    full = tr | va
+    classes, (y_full, y_tr, y_va, y_te) = encode_labels(labels[full], labels[tr], labels[va], labels[te])
+    counts["classes"] = len(classes)
+    if counts["test_patches"] == 0 or len(classes) < 2:
+        return {"skipped": "no probe-test patches" if not counts["test_patches"] else "fewer than 2 classes",
+                "counts": counts}
+    K = len(classes) + 1                               # one more slot: classes that probe-train never shows
+    y_va, y_te = np.where(y_va < 0, K - 1, y_va), np.where(y_te < 0, K - 1, y_te)
+    x = unit(tokens)
+    # the searched model is kept (no refit on train + validation): the training patches are a subsample
+    # anyway, and a refit on every validation patch would cost as much as the whole search
+    if counts["val_patches"] and len(set(y_tr.tolist())) >= 2:
+        C, search, final = search_c(
+            lambda C: fit_linear(x[tr], y_tr, C, len(classes), iters=iters, device=dev),
+            lambda m: miou(linear_scores(x[va], m, dev).argmax(1), y_va, K)[0], refine=refine)
+    else:
+        C, search = 1.0, []
+        final = fit_linear(x[full], y_full, C, len(classes), iters=iters, device=dev)
+    pred = linear_scores(x[te], final, dev).argmax(1)
+    m, present = miou(pred, y_te, K)
+    return {"counts": {**counts, "test_classes_present": present},
+            "linear": {"miou": m, "patch_accuracy": float((pred == y_te).mean()), "C": C, "iters": final.iters,
+                       "search": search, "val_metric": "miou"},
+            "majority_miou": miou(np.full_like(y_te, np.bincount(y_full).argmax()), y_te, K)[0],
+            "time_s": round(time.time() - t0, 3)}
+
+
+# the report's columns: (header, probe key, metric path); 05's markdown() writes them
+COLUMNS = [
+    ("image linear", "image", ("linear", "top1")), ("image k-NN", "image", ("knn", "top1")),
+    ("image mAP", "present_classes", ("linear", "map")),
+    # "image mAP (<field>)" for each category field (image_contents) goes here: markdown() inserts them
+    ("count linear", "object_count", ("linear", "top1")),
+    ("obj linear (region)", "objects_region", ("linear", "top1")),
+    ("obj k-NN (region)", "objects_region", ("knn", "top1")),
+    ("obj linear (pooled)", "objects_pooled", ("linear", "top1")),
+    ("obj k-NN (pooled)", "objects_pooled", ("knn", "top1")),
+    ("OCR R@5 (region)", "ocr_region", ("linear", "recall@5")),
+    ("word k-NN (region)", "ocr_region", ("knn", "word_top1")),
+    ("OCR R@5 (pooled)", "ocr_pooled", ("linear", "recall@5")),
+    ("word k-NN (pooled)", "ocr_pooled", ("knn", "word_top1")),
+    ("dense mIoU", "dense", ("linear", "miou")),
+]
+
+
+def metric(probes: dict, key: str, path) -> float | None:
+    v = probes.get(key)
+    for p in path:
+        v = v.get(p) if isinstance(v, dict) else None
+    return v
