@@ -593,7 +593,7 @@ def main(argv=None):
         elapsed = time.time() - t0
         ok = counts["ok"]
         print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
-              + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+              + workdir.counts_line(counts)
               + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v)
               + (" (none: not read, too small, or no entry in --boxes)" if sources["none"] else "")
               + f"; {elapsed:.1f} s, {len(table) / max(elapsed, 1e-9):.1f} images/s", flush=True)

@@ -478,7 +478,7 @@ def summarize(m, status, found, line_offsets, table, num_chunks, done_before, ch
         new = ~np.isin(chunks, np.fromiter(done_before, np.int64, len(done_before)))
         new_ok += int((new & (np.asarray(table.status[s:e]) == workdir.OK)).sum())
     lines, lines_found = m["rows"]["lines"], m["lines_found"]
-    print("ocr: images by status: " + ", ".join(f"{v} {k}" for k, v in m["status_counts"].items() if v), flush=True)
+    print("ocr: images by status: " + workdir.counts_line(m["status_counts"]), flush=True)
     print(f"ocr: lines found {lines_found}, kept {lines} (score > {m['min_score']}), dropped "
           f"{lines_found - lines} by score; {m['rows']['tokens']} token labels "
           f"({m['rows']['tokens'] / max(lines, 1):.1f} per line, {m['lines_without_tokens']} lines without)",

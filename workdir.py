@@ -731,6 +731,11 @@ def npz_shape(path: str, name: str) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+def counts_line(counts: dict) -> str:
+    """"45 ok, 15 no_regions": the non-zero counts of a status histogram, for the stages' summary lines."""
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+
 def count_values(array, names: list[str], block: int = 1 << 24) -> dict:
     """{name: how many entries equal its index}, read in blocks so memory stays flat."""
     counts = np.zeros(len(names), np.int64)
@@ -1511,8 +1516,8 @@ def ensure_image_table(work: str, source: str | None, max_pixels: int | None = N
                             members={"files": members[0], "not_image_or_json": members[1], "bad_json": members[2]})
         shutil.rmtree(lst, ignore_errors=True)
         finish_stage(folder, manifest)
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        shards = (f" from {n_units} shards (" + ", ".join(f"{v} {k}" for k, v in shard_counts.items() if v) + ")"
+        summary = counts_line(counts)
+        shards = (f" from {n_units} shards (" + counts_line(shard_counts) + ")"
                   if info["kind"] == "tar" else "")
         print(f"image table: {rows['status']} samples{shards}: {summary}", flush=True)
         if counts["too_large"]:
