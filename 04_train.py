@@ -752,9 +752,7 @@ def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except (ValueError, KeyError):
                         pass                          # a line cut off by the kill
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
+            workdir.write_bytes(log_path, "".join(kept).encode())
     workdir.say(f"train: resumed from {latest} at step {step}")
     return step
 
