@@ -464,7 +464,8 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
     workdir.write_npy(os.path.join(folder, "status.npy"), np.zeros(len(table), np.uint8))
     fingerprint = workdir.read_manifest(os.path.join(work, "images"))["fingerprint"]
     return workdir.finish_stage(folder, {"stage": "ocr", "image_table": fingerprint,
-                                         "tokenizer": {"vocab_size": 49408, "max_tokens": workdir.OCR_MAX_TOKENS},
+                                         "tokenizer": {"vocab_size": 49408,      # CLIP BPE, as 02's
+                                                       "max_tokens": workdir.OCR_MAX_TOKENS},
                                          "rows": {"images": len(table), "lines": len(boxes)},
                                          "note": "the world's own words (00_make_demo_data.write_ocr_stand_in)"})
 

@@ -83,9 +83,7 @@ BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", help="tar shards (a brace pattern, a glob, a folder of .tar, a list of .tar paths), "
-                                    "a folder of images (recursive) or a text file of paths; optional once "
-                                    "<work>/images exists")
+    p.add_argument("--images", help=workdir.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--boxes", help="COCO-format JSON, or a folder of SA-1B per-image JSON files; default: run SAM")
     p.add_argument("--exclude-categories", default="text", help="comma-separated COCO category names to skip")

@@ -91,9 +91,7 @@ MAX_ENGINE_PIXELS = 1 << 24     # the detector's input (after the engine's own r
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", help="tar shards (a brace pattern, a glob, a folder of .tar, a list of .tar paths), "
-                                    "a folder of images (recursive) or a text file of paths; optional once "
-                                    "<work>/images exists")
+    p.add_argument("--images", help=workdir.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--engine", default=ENGINE, choices=["auto", "rapidocr", "paddle"])
     p.add_argument("--det-model", help="rapidocr: detection ONNX file (default: the wheel's PP-OCR det model)")

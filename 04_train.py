@@ -135,8 +135,8 @@ EPS = 1e-6
 WARMUP = 2000                 # MLCD Tab. 10
 NUM_REGIONS = 10              # RICE Tab. 5a
 IMAGE_TOPL = workdir.IMAGE_TOPL  # MLCD Sec. 4.1: l = 8
-OCR_VOCAB = 49408             # CLIP BPE, 02_extract_ocr.py
-RHO, SCALE, MARGIN = 0.1, 64.0, 0.3
+OCR_VOCAB = losses.CLIP_BPE_VOCAB   # CLIP BPE, 02_extract_ocr.py's labels
+RHO, SCALE, MARGIN = losses.RHO, losses.SCALE, losses.MARGIN   # RICE Sec. 3.3 and 4.1
 NO_DECAY = ("class_embedding", "class_pos_emb", "position_embedding")   # as MAE / timm: tokens and positions
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
 # settings that fix the data order and the model; a resume must keep them

@@ -52,6 +52,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the papers' loss settings: negatives at rate rho (RICE Sec. 3.3; MLCD Sec. 4.1's r), scale s and margin m on
+# positives (RICE Sec. 4.1, "following ArcFace"); 04_train.py's defaults are these
+RHO, SCALE, MARGIN = 0.1, 64.0, 0.3
+CLIP_BPE_VOCAB = 49_408     # the OCR bank's classes: CLIP's BPE token ids (RICE Eq. 4; 02's labels)
 NEGATIVE_RULES = ("per-row", "shared", "partial-fc")
 DRAW_BLOCK = 65536          # class ids per block of random numbers: the draw does not depend on the sharding
 
@@ -302,7 +306,7 @@ class CentreBank(nn.Module):
     micro-batch, then bank(embeddings_a, draw=draws[a]) for each; the losses add up to the step's mean.
     """
 
-    def __init__(self, num_classes: int, dim: int, rho: float = 0.1, scale: float = 64.0, margin: float = 0.3,
+    def __init__(self, num_classes: int, dim: int, rho: float = RHO, scale: float = SCALE, margin: float = MARGIN,
                  margin_kind: str = "arcface", group=None, sparse_grad: bool = False, init_std: float = 0.01,
                  negatives: str = "per-row"):
         super().__init__()

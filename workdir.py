@@ -830,6 +830,10 @@ class Source:
     list_file: str | None       # kind files: a text file with one path per line, else None (a folder walk)
 
 
+IMAGES_HELP = ("tar shards (a brace pattern, a glob, a folder of .tar, a list of .tar paths), a folder of images "
+               "(recursive) or a text file of paths; optional once <work>/images exists")
+
+
 def resolve_source(source: str) -> Source:
     """--images: a folder of images (recursive), a text file of image paths, or tar shards: a brace pattern
     (/data/laion/{00000..41407}.tar), a glob (/data/*.tar), a folder whose top level holds .tar files, one
