@@ -505,8 +505,11 @@ def main(argv=None):
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise SystemExit(f"error: --mix takes three shares OBJECTS,TEXT,BOTH that sum to 1, got {args.mix!r}")
     mix = dict(zip(MIX, shares))
-    if args.size < 128:
-        raise SystemExit("error: --size must be at least 128 (the largest words need the width)")
+    if not 128 <= args.size <= 4096:
+        raise SystemExit("error: --size must be in [128, 4096] (the largest words need 128 px; a demo image needs "
+                         "no more than 4096)")
+    if args.seed < 0:
+        raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
     from tqdm import tqdm
     if mix["text"] or mix["both"]:             # an objects-only world (--mix 1,0,0) draws no word
         check_fonts()

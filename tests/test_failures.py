@@ -355,3 +355,12 @@ def test_ctrl_c_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(mine, "feature_model", lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(SystemExit, match="^interrupted: finished work is kept; rerun the same command"):
         mine.main(["--images", str(root), "--work", str(tmp_path / "w"), *boxes_for(str(root))])
+
+
+def test_demo_world_flags_are_one_line(tmp_path):
+    for flags, what in ((["--seed", "-5"], "--seed"), (["--size", "100000"], "--size"), (["--size", "64"], "--size"),
+                        (["--num-images", "0"], "--num-images"), (["--shard-size", "0"], "--shard-size"),
+                        (["--vocab-size", "0"], "--vocab-size"), (["--mix", "1,1"], "--mix")):
+        with pytest.raises(SystemExit, match=f"^error: {what} "):
+            demo.main(["--out", str(tmp_path / "d"), *flags])
+        assert not (tmp_path / "d" / "manifest.json").exists()           # refused before anything is written
