@@ -389,6 +389,10 @@ class Preprocess:
     source: str = "kit"
     transform: object = None               # open_clip: its own transform (PIL image -> normalised tensor)
 
+    def __post_init__(self):
+        if self.transform is None and (self.mode not in ("shortest", "squash") or self.round_offset):
+            raise ValueError(f"resize {self.mode!r} (rounded offsets: {self.round_offset}) needs its own transform")
+
     def geometry(self, w: int, h: int) -> tuple[float, float, float, float, int, int]:
         """(scale x, scale y, left, top, resized width, height): output pixel = input pixel * scale - offset."""
         S = self.size
@@ -405,27 +409,20 @@ class Preprocess:
         return nw / w, nh / h, float(left), float(top), nw, nh
 
     def pixels(self, img):
-        """The normalised (3, S, S) float tensor of a PIL RGB image."""
+        """The normalised (3, S, S) float tensor of a PIL RGB image: the encoder's own transform, else
+        workdir.resize_crop + normalize with this resampling and these statistics (the modes without a transform
+        are "shortest" floored and "squash": the kit's and CLIPImageProcessor's)."""
         import torch
         if self.transform is not None:
             return self.transform(img)
-        sx, sy, left, top, nw, nh = self.geometry(*img.size)
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), self.resample)
-        S = self.size
-        a = np.zeros((S, S, 3), np.uint8)                  # (only "longest" pads: with black)
-        x0, y0 = int(max(left, 0)), int(max(top, 0))
-        px, py = int(max(-left, 0)), int(max(-top, 0))
-        crop = np.asarray(img.crop((x0, y0, x0 + min(S, nw), y0 + min(S, nh))), np.uint8)
-        a[py: py + crop.shape[0], px: px + crop.shape[1]] = crop
-        x = torch.from_numpy(a).permute(2, 0, 1).float()      # as workdir.normalize computes it, in 0..255
-        return (x - torch.tensor(self.mean).view(3, 1, 1) * 255) / (torch.tensor(self.std).view(3, 1, 1) * 255)
+        pixels, _, _ = workdir.resize_crop(img, self.size, crop="center" if self.mode == "shortest" else "squash",
+                                           resample=self.resample)
+        return workdir.normalize(torch.from_numpy(pixels.copy())[None], self.mean, self.std)[0]
 
     def boxes(self, boxes, w: int, h: int) -> np.ndarray:
-        """Boxes (x0 y0 x1 y1, input pixels) -> output pixels, clipped to the square."""
+        """Boxes (x0 y0 x1 y1, input pixels) -> output pixels, clipped to the square (workdir.move_boxes)."""
         sx, sy, left, top, _, _ = self.geometry(w, h)
-        b = np.asarray(boxes, np.float64).reshape(-1, 4) * [sx, sy, sx, sy] - [left, top, left, top]
-        return np.clip(b, 0, self.size).astype(np.float32)
+        return workdir.move_boxes(boxes, sx, sy, left, top, self.size)[0]
 
     def info(self) -> dict:
         return {"source": self.source, "size": self.size, "resize": self.mode, "resample": self.resample,
@@ -642,7 +639,9 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     """Features of every image for one encoder into <out>/features/<name>/; returns (arrays, encoder info)."""
     rank, world = workdir.dist_info()
     folder = os.path.join(args.out, "features", name)
-    key = {"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size, "seed": args.seed,
+    # rank 0 reads the weights for their hash (once, not once per rank); every rank gets the same key
+    identity = workdir.from_rank0(encoder_identity(spec, args.clip_config) if rank == 0 else None)
+    key = {"encoder": identity, "image_size": args.image_size, "seed": args.seed,
            "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "max_pixels": args.max_pixels,
            "version": 3}
     key = json.loads(json.dumps(key))

@@ -642,12 +642,13 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
     targets = {("array", n): os.path.join(folder, n + ".npy") for n in arrays}
     targets.update({("offsets", cn): os.path.join(folder, cn.replace("counts", "offsets") + ".npy") for cn in counted})
     tmp = {t: p + ".tmp.npy" for t, p in targets.items()}
-    if rank == 0:
+    def preallocate():
+        """(rank 0) The final arrays, their space checked as a whole first: a refusal comes before any byte is
+        written, the chunks stay, and every rank stops with the same line (on_rank0)."""
         layout = {n: npz_shape(files[0], n) if num_chunks else ((0,), np.dtype(np.float32)) for n in arrays}
         need = sum(total[n] * int(np.prod(s[1:], dtype=np.int64)) * d.itemsize for n, (s, d) in layout.items()) + \
             sum(8 * (total[cn] + 1) for cn in counted)
-        free = shutil.disk_usage(folder).free
-        if need > free:                        # before any byte: the chunks stay, the rerun merges them
+        if need > shutil.disk_usage(folder).free:
             raise SystemExit(disk_message(os.path.join(folder, "*.npy"), need, "not enough space for the merged "
                                           "arrays"))
         for n in arrays:
@@ -659,7 +660,7 @@ def merge_chunks(folder: str, num_chunks: int, per_image: list[str], per_row: di
             out[0] = 0
             out.flush()
             del out
-    barrier()
+    on_rank0(preallocate)
     layouts = {t: _npy_layout(p) for t, p in tmp.items()}
     fds = {t: os.open(p, os.O_WRONLY) for t, p in tmp.items()}
     try:
@@ -1578,7 +1579,8 @@ def short_side_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
     return nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
-def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_scale: float = 1.0):
+def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_scale: float = 1.0,
+                resample: int = 3):
     """PIL RGB image -> (uint8 array (size, size, 3), boxes (n, 4) float32 in output pixels, visible (n,)).
 
     crop "center": resize the short side to `size` (bicubic), cut the centre square (CLIPImageProcessor);
@@ -1587,17 +1589,17 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_
     (scale augmentation, as RandomResizedCrop with a fixed aspect ratio), cut and resized in one step;
     "squash": resize both sides to `size` (aspect ratio changes; nothing is cut).
     Boxes (x0 y0 x1 y1, input pixels) get the same scale and shift and are clipped to the output; `visible`
-    is the share of each box's (scaled) area that is left inside the output."""
-    from PIL import Image
+    is the share of each box's (scaled) area that is left inside the output. resample: PIL's filter code (3,
+    bicubic, the kit's; an HF folder's preprocessor_config.json may say 2, bilinear)."""
     w, h = img.size
     if crop == "random" and min_scale < 1:
         if rng is None:
             raise ValueError("crop='random' needs rng")
         side = min(w, h) * math.sqrt(rng.uniform(min_scale, 1.0))
         x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
-        pixels = np.asarray(img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side)), np.uint8)
+        pixels = np.asarray(img.resize((size, size), resample, box=(x0, y0, x0 + side, y0 + side)), np.uint8)
         s = size / side
-        return pixels, *_move_boxes(boxes, s, s, x0 * s, y0 * s, size)
+        return pixels, *move_boxes(boxes, s, s, x0 * s, y0 * s, size)
     if crop == "squash":
         sx, sy, nw, nh = size / w, size / h, size, size
     elif crop in ("center", "random"):
@@ -1606,7 +1608,7 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_
     else:
         raise ValueError(f"crop must be center, random or squash, got {crop!r}")
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), resample)
     if crop == "random":
         if rng is None:
             raise ValueError("crop='random' needs rng")
@@ -1616,10 +1618,10 @@ def resize_crop(img, size: int, boxes=None, crop: str = "center", rng=None, min_
     if (left, top, nw, nh) != (0, 0, size, size):
         img = img.crop((left, top, left + size, top + size))
     pixels = np.asarray(img, dtype=np.uint8)
-    return pixels, *_move_boxes(boxes, sx, sy, left, top, size)
+    return pixels, *move_boxes(boxes, sx, sy, left, top, size)
 
 
-def _move_boxes(boxes, sx, sy, left, top, size):
+def move_boxes(boxes, sx, sy, left, top, size):
     """Boxes scaled by (sx, sy), shifted by (-left, -top), clipped to [0, size]; the visible share of each."""
     if boxes is None:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
@@ -1631,12 +1633,13 @@ def _move_boxes(boxes, sx, sy, left, top, size):
     return c.astype(np.float32), visible.astype(np.float32)
 
 
-def normalize(pixels):
-    """uint8 (B, H, W, 3) or (B, 3, H, W) torch tensor -> float (B, 3, H, W) with CLIP's mean and std.
-    Done on the training device, so the loader ships uint8 (a quarter of the bytes of float32)."""
+def normalize(pixels, mean=IMAGE_MEAN, std=IMAGE_STD):
+    """uint8 (B, H, W, 3) or (B, 3, H, W) torch tensor -> float (B, 3, H, W) with CLIP's mean and std (or
+    another encoder's). Done on the training device, so the loader ships uint8 (a quarter of the bytes of
+    float32)."""
     import torch
     if pixels.shape[-1] == 3 and pixels.shape[1] != 3:
         pixels = pixels.permute(0, 3, 1, 2)
-    mean = torch.tensor(IMAGE_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGE_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255
     return (pixels.float() - mean) / std

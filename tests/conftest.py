@@ -23,6 +23,28 @@ def free_port():
         return s.getsockname()[1]
 
 
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_open_clip(folder, weights_name="tiny_clip.pt"):
+    """A one-layer random open_clip ViT ("kit-tiny-clip", seed 0) whose config is <folder>/kit-tiny-clip.json
+    (registered with open_clip) and whose weights are <folder>/<weights_name>: (config file, weights file,
+    model, its preprocessing transform)."""
+    import json
+    import open_clip
+    import torch
+    cfg_file = os.path.join(folder, "kit-tiny-clip.json")
+    with open(cfg_file, "w") as f:
+        json.dump(TINY_CLIP, f)
+    open_clip.add_model_config(cfg_file)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)
+    weights = os.path.join(folder, weights_name)
+    torch.save(model.state_dict(), weights)
+    return cfg_file, weights, model, preprocess
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """40 demo images of 128 px with objects and plainly printed words (seed 0), as loose files with their COCO

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, free_port, load_script
+from conftest import ROOT, free_port, load_script, tiny_open_clip
 
 import model as model_py  # noqa: E402
 import probes  # noqa: E402
@@ -29,18 +29,11 @@ FAST = ["--c-refine", "0", "--dense-max-patches", "1000"]     # the suite's time
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """60 demo images of 128 px, a tiny random kit checkpoint and a tiny random open_clip ViT saved to a file."""
-    import open_clip
     d = tmp_path_factory.mktemp("evalworld")
     demo.main(["--out", str(d / "data"), "--num-images", "60", "--size", "128", "--workers", "1"])
     torch.manual_seed(1)
     torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny"))), d / "tiny.pt")
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "kit-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(d / "kit-tiny-clip.json"))
-    torch.manual_seed(0)
-    clip, _, _ = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)
-    torch.save(clip.state_dict(), d / "tiny_clip.pt")
+    tiny_open_clip(d)                            # d / "kit-tiny-clip.json", d / "tiny_clip.pt"
     return d
 
 

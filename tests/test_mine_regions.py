@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, tiny_open_clip
 
 import workdir  # noqa: E402
 
@@ -197,16 +197,7 @@ def test_tiny_sam_automatic_mask_generator(tmp_path):
 
 
 def test_open_clip_features_from_a_local_file(odd_folder, tmp_path):
-    import open_clip
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    cfg_file = tmp_path / "kit-tiny-clip.json"
-    cfg_file.write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(cfg_file))
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)
-    weights = tmp_path / "tiny_clip.pt"
-    torch.save(model.state_dict(), weights)
+    cfg_file, weights, model, preprocess = tiny_open_clip(tmp_path)
     work = tmp_path / "w"
     mine.main(["--images", str(odd_folder / "images"), "--work", str(work), "--boxes", str(odd_folder / "coco.json"),
                "--features", "clip", "--clip-model", "kit-tiny-clip", "--clip-config", str(cfg_file),
@@ -284,17 +275,9 @@ def test_loader_workers_and_cross_image_batches(many_images, tmp_path):
     # as the in-process loop for any number of workers; the pixel stand-in's bytes also for any --feature-batch,
     # CLIP's within a float16 step of one crop per forward (float sums depend on the batch's shape, not on the
     # images around a crop)
-    import open_clip
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    cfg_file = tmp_path / "kit-tiny-clip.json"
-    cfg_file.write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(cfg_file))
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=None)[0].state_dict(),
-               tmp_path / "clip.pt")
+    cfg_file, weights, _, _ = tiny_open_clip(tmp_path, "clip.pt")
     clip = ["--features", "clip", "--clip-model", "kit-tiny-clip", "--clip-config", str(cfg_file),
-            "--clip-pretrained", str(tmp_path / "clip.pt"), "--device", "cpu"]
+            "--clip-pretrained", str(weights), "--device", "cpu"]
 
     def outputs(name, *flags):
         base = ["--images", str(many_images / "images"), "--work", str(tmp_path / name), "--boxes",
