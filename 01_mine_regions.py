@@ -57,6 +57,7 @@ from functools import partial
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sam_boxes  # noqa: E402
 import workdir  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
@@ -65,9 +66,12 @@ MIN_BOX_SIDE = 128          # RICE: candidate boxes with short side >= 128 px
 MIN_IMAGE_SIDE = 336        # RICE: images with short side >= 336 px
 DEDUP_IOU = 0.9             # boxes overlapping a higher-scored kept box above this IoU are near-duplicates
 MAX_REGIONS = 0             # keep at most this many boxes per image, best score first (0 = all)
-SAM_MODEL = "vit_h"         # vit_h | vit_l | vit_b (segment_anything), tiny (a small random SAM: tests only)
-SAM_MAX_SIDE = 1500         # larger images are downscaled for SAM (masks are full-size per image otherwise)
-POINTS_PER_SIDE, POINTS_PER_BATCH = 32, 64       # SamAutomaticMaskGenerator defaults
+SAM_MODEL = "vit_h"         # vit_h | vit_l | vit_b (segment_anything); sam2.1_hiera_t / s / b+ / l (sam2); tiny,
+                            # tiny-sam2 (small random SAM / SAM 2: tests only)
+SAM_MAX_SIDE = 1500         # larger images are downscaled for SAM (its logits are full-size per mask otherwise)
+POINTS_PER_SIDE = 32        # SamAutomaticMaskGenerator's default
+POINTS_PER_BATCH = {"cpu": 64, "cuda": 1024}     # decoder points per call: the stock default; a whole 32^2 grid
+SAM_BATCH = {"cpu": 1, "cuda": 8}                # images (crops) per image-encoder forward
 PRED_IOU_THRESH, STABILITY_SCORE_THRESH, BOX_NMS_THRESH = 0.88, 0.95, 0.7
 CROP_N_LAYERS, MIN_MASK_REGION_AREA = 0, 0
 FEATURES = "clip"
@@ -88,10 +92,22 @@ def parse_args(argv):
     p.add_argument("--boxes", help="COCO-format JSON, or a folder of SA-1B per-image JSON files; default: run SAM")
     p.add_argument("--exclude-categories", default="text", help="comma-separated COCO category names to skip")
     p.add_argument("--sam-checkpoint", help="segment-anything checkpoint (.pth); required for SAM but for tiny")
-    p.add_argument("--sam-model", default=SAM_MODEL, choices=["vit_h", "vit_l", "vit_b", "tiny"])
+    p.add_argument("--sam-model", default=SAM_MODEL, choices=sam_boxes.model_names(), metavar="NAME",
+                   help="segment_anything's vit_h (RICE's SAM), vit_l, vit_b; SAM 2.1 through the sam2 package: "
+                   "sam2.1_hiera_t, _s, _b+, _l (or _tiny, _small, _base_plus, _large; sam2_hiera_* for SAM 2.0); "
+                   "tiny, tiny-sam2: small random models for tests (default %(default)s)")
     p.add_argument("--sam-max-side", type=int, default=SAM_MAX_SIDE)
+    p.add_argument("--sam-generator", default="boxes", choices=["boxes", "stock"],
+                   help="boxes: sam_boxes.BoxGenerator, the stock generator's boxes without its masks; stock: the "
+                   "package's own automatic mask generator (the same boxes, slower; used anyway for "
+                   "--min-mask-region-area > 0) (default %(default)s)")
+    p.add_argument("--sam-batch", type=int, help="images per SAM image-encoder forward (default 1 on CPU, 8 on GPU)")
+    p.add_argument("--sam-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the SAM encoder and decoder under bfloat16 autocast (GPUs); boxes may move (README)")
+    p.add_argument("--sam-compile", action="store_true", help="torch.compile the SAM image encoder")
     p.add_argument("--points-per-side", type=int, default=POINTS_PER_SIDE)
-    p.add_argument("--points-per-batch", type=int, default=POINTS_PER_BATCH)
+    p.add_argument("--points-per-batch", type=int, help="points per SAM decoder call (default 64 on CPU, the stock "
+                   "generator's; 1024 on GPU, halved while the GPU runs out of memory)")
     p.add_argument("--pred-iou-thresh", type=float, default=PRED_IOU_THRESH)
     p.add_argument("--stability-score-thresh", type=float, default=STABILITY_SCORE_THRESH)
     p.add_argument("--box-nms-thresh", type=float, default=BOX_NMS_THRESH)
@@ -116,6 +132,7 @@ def parse_args(argv):
     p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
     args = p.parse_args(argv)
     workdir.check_flags(args, {"sam_max_side": ">= 1", "points_per_side": ">= 1", "points_per_batch": ">= 1",
+                               "sam_batch": ">= 1",
                                "pred_iou_thresh": "[0, 1]", "stability_score_thresh": "[0, 1]",
                                "box_nms_thresh": "(0, 1]", "crop_n_layers": ">= 0", "min_mask_region_area": ">= 0",
                                "min_box_side": ">= 0", "min_image_side": ">= 0", "dedup_iou": "(0, 1]",
@@ -140,43 +157,117 @@ def parse_args(argv):
 # regions ---------------------------------------------------------------------------------------------------
 
 
-def build_sam(name: str, checkpoint: str | None):
-    """segment_anything's registry for vit_h/l/b; `tiny` is a 1-block SAM of random weights (or the given
-    checkpoint) so the real automatic-mask-generator path runs in tests without a download."""
-    from segment_anything import sam_model_registry
-    if name != "tiny":
-        return sam_model_registry[name](checkpoint=checkpoint)
+build_sam = sam_boxes.build_sam
+
+
+class SamRegions:
+    """SAM on batches of --sam-batch images in the main process, on the device: sam_boxes.BoxGenerator (or the
+    stock generator, --sam-generator stock), built at the first image that needs it (a run whose samples all carry
+    SA-1B boxes needs none). A weights file that is not the model's is one line (sam_boxes.build_sam)."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.gen = args, device, None
+        self.batch = args.sam_batch or SAM_BATCH[device.type]
+        self.points_per_batch = args.points_per_batch or POINTS_PER_BATCH[device.type]
+
+    def generator(self):
+        if self.gen is None:
+            args = self.args
+            if not args.sam_checkpoint and args.sam_model not in ("tiny", "tiny-sam2"):
+                raise SystemExit("error: some images have no boxes of their own (no SA-1B annotations in their "
+                                 "json, no --boxes): SAM runs on them and needs --sam-checkpoint (e.g. "
+                                 "sam_vit_h_4b8939.pth for vit_h, sam2.1_hiera_large.pt for sam2.1_hiera_l), or "
+                                 "give every image its boxes with --boxes (a COCO file or SA-1B json folder)")
+            try:
+                sam = build_sam(args.sam_model, args.sam_checkpoint, self.device)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            if args.sam_compile:
+                import torch
+                sam.image_encoder = torch.compile(sam.image_encoder)
+            settings = dict(points_per_side=args.points_per_side, points_per_batch=self.points_per_batch,
+                            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+                            box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers)
+            if args.sam_generator == "stock" or args.min_mask_region_area > 0:
+                self.gen = sam_boxes.stock_generator(sam, min_mask_region_area=args.min_mask_region_area, **settings)
+            else:
+                import torch
+                self.gen = sam_boxes.BoxGenerator(sam, image_batch=self.batch, **settings,
+                                                  dtype=torch.bfloat16 if args.sam_dtype == "bf16" else torch.float32)
+        return self.gen
+
+    def __call__(self, images):
+        """[(boxes, scores, areas) or an Exception] per PIL image; a device failure is raised (device_failure)."""
+        try:
+            return self.batch_regions(images)
+        except Exception as e:
+            if device_failure(e) and not out_of_memory(e, self):
+                raise
+            if len(images) == 1 and not out_of_memory(e, self):
+                return [e]
+        out = []                                     # one at a time: the failing image is the one recorded
+        for im in images:
+            try:
+                out.append(self.batch_regions([im]))
+            except Exception as e:
+                if device_failure(e):
+                    raise
+                out.append(e)
+        return [o[0] if isinstance(o, list) else o for o in out]
+
+    def batch_regions(self, images):
+        gen = self.generator()
+        if not isinstance(gen, sam_boxes.BoxGenerator):
+            return [sam_regions(gen, im, self.args.sam_max_side) for im in images]
+        return sam_regions_batch(gen, images, self.args.sam_max_side)
+
+
+def out_of_memory(e, sam):
+    """On a GPU out of memory, halve the decoder's points per call and the encoder's batch (both as small as
+    they go: False) and say so once; the call is then retried."""
     import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-    dim = 32
-    sam = Sam(
-        image_encoder=ImageEncoderViT(depth=1, embed_dim=dim, img_size=1024, mlp_ratio=2, num_heads=2, patch_size=16,
-                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[0], window_size=4,
-                                      out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                     mask_in_chans=8),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
-            depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2), transformer_dim=dim, iou_head_depth=1,
-            iou_head_hidden_dim=dim),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
-    if checkpoint:
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    return sam.eval()
+    gen = sam.gen
+    if not isinstance(e, torch.OutOfMemoryError) or not isinstance(gen, sam_boxes.BoxGenerator) or \
+            (gen.points_per_batch <= 64 and gen.image_batch <= 1):
+        return False
+    torch.cuda.empty_cache()
+    gen.points_per_batch, gen.image_batch = max(64, gen.points_per_batch // 2), max(1, gen.image_batch // 2)
+    print(f"warning: SAM ran out of GPU memory: now {gen.points_per_batch} points per decoder call and "
+          f"{gen.image_batch} images per encoder forward (--points-per-batch, --sam-batch)", file=sys.stderr, flush=True)
+    return True
 
 
-def sam_regions(generator, image, max_side):
-    """(boxes x0y0x1y1, scores, areas) from SAM's automatic mask generator, in original pixels."""
+def downscaled(image, max_side):
+    """(HWC uint8 array of the image with its long side at most max_side, the scale)."""
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))
     if scale < 1.0:
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
-    masks = generator.generate(np.asarray(image))
-    if not masks:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    xywh = np.array([m["bbox"] for m in masks], np.float32) / scale
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    return (boxes, np.array([m["predicted_iou"] for m in masks], np.float32),
-            np.array([m["area"] for m in masks], np.float32) / scale ** 2)
+    return np.asarray(image), scale
+
+
+def original_pixels(boxes, scores, areas, scale):
+    """Integer mask boxes x0y0x1y1 of the (downscaled) SAM input -> float32 boxes, scores, areas of the original
+    image, through SAM's x y w h (so the stock and the box-only generator give the same bytes)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).astype(np.float32) / scale
+    return (np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), np.asarray(scores, np.float32),
+            np.asarray(areas, np.float32) / scale ** 2)
+
+
+def sam_regions(generator, image, max_side):
+    """(boxes x0y0x1y1, scores, areas) of one PIL image in original pixels, from SAM's stock automatic mask
+    generator (SamAutomaticMaskGenerator, SAM2AutomaticMaskGenerator) or a sam_boxes.BoxGenerator."""
+    if isinstance(generator, sam_boxes.BoxGenerator):
+        return sam_regions_batch(generator, [image], max_side)[0]
+    pixels, scale = downscaled(image, max_side)
+    return original_pixels(*sam_boxes.stock_boxes(generator.generate(pixels)), scale)
+
+
+def sam_regions_batch(generator, images, max_side):
+    """sam_regions of several PIL images through one BoxGenerator call (the encoder sees them in one batch)."""
+    pixels, scales = zip(*[downscaled(im, max_side) for im in images])
+    return [original_pixels(*found, scale) for found, scale in zip(generator.generate_batch(list(pixels)), scales)]
 
 
 def xywh_boxes(anns):
@@ -481,28 +572,12 @@ def main(argv=None):
     t0 = time.time()
 
     box_file = BoxFile(args.boxes, set(args.exclude_categories.split(","))) if args.boxes else None
-    sam = {}
-
-    def sam_generator():
-        """Built at the first image that needs SAM: a run whose samples all carry SA-1B boxes needs none."""
-        if "gen" not in sam:
-            if args.sam_model != "tiny" and not args.sam_checkpoint:
-                raise SystemExit("error: some images have no boxes of their own (no SA-1B annotations in their "
-                                 "json, no --boxes): SAM runs on them and needs --sam-checkpoint "
-                                 "(e.g. sam_vit_h_4b8939.pth)")
-            from segment_anything import SamAutomaticMaskGenerator
-            sam["gen"] = SamAutomaticMaskGenerator(
-                build_sam(args.sam_model, args.sam_checkpoint).to(device), points_per_side=args.points_per_side,
-                points_per_batch=args.points_per_batch, pred_iou_thresh=args.pred_iou_thresh,
-                stability_score_thresh=args.stability_score_thresh, box_nms_thresh=args.box_nms_thresh,
-                crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area)
-        return sam["gen"]
-
-    if box_file is None and args.sam_model != "tiny" and not args.sam_checkpoint:
+    sam = SamRegions(args, device)
+    if box_file is None and args.sam_model not in ("tiny", "tiny-sam2") and not args.sam_checkpoint:
         # before any model is built: up to 200 evenly spaced readable rows show whether SAM will be needed
         sample = [r for r in range(0, len(table), max(1, len(table) // 200)) if table.status[r] == workdir.OK]
         if any(sa1b_annotations(table.read_json(r)) is None for r in sample):
-            sam_generator()                    # raises the message naming --sam-checkpoint
+            sam.generator()                    # raises the message naming --sam-checkpoint
     features = (PixelFeatures() if args.features == "pixels" else
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
     if rank == 0:
@@ -522,7 +597,7 @@ def main(argv=None):
 
     def process(start, end):
         """Rows [start, end): loader workers decode and prepare the images ahead (PrepareImage); here SAM runs
-        on the images that need it and CLIP on batches gathered across images (FeatureQueue)."""
+        on batches of the images that need it and CLIP on batches gathered across images (FeatureQueue)."""
         from PIL import Image
         n = end - start
         status = np.zeros(n, np.uint8)
@@ -531,23 +606,15 @@ def main(argv=None):
         image_feat = np.zeros((n, features.dim), np.float16)
         boxes, scores, areas, regions = [], [], [], []
         queue = FeatureQueue(features, args.feature_batch, features.dim)
-        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
-            if item["status"] == "stop":
-                raise SystemExit(item["message"])
-            if item["status"] == "sam":
-                try:
-                    image = Image.fromarray(item["image"])
-                    b, sc, a = on_device(sam_regions, sam_generator(), image, args.sam_max_side)
-                    item = {"status": "ok", **prepare.finish(image, b, sc, a, "sam", item["rows"])}
-                except SystemExit:
-                    raise
-                except Exception as e:
-                    item = {"status": "error", "message": f"{item['path']}: {type(e).__name__}: {e}"}
+        waiting = []                 # from the first image waiting for SAM on, every item in order (so the
+                                     # feature batches, and the bytes, do not depend on --sam-batch)
+
+        def take(j, item):
             if item["status"] == "error":
                 print(f"[rank {rank}] error on {item['message']}", file=sys.stderr, flush=True)
             if "rows" not in item:             # skipped, decode_error, error: no feature
                 status[j] = REGION_STATUS.index(item["status"])
-                continue
+                return
             if item["status"] == "too_small":  # its whole-image feature only
                 status[j] = REGION_STATUS.index("too_small")
             else:
@@ -556,6 +623,31 @@ def main(argv=None):
                 counts[j] = item["regions"]
                 boxes.append(item["boxes"]), scores.append(item["scores"]), areas.append(item["areas"])
             on_device(queue.add, j, item["rows"])
+
+        def settle():
+            need = [item for _, item in waiting if item["status"] == "sam"]
+            images = [Image.fromarray(item["image"]) for item in need]
+            for item, image, found in zip(need, images, on_device(sam, images) if need else []):
+                if isinstance(found, Exception):
+                    item.update(status="error", message=f"{item['path']}: {type(found).__name__}: {found}")
+                    del item["rows"]
+                else:
+                    item.update(status="ok", **prepare.finish(image, *found, "sam", item["rows"]))
+                del item["image"]
+            for j, item in waiting:
+                take(j, item)
+            waiting.clear()
+
+        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
+            if item["status"] == "stop":
+                raise SystemExit(item["message"])
+            if item["status"] == "sam" or waiting:
+                waiting.append((j, item))
+                if sum(it["status"] == "sam" for _, it in waiting) >= sam.batch:
+                    settle()
+            else:
+                take(j, item)
+        settle()
         on_device(queue.flush)
         for j in sorted(queue.out):
             rows = queue.take(j)
@@ -568,8 +660,9 @@ def main(argv=None):
                 "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
                 "areas": cat(areas, (0,), np.float32), "region_features": cat(regions, (0, features.dim), np.float16)}
 
-    key = {k: v for k, v in vars(args).items()
-           if k not in ("force", "images", "work", "device", "feature_batch", "workers", "max_pixels")}
+    key = {k: v for k, v in vars(args).items()          # what can change a byte of the output
+           if k not in ("force", "images", "work", "device", "feature_batch", "workers", "max_pixels", "sam_batch",
+                        "sam_generator", "sam_compile", "points_per_batch")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
     key["max_pixels"] = table.max_pixels
