@@ -8,6 +8,8 @@ One process (GPU if there is one, else CPU):
     python 01_mine_regions.py --images '/data/laion/{00000..41407}.tar' --work runs/big \
         --sam-checkpoint sam_vit_h_4b8939.pth --sam-model vit_h
     python 01_mine_regions.py --images /data/sa1b --work runs/sa1b           # SA-1B tars: their own boxes, no SAM
+    python 01_mine_regions.py --images DIR --work runs/sam2 --sam-model sam2.1_hiera_l \
+        --sam-checkpoint sam2.1_hiera_large.pt --sam-dtype bf16              # SAM 2.1 Hiera-L, bfloat16
     python 01_mine_regions.py --images shards.txt --work runs/big --sam-checkpoint sam_vit_h_4b8939.pth
         # shards.txt lists SA-1B and LAION/COYO tars: SA-1B samples keep their boxes, the others go through SAM
     python 01_mine_regions.py --images runs/demo/data/shards --work runs/demo \
@@ -22,7 +24,9 @@ pattern, a glob, a folder of .tar files, a list of .tar paths; webdataset / img2
 files (a folder, recursive, or a text file of paths). Boxes per image, first that applies: the --boxes file
 (COCO JSON matched by path, member name or file name; or a folder of SA-1B per-image JSON files), the sample's
 own json when it is an SA-1B record (`annotations` with `bbox` [x, y, w, h], `predicted_iou`, `area`), else
-SAM (not run when --boxes is given). SAM is built only when some image needs it.
+SAM (not run when --boxes is given). SAM is built only when some image needs it, and runs box-only
+(sam_boxes.BoxGenerator: the stock automatic mask generator's boxes, scores and areas, bit for bit in fp32, without
+building its masks on the host) on batches of --sam-batch images, --points-per-batch prompts per decoder call.
 Writes <work>/regions/:
     region_offsets.npy  int64 (n_images+1)   CSR: regions of image i are rows offsets[i]:offsets[i+1]
     boxes.npy           float32 (R, 4)       x0 y0 x1 y1, pixels of the upright (EXIF-rotated) original image
@@ -52,7 +56,6 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 
 import numpy as np
 
@@ -145,6 +148,10 @@ def parse_args(argv):
     if args.features == "clip" and args.clip_pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) and \
             not os.path.isfile(args.clip_pretrained):
         p.error(f"--clip-pretrained {args.clip_pretrained}: no such file (a local checkpoint, or an open_clip tag)")
+    args.sam_model = sam_boxes.canonical_name(args.sam_model)     # one name per model in manifests and chunk keys
+    if args.sam_dtype == "bf16" and (args.sam_generator == "stock" or args.min_mask_region_area > 0):
+        p.error("--sam-dtype bf16 runs only in the box-only generator: leave out --sam-generator stock and "
+                "--min-mask-region-area")
     if args.boxes and not os.path.exists(args.boxes):
         p.error(f"--boxes {args.boxes}: no such file or folder")
     if args.chunk_size < 1 or args.min_box_side < 0 or not 0 < args.dedup_iou <= 1:
@@ -201,40 +208,42 @@ class SamRegions:
         try:
             return self.batch_regions(images)
         except Exception as e:
-            if device_failure(e) and not out_of_memory(e, self):
+            if self.smaller_after_oom(e):
+                return self(images)                  # the same images with smaller batches: the same boxes
+            if device_failure(e):
                 raise
-            if len(images) == 1 and not out_of_memory(e, self):
+            if len(images) == 1:
                 return [e]
         out = []                                     # one at a time: the failing image is the one recorded
         for im in images:
             try:
-                out.append(self.batch_regions([im]))
+                out.append(self.batch_regions([im])[0])
             except Exception as e:
                 if device_failure(e):
                     raise
                 out.append(e)
-        return [o[0] if isinstance(o, list) else o for o in out]
+        return out
+
+    def smaller_after_oom(self, e):
+        """On a GPU out of memory, halve the decoder's points per call (down to 64) and the encoder's batch (down
+        to 1) and say so; False when both are as small as they go (the device failure then stops the rank)."""
+        import torch
+        gen = self.gen
+        if not isinstance(e, torch.OutOfMemoryError) or not isinstance(gen, sam_boxes.BoxGenerator) or \
+                (gen.points_per_batch <= 64 and gen.image_batch <= 1):
+            return False
+        torch.cuda.empty_cache()
+        gen.points_per_batch, gen.image_batch = max(64, gen.points_per_batch // 2), max(1, gen.image_batch // 2)
+        print(f"warning: SAM ran out of GPU memory: now {gen.points_per_batch} points per decoder call and "
+              f"{gen.image_batch} images per encoder forward (--points-per-batch, --sam-batch)", file=sys.stderr,
+              flush=True)
+        return True
 
     def batch_regions(self, images):
         gen = self.generator()
         if not isinstance(gen, sam_boxes.BoxGenerator):
             return [sam_regions(gen, im, self.args.sam_max_side) for im in images]
         return sam_regions_batch(gen, images, self.args.sam_max_side)
-
-
-def out_of_memory(e, sam):
-    """On a GPU out of memory, halve the decoder's points per call and the encoder's batch (both as small as
-    they go: False) and say so once; the call is then retried."""
-    import torch
-    gen = sam.gen
-    if not isinstance(e, torch.OutOfMemoryError) or not isinstance(gen, sam_boxes.BoxGenerator) or \
-            (gen.points_per_batch <= 64 and gen.image_batch <= 1):
-        return False
-    torch.cuda.empty_cache()
-    gen.points_per_batch, gen.image_batch = max(64, gen.points_per_batch // 2), max(1, gen.image_batch // 2)
-    print(f"warning: SAM ran out of GPU memory: now {gen.points_per_batch} points per decoder call and "
-          f"{gen.image_batch} images per encoder forward (--points-per-batch, --sam-batch)", file=sys.stderr, flush=True)
-    return True
 
 
 def downscaled(image, max_side):

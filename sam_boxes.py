@@ -48,8 +48,9 @@ SAM_MODELS = ("vit_h", "vit_l", "vit_b", "tiny")
 SAM2_CONFIGS = {f"sam2{v}_hiera_{s}": f"configs/sam2{v}/sam2{v}_hiera_{s}.yaml"
                 for v in ("", ".1") for s in ("t", "s", "b+", "l")}
 SAM2_CONFIGS["tiny-sam2"] = SAM2_CONFIGS["sam2.1_hiera_t"]     # shrunk below: random weights, tests only
-SAM2_ALIASES = {f"sam2{v}_hiera_{long}": f"sam2{v}_hiera_{s}" for v in ("", ".1")
-                for long, s in (("tiny", "t"), ("small", "s"), ("base_plus", "b+"), ("large", "l"))}
+SAM2_ALIASES = {name: f"sam2{v}_hiera_{s}" for v in ("", ".1")            # checkpoint and hub names too
+                for long, s in (("tiny", "t"), ("small", "s"), ("base_plus", "b+"), ("large", "l"))
+                for name in (f"sam2{v}_hiera_{long}", f"sam2{v}-hiera-{long.replace('_', '-')}")}
 TINY_SAM2 = [f"++model.{k}={v}" for k, v in {
     "image_encoder.trunk.embed_dim": 8, "image_encoder.trunk.stages": "[1,1,2,1]",
     "image_encoder.trunk.global_att_blocks": "[3]", "image_encoder.neck.backbone_channel_list": "[64,32,16,8]",
@@ -63,6 +64,11 @@ TINY_SAM2 = [f"++model.{k}={v}" for k, v in {
 
 def model_names():
     return list(SAM_MODELS) + list(SAM2_CONFIGS) + list(SAM2_ALIASES)
+
+
+def canonical_name(name: str) -> str:
+    """sam2.1_hiera_large, sam2.1-hiera-large -> sam2.1_hiera_l (the config's name); other names as they are."""
+    return SAM2_ALIASES.get(name, name)
 
 
 def is_sam2(name: str) -> bool:
@@ -79,7 +85,7 @@ def build_sam(name: str, checkpoint: str | None = None, device="cpu"):
     try:
         if is_sam2(name):
             from sam2.build_sam import build_sam2
-            name = SAM2_ALIASES.get(name, name)
+            name = canonical_name(name)
             extra = TINY_SAM2 if name == "tiny-sam2" else []
             sam = build_sam2(SAM2_CONFIGS[name], checkpoint, device="cpu", hydra_overrides_extra=extra)
         elif name == "tiny":
@@ -132,6 +138,19 @@ def stock_boxes(masks):
     return (np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
             np.array([m["predicted_iou"] for m in masks], np.float32),
             np.array([m["area"] for m in masks], np.int64))
+
+
+def matched_share(boxes, reference, iou=0.9):
+    """Share of the reference boxes (x0y0x1y1) that have a box in `boxes` at IoU >= iou: how far bf16 moves
+    fp32's boxes (1.0 when both are empty)."""
+    import torchvision
+    if len(reference) == 0:
+        return float(len(boxes) == 0)
+    if len(boxes) == 0:
+        return 0.0
+    pixels = lambda b: torch.as_tensor(np.asarray(b, np.float64)) + torch.tensor([0, 0, 1, 1])   # noqa: E731
+    ious = torchvision.ops.box_iou(pixels(reference), pixels(boxes))     # mask boxes end on their last pixel
+    return float((ious.amax(1) >= iou).double().mean())
 
 
 # the two model families: encode crops, decode points, upsample low-resolution logits ----------------------------
@@ -280,12 +299,14 @@ class BoxGenerator:
                     keep = calculate_stability_score(logits, thr, self.stability_score_offset) \
                         >= self.stability_score_thresh
                     logits, score = logits[keep], score[keep]
-                masks = logits > thr
-                box = batched_mask_to_box(masks)
-                keep = ~is_box_near_crop_edge(box, crop_box, [0, 0, orig_w, orig_h])
-                boxes.append(box[keep]), scores.append(score[keep])
-                areas.append(masks[keep].sum((-2, -1), dtype=torch.int64))
-                del logits, masks
+                if len(score):                       # (an empty chunk would make the boxes float, as empty
+                    masks = logits > thr             # batched_mask_to_box gives float zeros)
+                    box = batched_mask_to_box(masks)
+                    keep = ~is_box_near_crop_edge(box, crop_box, [0, 0, orig_w, orig_h])
+                    boxes.append(box[keep]), scores.append(score[keep])
+                    areas.append(masks[keep].sum((-2, -1), dtype=torch.int64))
+                    del masks
+                del logits
         if not boxes:
             return (torch.zeros(0, 4, dtype=torch.int64, device=self.device),
                     torch.zeros(0, device=self.device), torch.zeros(0, dtype=torch.int64, device=self.device), crop_box)
@@ -314,17 +335,20 @@ class BoxGenerator:
 
 class PromptBlobDecoder(torch.nn.Module):
     """Wraps a SAM or SAM 2 mask decoder of random weights (it still runs: the cost and its logits' texture are
-    kept) and adds a smooth field that depends on the prompt: random weights alone give nearly the same mask for
-    every point (one or two distinct boxes per image), so an equality test or a timing would see none of the
-    filters, boxes and NMS that real weights exercise. The field is the prompt encoder's random Fourier position
-    kernel between the point and each location, plus the cosine similarity of the image features there to the
-    point's feature; its three masks are its level sets at three levels (small, medium, large), and each mask's
-    predicted IoU is the mean feature similarity inside it, so the IoU and stability filters keep some masks and
-    drop others. For tests and benchmarks only (`vary_with_prompt`)."""
+    kept) and adds a smooth field that depends on the prompt and the image: random weights alone give nearly the
+    same mask for every point (one or two distinct boxes per image), so an equality test or a timing would see
+    none of the filters, boxes and NMS that real weights exercise. The point is located from the prompt
+    encoder's random Fourier features (the kernel between the point's features and each location's); the field
+    is the cosine similarity of the image features at each location to those at the point, fading with the
+    distance from it, so points on one object give nearly the same masks (which NMS then merges) and points on
+    different objects different ones. The three masks are the field's level sets at three levels (a part, the
+    object, the object with its surroundings); a mask's predicted IoU is the mean similarity inside it and its
+    sharpness varies with the point, so the IoU and stability filters keep some masks and drop others. For tests
+    and benchmarks only (`vary_with_prompt`)."""
 
-    def __init__(self, decoder, label_embedding, sharpness=60.0, levels=(0.5, 0.3, 0.15)):
+    def __init__(self, decoder, label_embedding, sharpness=90.0, levels=(0.75, 0.55, 0.35), reach=0.35):
         super().__init__()
-        self.decoder, self.sharpness = decoder, sharpness
+        self.decoder, self.sharpness, self.reach = decoder, sharpness, reach
         self.register_buffer("levels", torch.tensor(levels))
         self.register_buffer("label", label_embedding.detach().clone().reshape(-1))
 
@@ -341,15 +365,19 @@ class PromptBlobDecoder(torch.nn.Module):
         point = kw["sparse_prompt_embeddings"][:, 0].float() - self.label          # the point's Fourier features
         c, h, w = pe.shape
         kernel = torch.einsum("bc,chw->bhw", point, pe) / (c / 2)         # 1 at the point, ~0 far from it
+        where = torch.softmax(kernel.flatten(1) * 50, -1)                                   # (B, hw)
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        grid = torch.stack([ys.flatten(), xs.flatten()], 1).to(pe.device)                  # (hw, 2)
+        dist2 = ((grid[None] - (where @ grid)[:, None]) ** 2).sum(-1).view(-1, h, w)       # (B, h, w)
         feats = kw["image_embeddings"][:1].float().flatten(2)[0]
         feats = F.normalize(feats - feats.mean(1, keepdim=True), dim=0)                     # (C, hw)
-        where = torch.softmax(kernel.flatten(1) * 50, -1)                                   # (B, hw)
         similar = (F.normalize(where @ feats.T, dim=-1) @ feats).view(-1, h, w)            # (B, h, w)
-        field = kernel * (0.5 + 0.5 * similar)
+        field = similar * torch.exp(-dist2 / (2 * self.reach ** 2))
         levels = self.levels[:masks.shape[1]] if masks.shape[1] > 1 else self.levels[1:2]
         inside = (field[:, None] > levels[None, :, None, None]).float()
         mean_similar = (inside * similar[:, None]).sum((-2, -1)) / inside.sum((-2, -1)).clamp(min=1)
-        logits = self.sharpness * (field[:, None] - levels[None, :, None, None]) / levels[None, :, None, None]
+        sharp = self.sharpness * (0.5 + where.amax(-1) / where.amax(-1).max())                 # varies per point
+        logits = sharp[:, None, None, None] * (field[:, None] - levels[None, :, None, None])
         logits = F.interpolate(logits, masks.shape[-2:], mode="bilinear", align_corners=False)
         return (logits + 0.1 * masks.float()).to(masks.dtype), \
             (0.45 + 0.55 * mean_similar.clamp(0, 1) + 0.01 * iou.float()).to(iou.dtype), *out[2:]

@@ -1,7 +1,7 @@
 """The prepared GPU run: every GPU figure of the kit in one command, each part under its own time cap, so the
 run always ends with a table (bench/gpu.json and bench/gpu.md, with the device, torch and CUDA versions).
 
-    python bench/gpu.py                        # on one H100 / H200: at most 8 minutes (the caps sum to 470 s)
+    python bench/gpu.py                        # on one H100 / H200: under 10 minutes (the caps sum to 570 s)
     python bench/gpu.py --smoke                # CPU, tiny sizes, under a minute: what `make test` runs
     python bench/gpu.py --parts encoder,bank   # a subset; --out DIR for the two files
 
@@ -23,6 +23,10 @@ Parts (each a subprocess of this interpreter, killed at its cap; the row then sa
                with --big-kmeans): time per iteration
     data       bench/bench_data.py --device cuda: SAM ViT-H automatic mask generation (random weights), CLIP
                ViT-L/14 on crops; RapidOCR when it is importable
+    sam        bench/bench_sam.py --device cuda: the stock automatic mask generator against 01's box-only
+               generator (sam_boxes.py) for SAM ViT-H and SAM 2.1 Hiera-L, 32^2 points, 4 images of 512 px, fp32
+               and bf16, masks that vary with the prompt at the default and at open thresholds: s per image, the
+               speed-up, peak GPU memory, the points per decoder call, whether the boxes are the same
     loaders    bench/bench_loaders.py --before none: 01's real path (DataLoader workers, --feature-batch 512)
                with CLIP ViT-L/14 (random weights) on 2,000 demo images: images/s and crops/s
 --smoke runs every part with tiny sizes on the CPU (torch.compile and the big k-means left out: minutes of
@@ -33,9 +37,11 @@ registry) needs these wheels carried with the tree (pip download on a machine wi
 manylinux x86_64, into wheels/; 64 MiB in all):
     pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d wheels \
         open_clip_torch==3.3.0 ftfy regex segment-anything==1.0 webdataset==1.0.2 braceexpand==0.1.7 \
-        pycocotools==2.0.11 tqdm
+        pycocotools==2.0.11 tqdm hydra-core==1.3.8 omegaconf==2.3.1 portalocker
+    pip wheel --no-deps -w wheels antlr4-python3-runtime==4.9.3 iopath==0.1.10     # source only: pure-Python wheels
+    SAM2_BUILD_CUDA=0 .venv/bin/pip wheel --no-deps --no-build-isolation -w wheels sam2==1.1.0  # no CUDA op
 then on the machine: pip install --no-index --find-links wheels open_clip_torch segment-anything webdataset \
-braceexpand pycocotools ftfy regex tqdm && python bench/gpu.py. faiss-gpu (03's torch backend is used instead),
+braceexpand pycocotools ftfy regex tqdm sam2 && python bench/gpu.py. faiss-gpu (03's torch backend is used instead),
 onnxruntime-gpu and RapidOCR's opencv do not fit in 64 MiB: the OCR figure is then the CPU one or missing.
 """
 from __future__ import annotations
@@ -52,10 +58,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-PARTS = ["world", "encoder", "step", "bank", "kmeans", "data", "loaders"]
-# seconds per part (full run): they sum to 470 s without --big-kmeans, so the run ends within 8 minutes
+PARTS = ["world", "encoder", "step", "bank", "kmeans", "data", "sam", "loaders"]
+# seconds per part (full run): they sum to 570 s without --big-kmeans, so the run ends within one 10-minute call
 CAPS = {"world": 45, "encoder": 60, "encoder_compile": 110, "step": 75, "bank": 30, "kmeans": 45,
-        "kmeans_big": 120, "data": 60, "loaders": 45}
+        "kmeans_big": 120, "data": 60, "sam": 100, "loaders": 45}
 SMOKE_CAP = 120
 
 
@@ -114,6 +120,12 @@ def plan(args, tmp):
             data.append("--skip-ocr")
         out.append(("data", python("bench_data.py", "--device", dev, *data, "--json-out", j("data")),
                     CAPS["data"], j("data")))
+    if "sam" in args.parts:
+        sam = (["--sam-model", "tiny,tiny-sam2", "--points", "4", "--size", "128", "--cases", "varied:default"] if s
+               else ["--sam-model", "vit_h,sam2.1_hiera_l", "--points", "32", "--images", "4", "--dtypes",
+                     "fp32,bf16", "--cases", "varied:default,varied:open"])
+        out.append(("sam", python("bench_sam.py", "--device", dev, *sam, "--json-out", j("sam")), CAPS["sam"],
+                    j("sam")))
     if "loaders" in args.parts:
         ld = (["--images", "16", "--size", "128", "--workers", "0"] if s else
               ["--images", "2000", "--size", "448", "--workers", "8", "--clip-model", "ViT-L-14"])
@@ -159,6 +171,15 @@ def summary(name, res):
                              f"{r['objective']:.4f}" for r in rows)
         if name == "data":
             return "; ".join(f"{r['stage']} {r['rate']:.3g} {r['unit']}" for r in res["results"])
+        if name == "sam":
+            return "; ".join(
+                f"{r['model']} {r['masks']} {r['settings']} {r['points']}^2: stock {r['stock_s_per_image']:.3g} s/img"
+                + "".join(f", {d} {r[d]['s_per_image']:.3g} s/img ({r[d]['speedup']:.2f}x, "
+                          + ("same boxes" if r[d]["same"] else f"{100 * r[d]['kept_of_stock']:.0f}% the same boxes, "
+                             f"{100 * r[d]['matched_iou90']:.0f}% at IoU >= 0.9")
+                          + (f", {r[d]['peak_gib']:.1f} GiB, {r[d]['points_per_batch']} pts/call" if r[d]["peak_gib"]
+                             is not None else "") + ")" for d in ("fp32", "bf16") if d in r)
+                for r in res["results"])
         if name == "loaders":
             r = res["runs"][-1]
             return f"{r['images_per_s']} images/s, {r['crops_per_s']} crops/s (workers {r['workers']})"

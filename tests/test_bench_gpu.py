@@ -15,7 +15,7 @@ def test_gpu_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     parts = {p["part"]: p for p in report["parts"]}
-    assert set(parts) == {"world", "encoder", "step", "bank", "kmeans", "data", "loaders"}
+    assert set(parts) == {"world", "encoder", "step", "bank", "kmeans", "data", "sam", "loaders"}
     for name, p in parts.items():
         assert p["status"] == "ok", (name, p["status"], p["log_tail"])
         if name != "world":

@@ -74,16 +74,16 @@ def test_batching_changes_no_box():
         assert_same(a, b)
 
 
-def test_bf16_runs_and_most_boxes_stay():
+def test_bf16_moves_few_boxes_far():
     sam = model("tiny")
     image = photo(4, 200, 150)
     settings = dict(points_per_side=8, **RELAXED)
     fp32 = sam_boxes.BoxGenerator(sam, **settings).generate(image)
     bf16 = sam_boxes.BoxGenerator(sam, **settings, dtype=torch.bfloat16).generate(image)
-    kept = {tuple(b) for b in fp32[0]}
-    same = sum(tuple(b) in kept for b in bf16[0])
-    assert bf16[0].dtype == fp32[0].dtype and bf16[1].dtype == np.float32 and len(bf16[0]) > 0
-    assert same >= 0.5 * len(fp32[0]), (same, len(fp32[0]), len(bf16[0]))
+    assert bf16[0].dtype == fp32[0].dtype and bf16[1].dtype == np.float32 and len(fp32[0]) >= 20
+    # boundary pixels move (bf16 logits), boxes by a pixel or two: most fp32 boxes have a bf16 box at IoU 0.9
+    assert sam_boxes.matched_share(bf16[0], fp32[0], 0.9) >= 0.8
+    assert sam_boxes.matched_share(fp32[0][:0], fp32[0]) == 0.0 and sam_boxes.matched_share(fp32[0], fp32[0]) == 1.0
 
 
 def write_images(folder, n, size=(200, 150)):
@@ -157,3 +157,42 @@ def test_weights_that_are_not_the_model_are_one_line(tmp_path, name):
         msg = str(e.value)
         assert msg.startswith(f"error: --sam-checkpoint {ckpt}: not a {name} checkpoint") and "\n" not in msg
         assert not os.path.exists(tmp_path / f"w{ckpt.stem}" / "regions" / "manifest.json")
+
+
+def test_out_of_memory_halves_the_batches_and_a_bad_image_is_one_error(tmp_path, monkeypatch, capsys):
+    images = write_images(tmp_path / "images", 4)
+    flags = ["--images", str(images), "--sam-model", "tiny", "--sam-batch", "4", "--points-per-batch", "256",
+             "--features", "pixels", "--points-per-side", "6", "--min-box-side", "1", "--min-image-side", "32",
+             "--workers", "0"]
+    torch.manual_seed(0)
+    mine.main(flags + ["--work", str(tmp_path / "ref")])
+    real = sam_boxes.BoxGenerator.generate_batch
+    calls = []
+
+    def flaky(self, batch):
+        calls.append((self.points_per_batch, self.image_batch, len(batch)))
+        if len(calls) == 1:                                   # the first call runs out of GPU memory
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if any(im.shape[1] == 200 and im[0, 0, 0] == 255 for im in batch):
+            raise ValueError("a bad image (simulated)")
+        return real(self, batch)
+    monkeypatch.setattr(sam_boxes.BoxGenerator, "generate_batch", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    torch.manual_seed(0)
+    mine.main(flags + ["--work", str(tmp_path / "oom")])
+    assert calls[0][:2] == (256, 4) and calls[1][:2] == (128, 2), calls
+    assert "ran out of GPU memory: now 128 points per decoder call and 2 images" in capsys.readouterr().err
+    for k in ARRAYS:                                          # smaller batches, the same bytes
+        assert regions(tmp_path / "oom")[k].tobytes() == regions(tmp_path / "ref")[k].tobytes(), k
+
+    # an image that fails inside a batch: that image alone is an error, the others keep their boxes
+    bad = np.array(Image.open(images / "2.png"))
+    bad[0, 0] = 255
+    Image.fromarray(bad).save(images / "2.png")
+    calls.clear()
+    calls.append(None)                                        # no simulated out-of-memory this time
+    torch.manual_seed(0)
+    m = mine.main(flags + ["--work", str(tmp_path / "bad")])
+    assert m["status_counts"]["error"] == 1 and m["status_counts"]["ok"] + m["status_counts"]["no_regions"] == 3
+    status = workdir.load(str(tmp_path / "bad" / "regions"), "status")
+    assert mine.REGION_STATUS[status[2]] == "error"
