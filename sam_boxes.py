@@ -201,7 +201,7 @@ class _Sam2:
 
     def encode(self, crops, device):
         p = self.predictor
-        p.set_image_batch([np.ascontiguousarray(c) for c in crops])
+        p.set_image_batch([np.array(c) for c in crops])          # writable copies (torchvision warns otherwise)
         states = [{"image_embed": p._features["image_embed"][i:i + 1], "size": p._orig_hw[i],
                    "high_res_feats": [f[i:i + 1] for f in p._features["high_res_feats"]]} for i in range(len(crops))]
         p.reset_predictor()

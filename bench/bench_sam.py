@@ -93,13 +93,15 @@ def main(argv=None):
     sam_batch = args.sam_batch or {"cpu": 1, "cuda": 8}[dev.type]
     load_avg, rows = os.getloadavg()[0], []
     for name in args.sam_model.split(","):
-        torch.manual_seed(0)
-        plain = sam_boxes.build_sam(name, None, dev)
-        torch.manual_seed(0)
-        varied = sam_boxes.vary_with_prompt(sam_boxes.build_sam(name, None, dev))
+        models = {}
         for case in args.cases.split(","):
             kind, setting = case.split(":")
-            sam = varied if kind == "varied" else plain
+            if kind not in models:                     # the same random weights for both kinds (seed 0)
+                torch.manual_seed(0)
+                models[kind] = sam_boxes.build_sam(name, None, dev)
+                if kind == "varied":
+                    sam_boxes.vary_with_prompt(models[kind])
+            sam = models[kind]
             iou, stab = SETTINGS[setting]
             for pps in map(int, args.points.split(",")):
                 st = dict(points_per_side=pps, pred_iou_thresh=iou, stability_score_thresh=stab)

@@ -24,7 +24,7 @@ Parts (each a subprocess of this interpreter, killed at its cap; the row then sa
     data       bench/bench_data.py --device cuda: SAM ViT-H automatic mask generation (random weights), CLIP
                ViT-L/14 on crops; RapidOCR when it is importable
     sam        bench/bench_sam.py --device cuda: the stock automatic mask generator against 01's box-only
-               generator (sam_boxes.py) for SAM ViT-H and SAM 2.1 Hiera-L, 32^2 points, 4 images of 512 px, fp32
+               generator (sam_boxes.py) for SAM ViT-H and SAM 2.1 Hiera-L, 32^2 points, 2 images of 512 px, fp32
                and bf16, masks that vary with the prompt at the default and at open thresholds: s per image, the
                speed-up, peak GPU memory, the points per decoder call, whether the boxes are the same
     loaders    bench/bench_loaders.py --before none: 01's real path (DataLoader workers, --feature-batch 512)
@@ -122,7 +122,7 @@ def plan(args, tmp):
                     CAPS["data"], j("data")))
     if "sam" in args.parts:
         sam = (["--sam-model", "tiny,tiny-sam2", "--points", "4", "--size", "128", "--cases", "varied:default"] if s
-               else ["--sam-model", "vit_h,sam2.1_hiera_l", "--points", "32", "--images", "4", "--dtypes",
+               else ["--sam-model", "vit_h,sam2.1_hiera_l", "--points", "32", "--images", "2", "--dtypes",
                      "fp32,bf16", "--cases", "varied:default,varied:open"])
         out.append(("sam", python("bench_sam.py", "--device", dev, *sam, "--json-out", j("sam")), CAPS["sam"],
                     j("sam")))
