@@ -107,7 +107,8 @@ def parse_args(argv):
     p.add_argument("--sam-batch", type=int, help="images per SAM image-encoder forward (default 1 on CPU, 8 on GPU)")
     p.add_argument("--sam-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the SAM encoder and decoder under bfloat16 autocast (GPUs); boxes may move (README)")
-    p.add_argument("--sam-compile", action="store_true", help="torch.compile the SAM image encoder")
+    p.add_argument("--sam-compile", action="store_true", help="torch.compile the SAM image encoder (its fused "
+                   "kernels change the floats: boxes can move by a pixel, as with bf16)")
     p.add_argument("--points-per-side", type=int, default=POINTS_PER_SIDE)
     p.add_argument("--points-per-batch", type=int, help="points per SAM decoder call (default 64 on CPU, the stock "
                    "generator's; 1024 on GPU, halved while the GPU runs out of memory)")
@@ -671,7 +672,7 @@ def main(argv=None):
 
     key = {k: v for k, v in vars(args).items()          # what can change a byte of the output
            if k not in ("force", "images", "work", "device", "feature_batch", "workers", "max_pixels", "sam_batch",
-                        "sam_generator", "sam_compile", "points_per_batch")}
+                        "sam_generator", "points_per_batch")}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
     key["max_pixels"] = table.max_pixels
