@@ -437,8 +437,11 @@ class ClipFeatures:
             open_clip.add_model_config(config)
         if pretrained and pretrained.lower() in ("none", "random"):
             pretrained = None        # random weights: timing runs and tests only
-        self.model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                          device=device)
+        self.model, preprocess = workdir.load_open_clip(
+            model_name, pretrained, device, f"--clip-model {model_name} --clip-pretrained {pretrained}",
+            "offline, pass a local weights file (--clip-pretrained /path/open_clip_pytorch_model.bin, e.g. from "
+            "huggingface.co/timm/vit_large_patch14_clip_224.openai for ViT-L-14 openai) or --features pixels "
+            "(a weight-free stand-in)")
         self.model.eval()
         self.inputs = ClipInputs(preprocess)
         self.batch, self.device, self.torch = batch, device, torch
@@ -703,6 +706,13 @@ def main(argv=None):
             print(f"warning: {too_small} of {readable} readable images ({100 * too_small / readable:.0f}%) are "
                   f"below --min-image-side {args.min_image_side} px on their short side and have no regions",
                   file=sys.stderr, flush=True)
+        searched = counts["ok"] + counts["no_regions"]
+        if searched and rows["boxes"] == 0:          # every box was filtered out, or SAM found no mask at all
+            sam_note = (f"; from SAM: random or wrong weights (--sam-checkpoint), or thresholds too strict for them "
+                        f"(--pred-iou-thresh {args.pred_iou_thresh}, --stability-score-thresh "
+                        f"{args.stability_score_thresh})" if sources["sam"] else "")
+            print(f"warning: no region on any of the {searched} images searched: every box was below --min-box-side "
+                  f"{args.min_box_side:g} px on its short side or absent" + sam_note, file=sys.stderr, flush=True)
     workdir.barrier()
     return manifest
 

@@ -577,10 +577,10 @@ class OpenClipEncoder:
             pretrained = None
         if args.clip_config:
             open_clip.add_model_config(args.clip_config)
-        try:
-            model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-        except Exception as e:            # unknown model name or tag, bad weights file: the user must fix it
-            raise SystemExit(f"error: --encoder {spec}: open_clip could not build it: {type(e).__name__}: {e}")
+        model, transform = workdir.load_open_clip(      # unknown name or tag, no network, bad file: one line
+            arch, pretrained, device, f"--encoder {spec}",
+            "offline, name a local weights file (openclip:ARCH:/path/open_clip_pytorch_model.bin), a local HF "
+            "folder, or a kit checkpoint")
         visual = model.visual
         if not hasattr(visual, "output_tokens") or not hasattr(visual, "patch_size"):
             raise SystemExit(f"error: --encoder {spec}: the image tower ({type(visual).__name__}) gives no patch "

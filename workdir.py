@@ -1564,6 +1564,52 @@ def short_side_check(table: ImageTable, min_side: int, flag: str = "--min-image-
 
 
 # ----------------------------------------------------------------------------------------------------------
+# weights from open_clip (01's CLIP features, 05's openclip: encoders): a failure is one line, once
+
+
+class quiet_hub:
+    """Keeps a weights download's noise off the terminal (huggingface_hub's retry warnings, urllib3's, open_clip's
+    logging.error) while a model is built; the caller turns a failure into one line."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+        self.disabled = logging.root.manager.disable
+        logging.disable(logging.ERROR)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+        self.warnings.__exit__(*exc)
+        logging.disable(self.disabled)
+        return False
+
+
+def load_open_clip(name: str, pretrained, device, flag: str, offline: str):
+    """open_clip.create_model_and_transforms(name, pretrained) -> (model, preprocess). An unknown name or tag,
+    weights that cannot be fetched (no network: after the hub's retries, kept quiet) or a local file that is
+    not a checkpoint of `name` stop with one line naming `flag`, the tag or file, and `offline` (the choices
+    that need no download)."""
+    import open_clip
+    try:
+        with quiet_hub():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        if pretrained and os.path.isfile(pretrained):
+            what = f"{pretrained} is not a loadable {name} checkpoint"
+        elif pretrained and ("download" in str(e).lower() or "hub" in str(e).lower()):
+            what = f"the {name} weights {pretrained!r} could not be fetched (no network?)"
+        else:
+            what = f"open_clip could not build {name} with weights {pretrained!r}"
+        raise SystemExit(f"error: {flag}: {what} ({type(e).__name__}: {first}); {offline}") from None
+    return model, preprocess
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the encoder's input: resize, crop, boxes moved with the pixels, normalisation (04 trains, 05 evaluates and
 # 06 exports a CLIPImageProcessor with exactly these settings)
 

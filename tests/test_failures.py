@@ -309,6 +309,61 @@ def test_flags_by_subprocess_exit_non_zero_without_a_traceback(tmp_path):
         assert res.stderr.strip().splitlines()[-1].startswith("error: --"), res.stderr
 
 
+def run_quiet(script, flags, env=None):
+    """A stage in a fresh process, offline as CI is (HF_HUB_OFFLINE: the hub fails at once, without retries)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_clip_weights_fail_once_with_one_line(tmp_path):
+    """01 --features clip and 05 --encoder openclip: weights that cannot be fetched, or a local file that is not a
+    checkpoint, stop the stage with one line naming the flag and the offline choices, before any image."""
+    png(str(tmp_path / "images" / "a.png"))
+    for k, cls in enumerate(("cat", "dog")):                      # 05's --image-folder: one folder per class
+        png(str(tmp_path / "classes" / cls / f"{k}.png"), seed=k)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(3000))
+    for pretrained, says in (("openai", "could not be fetched"), (str(junk), "is not a loadable ViT-B-32 checkpoint")):
+        res = run_quiet("01_mine_regions.py", ["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"),
+                                               *boxes_for(str(tmp_path / "images"))[:2], "--features", "clip",
+                                               "--clip-model", "ViT-B-32", "--clip-pretrained", pretrained])
+        lines = [l for l in res.stderr.strip().splitlines() if "%|" not in l]          # less progress bars
+        assert res.returncode != 0 and "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+        assert lines[-1].startswith(f"error: --clip-model ViT-B-32 --clip-pretrained {pretrained}: ") and says in \
+            lines[-1] and "--features pixels" in lines[-1], lines[-1]
+        assert not os.path.exists(tmp_path / "w" / "regions" / "manifest.json")
+        res = run_quiet("05_eval.py", ["--image-folder", str(tmp_path / "classes"), "--out", str(tmp_path / "e"),
+                                       "--encoder", f"openclip:ViT-B-32:{pretrained}"])
+        lines = [l for l in res.stderr.strip().splitlines() if "%|" not in l]
+        assert res.returncode != 0 and "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+        assert lines[-1].startswith(f"error: --encoder openclip:ViT-B-32:{pretrained}: ") and says in lines[-1]
+
+
+def test_quiet_hub_keeps_retry_noise_off_the_terminal(caplog):
+    import logging
+    import warnings
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with workdir.quiet_hub():
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+            logging.error("Failed to download weights for tag 'openai'")
+            warnings.warn("a hub warning")
+        assert not seen
+    assert not caplog.records
+    logging.getLogger("kit-test").warning("after")                  # logging is back afterwards
+    assert [r.getMessage() for r in caplog.records] == ["after"]
+
+
+def test_no_region_on_any_image_is_a_warning(tmp_path, capsys):
+    for i in range(3):
+        png(str(tmp_path / "images" / f"{i}.png"), seed=i)
+    mine.main(["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"), "--sam-model", "tiny",
+               "--points-per-side", "2", *PIXELS])              # a random SAM at SAM's thresholds finds nothing
+    err = capsys.readouterr().err
+    assert "warning: no region on any of the 3 images searched" in err and "--sam-checkpoint" in err, err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # broken hand-offs
 
