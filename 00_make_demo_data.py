@@ -471,7 +471,8 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import workdir
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--num-images", type=int, default=NUM_IMAGES)
     ap.add_argument("--size", type=int, default=SIZE, help="image side in px (at least 128)")

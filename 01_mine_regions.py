@@ -89,7 +89,7 @@ BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     p.add_argument("--images", help=workdir.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--boxes", help="COCO-format JSON, or a folder of SA-1B per-image JSON files; default: run SAM")

@@ -90,7 +90,7 @@ MAX_ENGINE_PIXELS = 1 << 24     # the detector's input (after the engine's own r
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     p.add_argument("--images", help=workdir.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--engine", default=ENGINE, choices=["auto", "rapidocr", "paddle"])

@@ -112,7 +112,7 @@ RESULT_SETTINGS = ("k", "fit_on", "mode", "init", "iters", "refine_iters", "seed
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     p.add_argument("--work", default=WORK)
     p.add_argument("--out", default=None, help="output folder (default <work>/clusters; another one keeps a "
                    "second codebook beside it, e.g. MLCD's --fit-on images, for 04 --clusters)")

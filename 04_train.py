@@ -147,7 +147,7 @@ RESUME_KEYS = ["shuffle_block", "shuffle_window", "method", "model", "image_size
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     a = p.add_argument
     a("--work", default=WORK, help="work directory with images/, regions/, ocr/, clusters/")
     a("--run-dir", default=None, help="run folder (default <work>/train)")

@@ -130,7 +130,7 @@ GENERIC_NAMES = {"latest", "last", "final", "best", "model", "checkpoint", "ckpt
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     p.add_argument("--encoder", action="append", default=[], metavar="NAME=SPEC",
                    help="repeatable: a kit .pt, an HF folder, random:<ckpt|dir>, openclip:<arch>:<pretrained>")
     p.add_argument("--images", help="image folder (COCO file_name entries are relative to it), or tar shards "

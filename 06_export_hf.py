@@ -63,7 +63,7 @@ SEED = 0
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="kit checkpoint (.pt) or a Hugging Face MLCD / CLIP folder")
     p.add_argument("--out", default=OUT)
     p.add_argument("--image-size", type=int, help="input size S of the processor and config (default: the "

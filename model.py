@@ -688,6 +688,9 @@ def save_hf(encoder: VisionEncoder, out_dir: str) -> None:
     sd = kit_to_hf_state_dict({k: v.detach().cpu().float() for k, v in encoder.state_dict().items()})
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(sd, tmp, metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)      # safetensors creates 0600; the export is read by others as its neighbours are
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
         json.dump(kit_config_to_hf(encoder.cfg), f, indent=2)

@@ -27,6 +27,7 @@ interrupted. Transient I/O errors (EIO, ESTALE, timeouts) are retried, then stop
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import errno
 import hashlib
@@ -71,6 +72,27 @@ def say(*args) -> None:
     """print on rank 0 only."""
     if dist_info()[0] == 0:
         print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --help of every stage
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every stage: the module docstring as written (its example commands) and every flag's default
+    (none is shown for a flag without one, or a switch that is off by default)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            import copy
+            action = copy.copy(action)          # a flag without help text still shows its default
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1689,3 +1711,4 @@ def normalize(pixels, mean=IMAGE_MEAN, std=IMAGE_STD):
     mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255
     return (pixels.float() - mean) / std
+

@@ -190,3 +190,17 @@ def test_broken_checkpoints_are_one_line(checkpoint, tmp_path):
     ev = load_script("eval_broken", "05_eval.py")
     with pytest.raises(SystemExit, match="cut.pt is not a readable torch checkpoint"):
         ev.checkpoint_config(str(tmp_path / "cut.pt"))
+
+
+def test_export_and_stage_files_keep_the_umask(checkpoint, tmp_path):
+    """Atomic writes (a temporary file, then os.replace) keep the permissions the umask gives: a colleague reads
+    the export as its neighbours (safetensors alone creates 0600)."""
+    path, _ = checkpoint
+    old = os.umask(0o022)
+    try:
+        ex.main(["--checkpoint", str(path), "--out", str(tmp_path / "export")])
+        workdir.write_npy(str(tmp_path / "a.npy"), np.zeros(3, np.float32))
+    finally:
+        os.umask(old)
+    for f in ("export/model.safetensors", "export/config.json", "export/preprocessor_config.json", "a.npy"):
+        assert oct(os.stat(tmp_path / f).st_mode & 0o777) == oct(0o644), f
