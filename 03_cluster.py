@@ -117,7 +117,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="output folder (default <work>/clusters; another one keeps a "
                    "second codebook beside it, e.g. MLCD's --fit-on images, for 04 --clusters)")
     p.add_argument("--k", type=int, default=K, help="number of centres")
-    p.add_argument("--image-topl", type=int, default=IMAGE_TOPL, help="centres per image (MLCD's l)")
+    p.add_argument("--image-topl", type=int, help=f"centres per image (MLCD's l; default {IMAGE_TOPL}, or K when "
+                   "K is smaller)")
     p.add_argument("--fit-on", default="both", choices=["regions", "images", "both"])
     p.add_argument("--mode", default="auto", choices=["auto", "flat", "two-level", "shard-merge"],
                    help="auto: flat up to K = 65,536, two-level above; shard-merge: the authors' recipe "
@@ -144,6 +145,8 @@ def parse_args(argv):
     args.refine_iters = args.iters if args.refine_iters is None else args.refine_iters
     if args.k < 1 or args.iters < 0 or args.refine_iters < 0 or args.seed < 0 or args.assign_chunk < 1:
         p.error("--k and --assign-chunk must be >= 1; --iters, --refine-iters and --seed >= 0")
+    if args.image_topl is None:                    # a default the user never saw must not refuse a small K
+        args.image_topl = min(IMAGE_TOPL, args.k)
     if not 1 <= args.image_topl <= args.k or args.max_points_per_centre < 1:
         p.error("--image-topl must be in [1, K] and --max-points-per-centre >= 1")
     if args.mode == "auto":
@@ -763,7 +766,8 @@ def label_all(folder, inp, centres, args, backend):
            "image_statuses": args.image_statuses, "topl": l}
     for name, rows, process in (("region", inp["R"], regions), ("image", inp["n"], images)):
         sub = os.path.join(folder, f"assign_{name}s")
-        chunks = workdir.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key)[0] if rows else 0
+        chunks = workdir.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key,
+                                    unit="img" if name == "image" else "region")[0] if rows else 0
         if rows:                                        # every rank copies its chunks into the final arrays
             workdir.merge_chunks(sub, chunks, [f"{name}_labels", f"{name}_sims"], {})
         if workdir.dist_info()[0] == 0 and rows:

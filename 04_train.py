@@ -108,6 +108,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -310,6 +311,12 @@ def load_stage_outputs(args, rows_path) -> dict:
         if image_labels.shape[1] < args.image_topl:
             print(f"note: 03 kept {image_labels.shape[1]} labels per image; --image-topl {args.image_topl} uses "
                   f"{image_labels.shape[1]}", flush=True)
+        positives = min(args.image_topl, image_labels.shape[1])
+        if K <= positives and workdir.dist_info()[0] == 0:          # MLCD Eq. 5 then has no negative term
+            print(f"warning: the codebook has K = {K} centres and every image has {positives} positives "
+                  f"(--image-topl): no centre is left as a negative, so MLCD's loss (Eq. 5) learns from positives "
+                  f"only; cluster into K > {positives} centres (03 --k) or lower --image-topl", file=sys.stderr,
+                  flush=True)
 
     ocr = None
     if args.ocr_weight:

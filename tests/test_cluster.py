@@ -103,9 +103,12 @@ def test_cell_allocation():
     assert list(cl.allocate([3, 997], 500)) == [2, 498]                   # equal remainders: lower cell first
 
 
-def test_labels_equal_brute_force(blob_work, tmp_path):
+def test_labels_equal_brute_force(blob_work, tmp_path, capsys):
     work = fresh(blob_work[0], tmp_path)
     m = run(work, "--image-topl", "5")
+    err = capsys.readouterr().err                   # the progress bars count what they label
+    assert "region labels" in err and "region/s" in err and "img/s" in err and "region labels [rank 0/1]: 100%" \
+        in err
     out = outputs(work)
     c = out["centres"]
     assert c.dtype == np.float32 and c.shape == (20, 16)

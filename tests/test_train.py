@@ -538,3 +538,21 @@ def test_resume_refuses_damaged_checkpoints_and_rerun_ocr(world, tmp_path):
         tr.main(flags + ["--steps", "4"])
     workdir.write_json(ocr_manifest, m)
     assert tr.main(flags + ["--steps", "4"])["complete"]
+
+
+def test_small_codebook_derives_l_and_warns_of_no_negatives(world, tmp_path, capsys):
+    # 03 --k 4 without --image-topl takes l = K (the default 8 is never an error the user did not cause); an l
+    # the user passes above K is one line; MLCD on K <= l has no negatives, and 04 says so
+    data, work = world
+    cluster = load_script("cluster", "03_cluster.py")
+    clusters = str(tmp_path / "clusters_k4")
+    m = cluster.main(["--work", work, "--k", "4", "--fit-on", "images", "--out", clusters])
+    assert m["k"] == 4 and m["image_topl"] == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cluster.main(["--work", work, "--k", "4", "--image-topl", "8", "--fit-on", "images", "--out", clusters])
+    assert e.value.code == 2 and "--image-topl must be in [1, K]" in capsys.readouterr().err
+    tr.main(["--work", work, "--run-dir", str(tmp_path / "run"), "--method", "mlcd", "--clusters", clusters, *TINY,
+             "--workers", "0", "--batch-size", "8", "--steps", "1", "--warmup", "1"])
+    err = capsys.readouterr().err
+    assert "warning: the codebook has K = 4 centres and every image has 4 positives" in err, err
