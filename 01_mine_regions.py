@@ -289,13 +289,19 @@ def xywh_boxes(anns):
     return boxes, scores, areas
 
 
+def valid_bbox(b) -> bool:
+    """A COCO bbox: [x, y, w, h] of four finite numbers with w, h >= 0."""
+    return isinstance(b, (list, tuple)) and len(b) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in b) and b[2] >= 0 <= b[3]
+
+
 def sa1b_annotations(meta):
     """The annotations of an SA-1B record ({"image": ..., "annotations": [{"bbox": [x, y, w, h], ...}]}), or
     None when the json is not one (img2dataset's json carries no boxes)."""
     anns = meta.get("annotations") if isinstance(meta, dict) else None
     if not isinstance(anns, list):
         return None
-    return [a for a in anns if isinstance(a, dict) and isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4]
+    return [a for a in anns if isinstance(a, dict) and valid_bbox(a.get("bbox"))]
 
 
 class BoxFile:
@@ -313,10 +319,19 @@ class BoxFile:
             with open(path, "rb") as fh:
                 coco = json.loads(fh.read())
             skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
-            by_image = {}
+            by_image, no_box = {}, 0
             for a in coco.get("annotations", []):
-                if a.get("category_id") not in skip:
+                if not valid_bbox(a.get("bbox")):          # a region needs its [x, y, w, h]
+                    no_box += 1
+                elif a.get("category_id") not in skip:
                     by_image.setdefault(a["image_id"], []).append(a)
+            if no_box and not by_image:
+                raise SystemExit(f"error: --boxes {path}: none of its {no_box} annotations has a bbox [x, y, w, h] "
+                                 "(a COCO detection file gives each one); pass a box file, or leave --boxes out to "
+                                 "run SAM")
+            if no_box:
+                print(f"warning: --boxes {path}: {no_box} annotations without a bbox [x, y, w, h] are left out",
+                      file=sys.stderr, flush=True)
             outside = 0
             for im in coco.get("images", []):
                 name = im["file_name"]

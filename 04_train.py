@@ -217,7 +217,7 @@ def parse_args(argv=None):
                                "num_regions": ">= 1", "image_topl": ">= 1", "min_box_visible": "[0, 1]",
                                "min_crop_scale": "(0, 1]", "workers": ">= 0", "shuffle_block": ">= 1",
                                "shuffle_window": ">= 1", "object_weight": ">= 0", "ocr_weight": ">= 0",
-                               "image_weight": ">= 0", "rho": "(0, 1]", "scale": "> 0", "margin": ">= 0",
+                               "image_weight": ">= 0", "rho": "(0, 1]", "scale": "> 0", "margin": "[0, 1]",
                                "batch_size": ">= 1", "accum": ">= 1", "steps": ">= 0", "epochs": "> 0",
                                "lr": ">= 0", "min_lr_ratio": "[0, 1]", "warmup": ">= 0", "weight_decay": ">= 0",
                                "bank_lr_mult": ">= 0", "bank_weight_decay": ">= 0", "beta2": "[0, 1)",

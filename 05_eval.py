@@ -1104,6 +1104,8 @@ def main(argv=None):
         report["encoders"][name] = {"spec": dict(encoders)[name], "encoder": info, "probes": results,
                                     "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
     report["elapsed_s"] = round(time.time() - t_start, 2)
+    if rank == 0:
+        say_small_probes(report, args.knn_k)
     report = jsonable(report)
     md = markdown(report)
     write_report_md(args.out, md)                 # before report.json: a kill between leaves the old key
@@ -1115,6 +1117,29 @@ def main(argv=None):
           f"; {timing}; total {report['elapsed_s']} s", flush=True)
     workdir.barrier()
     return report
+
+
+MIN_PROBE_TEST = 50     # below this many probe-test items a score moves by 2 points or more per item
+
+
+def say_small_probes(report, knn_k):
+    """One warning per probe whose probe-test split is small (its score is noise), and per probe whose probe-train
+    split is smaller than --knn-k (k-NN then votes over all of it), on stderr."""
+    seen = set()
+    for enc in report["encoders"].values():
+        for probe, res in enc["probes"].items():
+            counts = res.get("counts", {}) if isinstance(res, dict) else {}
+            if probe in seen or not counts:
+                continue
+            seen.add(probe)
+            if counts.get("test", 0) < MIN_PROBE_TEST:
+                print(f"warning: probe {probe}: {counts.get('test', 0)} probe-test items (fewer than "
+                      f"{MIN_PROBE_TEST}): its scores are noise at this size; evaluate on more images",
+                      file=sys.stderr, flush=True)
+            k_used = (res.get("knn") or {}).get("k")
+            if k_used is not None and k_used < knn_k:
+                print(f"warning: probe {probe}: --knn-k {knn_k} is more than its {k_used} probe-train items; "
+                      f"k-NN voted over all {k_used}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ BAD_FLAGS = [
     (train, ["--rho", "0"]), (train, ["--rho", "1.5"]), (train, ["--lr", "-1"]), (train, ["--epochs", "0"]),
     (train, ["--beta2", "1"]), (train, ["--workers", "-1"]), (train, ["--save-every", "0"]),
     (train, ["--log-every", "0"]), (train, ["--scale", "inf"]), (train, ["--min-lr-ratio", "2"]),
+    (train, ["--margin", "10"]), (train, ["--embed-dim", "-2"]), (mine, ["--sam-batch", "0"]),
     (ev, ["--tsne-max", "-1"]), (ev, ["--knn-k", "0"]), (ev, ["--test-fraction", "1"]), (ev, ["--batch-size", "0"]),
     (ev, ["--knn-temperature", "0"]), (ev, ["--image-size", "-8"]),
 ]
@@ -419,3 +420,39 @@ def test_demo_world_flags_are_one_line(tmp_path):
         with pytest.raises(SystemExit, match=f"^error: {what} "):
             demo.main(["--out", str(tmp_path / "d"), *flags])
         assert not (tmp_path / "d" / "manifest.json").exists()           # refused before anything is written
+
+
+def test_box_file_annotations_without_a_bbox_are_counted_or_refused(tmp_path, capsys):
+    png(str(tmp_path / "images" / "a.png"))
+    png(str(tmp_path / "images" / "b.png"), seed=1)
+    coco = {"images": [{"id": 0, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+            "annotations": [{"id": 0, "image_id": 0, "category_id": 1, "segmentation": [[1, 1, 9, 1, 9, 9]]},
+                            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, "wide", 9]}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(SystemExit, match=r"^error: --boxes .*boxes.json: none of its 2 annotations has a bbox"):
+        mine.main(["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"), "--boxes", str(path), *PIXELS])
+    coco["annotations"][1]["bbox"] = [2, 2, 20, 20]
+    path.write_text(json.dumps(coco))
+    m = mine.main(["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w2"), "--boxes", str(path),
+                   *PIXELS])
+    assert "1 annotations without a bbox [x, y, w, h] are left out" in capsys.readouterr().err
+    assert m["rows"]["boxes"] == 1
+
+
+def test_small_probe_splits_and_a_large_knn_k_are_warned(capsys):
+    report = {"encoders": {"a": {"probes": {
+        "image": {"counts": {"train": 30, "val": 5, "test": 4}, "knn": {"k": 35}},
+        "objects_region": {"counts": {"train": 900, "val": 100, "test": 400}, "knn": {"k": 10}}}},
+        "b": {"probes": {"image": {"counts": {"train": 30, "val": 5, "test": 4}, "knn": {"k": 35}}}}}}
+    ev.say_small_probes(report, knn_k=100000)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: probe image: 4 probe-test items (fewer than 50): its scores are noise at this size; "
+                   "evaluate on more images",
+                   "warning: probe image: --knn-k 100000 is more than its 35 probe-train items; k-NN voted over all "
+                   "35",
+                   "warning: probe objects_region: --knn-k 100000 is more than its 10 probe-train items; k-NN voted "
+                   "over all 10"]
+    ev.say_small_probes(report, knn_k=10)
+    assert capsys.readouterr().err.count("warning") == 1          # the image probe's size alone: k fits both
