@@ -84,6 +84,10 @@ FEATURE_BATCH = 512         # crops per CLIP forward across images (clip-retriev
 CHUNK_SIZE = 1024           # images per resumable chunk: 390k chunk files at 400M images, minutes of SAM each
 
 REGION_STATUS = ["ok", "skipped", "too_small", "no_regions", "error", "decode_error"]
+# flags that change no byte of regions/ (where, how fast, in which batches): out of the chunk key and of the check
+# that refuses a finished folder made with other settings
+NOT_IN_OUTPUT = ("force", "work", "device", "feature_batch", "workers", "max_pixels", "sam_batch", "sam_generator",
+                 "points_per_batch")
 # where an image's boxes came from (box_source.npy); none: not read, too small, or no entry in --boxes
 BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
@@ -589,6 +593,11 @@ def main(argv=None):
             raise SystemExit(f"error: {folder} holds features made with {made_with!r}, not {feature_model(args)!r} "
                              "(another --features, CLIP model, or an earlier version of the pixel stand-in): rerun "
                              "with --force (then 03 and 04 with --force)")
+        changed = workdir.changed_settings(done.get("config", {}), args, [k for k in vars(args) if k not in
+                                                                          NOT_IN_OUTPUT + ("images", "features", "chunk_size")])
+        if changed:                   # one rule with 03: a finished folder is never kept for other settings
+            raise SystemExit(f"error: {folder} holds regions made with other settings ({', '.join(changed)}): rerun "
+                             "with --force to replace them (then 03 and 04 with --force), or use another --work")
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
     workdir.lock_stage(folder, "01_mine_regions.py")
@@ -688,9 +697,7 @@ def main(argv=None):
                 "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
                 "areas": cat(areas, (0,), np.float32), "region_features": cat(regions, (0, features.dim), np.float16)}
 
-    key = {k: v for k, v in vars(args).items()          # what can change a byte of the output
-           if k not in ("force", "images", "work", "device", "feature_batch", "workers", "max_pixels", "sam_batch",
-                        "sam_generator", "points_per_batch")}
+    key = {k: v for k, v in vars(args).items() if k not in NOT_IN_OUTPUT + ("images",)}
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
     key["max_pixels"] = table.max_pixels

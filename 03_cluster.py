@@ -806,9 +806,7 @@ def main(argv=None):
         if done["inputs"]["regions"] != inp["fingerprint"]:
             raise SystemExit(f"error: {folder} was clustered from other regions (01 was rerun since): "
                              "rerun with --force")
-        old = done.get("config", {})
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {getattr(args, k)}" for k in RESULT_SETTINGS
-                   if k in old and old[k] != getattr(args, k)]
+        changed = workdir.changed_settings(done.get("config", {}), args, RESULT_SETTINGS)
         if changed:
             raise SystemExit(f"error: {folder} holds clusters made with other settings ({', '.join(changed)}): "
                              "rerun with --force to replace them, or write these to another --out")

@@ -374,6 +374,13 @@ def stage_module(file: str, name: str | None = None):
     return module
 
 
+def changed_settings(old_config: dict, args, names) -> list[str]:
+    """["--flag old -> new", ...] for the settings in `names` that a finished stage's manifest config recorded
+    with another value than `args` has now (settings it did not record are not compared)."""
+    return [f"--{k.replace('_', '-')} {old_config[k]} -> {getattr(args, k)}" for k in names
+            if k in old_config and old_config[k] != getattr(args, k)]
+
+
 def check_flags(args, rules: dict) -> None:
     """Numeric flags against their ranges, after argparse: rules {dest: ">= 1" | "> 0" | "[0, 1]" | "(0, 1]" |
     "[0, 1)"}; a flag left at None (optional) is not checked. One line naming the first flag out of range (NaN

@@ -456,3 +456,18 @@ def test_small_probe_splits_and_a_large_knn_k_are_warned(capsys):
                    "over all 10"]
     ev.say_small_probes(report, knn_k=10)
     assert capsys.readouterr().err.count("warning") == 1          # the image probe's size alone: k fits both
+
+
+def test_a_finished_01_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    """One rule with 03: a finished stage rerun with settings that change its outputs is refused with one line
+    naming the changed flags and --force; settings that change no byte (workers, batches, chunks) are kept."""
+    png(str(tmp_path / "images" / "a.png"))
+    flags = ["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"),
+             *boxes_for(str(tmp_path / "images"))]
+    first = mine.main(flags)
+    with pytest.raises(SystemExit, match=r"^error: .*regions holds regions made with other settings "
+                                         r"\(--min-box-side 4.0 -> 30.0, --min-image-side 16 -> 20\): rerun with "
+                                         r"--force"):
+        mine.main(flags + ["--min-box-side", "30", "--min-image-side", "20"])
+    assert mine.main(flags + ["--workers", "1", "--chunk-size", "7", "--feature-batch", "3"]) == first
+    assert mine.main(flags + ["--min-box-side", "30", "--force"])["config"]["min_box_side"] == 30
