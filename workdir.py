@@ -204,11 +204,16 @@ def writer_of(folder: str) -> str:
     return STAGE_OF.get(name, "03_cluster.py" if name.startswith("clusters") else f"the stage that writes {name}/")
 
 
+class MissingOutput(FileNotFoundError):
+    """A stage's output file that is not there; stage_main turns it into its one line."""
+
+
 def load(folder: str, name: str, mmap: bool = True) -> np.ndarray:
     """<folder>/<name>.npy (memory-mapped); a missing or damaged file is one line naming it."""
     path = os.path.join(folder, name + ".npy")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes {os.path.basename(folder)}/ first")
+        raise MissingOutput(f"{path} is missing, so {folder} is incomplete: remove the folder and rerun "
+                            f"{writer_of(folder)}")
     try:
         return np.load(path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
@@ -586,6 +591,8 @@ def stage_main(main):
             return main(argv)
         except KeyboardInterrupt:
             raise SystemExit("interrupted: finished work is kept; rerun the same command to continue") from None
+        except MissingOutput as e:                   # a hand-off file deleted since its stage finished
+            raise SystemExit(f"error: {e}") from None
         except OSError as e:
             if e.errno not in DISK_ERRNOS:
                 raise

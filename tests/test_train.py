@@ -338,6 +338,10 @@ def test_bad_input_is_refused_at_start(world, tmp_path):
     w = copy_work(work, tmp_path / "w1")
     shutil.rmtree(os.path.join(w, "clusters"))
     assert "run 03_cluster.py" in refused(w)
+    w = copy_work(work, tmp_path / "w0")           # a hand-off file deleted after its stage finished: one line
+    os.remove(os.path.join(w, "images", "status.npy"))
+    assert refused(w).startswith(f"error: {os.path.join(w, 'images', 'status.npy')} is missing, so ") and \
+        "remove the folder and rerun 01_mine_regions.py" in refused(w)
     w = copy_work(work, tmp_path / "w2")           # 01 rerun after 03: the clusters belong to other features
     m = workdir.read_manifest(os.path.join(w, "regions"))
     workdir.write_json(os.path.join(w, "regions", "manifest.json"), {**m, "finished": "2030-01-01T00:00:00+00:00"})
