@@ -54,6 +54,7 @@ demo: $(VENV)/.installed
 	@echo "  training logs   $(DEMO)/train/log.jsonl, $(DEMO)/train_mlcd/log.jsonl"
 	@echo "  reports         $(DEMO)/eval/report.md (RICE), $(DEMO)/eval_mlcd/report.md (MLCD); t-SNE $(DEMO)/eval/tsne_*.png"
 	@echo "  HF exports      $(DEMO)/export (MLCDVisionModel), $(DEMO)/export_mlcd (CLIPVisionModel)"
+	@echo "  one image       $(PY) show.py --work $(DEMO) --rows 5   (its boxes, clusters, OCR lines: a PNG)"
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_encoder.py --preset tiny --device cpu

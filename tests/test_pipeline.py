@@ -71,6 +71,15 @@ def test_every_stage_in_order(tiny_world, tmp_path):
         topl = np.load(os.path.join(work, folder, "image_labels.npy"))
         assert len(labels) == R and 0 <= labels.min() and labels.max() < K and topl.shape == (n, 8)
 
+    # show.py: one image with regions and OCR lines, as a picture and as text
+    both = next(i for i in range(n) if off[i + 1] > off[i] and line_off[i + 1] > line_off[i])
+    [png] = load_script("show", "show.py").main(["--work", work, "--rows", str(both), "--out", str(tmp_path / "s")])
+    text = open(png[:-4] + ".txt").read()
+    labels = np.load(os.path.join(work, "clusters", "region_labels.npy"))[off[both]:off[both + 1]]
+    assert f"cluster {labels[0]}" in text and "tokens [" in text and "not run yet" not in text
+    topl = np.load(os.path.join(work, "clusters", "image_labels.npy"))[both]
+    assert f"image labels (top-l centres): {[int(x) for x in topl]}" in text
+
     # 04: both methods train on what 01-03 wrote; the checkpoints are plain dicts
     runs = {}
     for method, flags in (("rice", ["--model", "tiny"]),
