@@ -185,17 +185,17 @@ class SamRegions:
     def generator(self):
         if self.gen is None:
             args = self.args
-            if not args.sam_checkpoint and args.sam_model not in ("tiny", "tiny-sam2"):
+            if not args.sam_checkpoint and args.sam_model not in sam_boxes.TEST_MODELS:
                 raise SystemExit("error: some images have no boxes of their own (no SA-1B annotations in their "
                                  "json, no --boxes): SAM runs on them and needs --sam-checkpoint (e.g. "
                                  "sam_vit_h_4b8939.pth for vit_h, sam2.1_hiera_large.pt for sam2.1_hiera_l), or "
                                  "give every image its boxes with --boxes (a COCO file or SA-1B json folder)")
+            import torch
             try:
                 sam = build_sam(args.sam_model, args.sam_checkpoint, self.device)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
             if args.sam_compile:
-                import torch
                 sam.image_encoder = torch.compile(sam.image_encoder)
             settings = dict(points_per_side=args.points_per_side, points_per_batch=self.points_per_batch,
                             pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
@@ -203,7 +203,6 @@ class SamRegions:
             if args.sam_generator == "stock" or args.min_mask_region_area > 0:
                 self.gen = sam_boxes.stock_generator(sam, min_mask_region_area=args.min_mask_region_area, **settings)
             else:
-                import torch
                 self.gen = sam_boxes.BoxGenerator(sam, image_batch=self.batch, **settings,
                                                   dtype=torch.bfloat16 if args.sam_dtype == "bf16" else torch.float32)
         return self.gen
@@ -593,8 +592,8 @@ def main(argv=None):
             raise SystemExit(f"error: {folder} holds features made with {made_with!r}, not {feature_model(args)!r} "
                              "(another --features, CLIP model, or an earlier version of the pixel stand-in): rerun "
                              "with --force (then 03 and 04 with --force)")
-        changed = workdir.changed_settings(done.get("config", {}), args, [k for k in vars(args) if k not in
-                                                                          NOT_IN_OUTPUT + ("images", "features", "chunk_size")])
+        compared = [k for k in vars(args) if k not in NOT_IN_OUTPUT + ("images", "features", "chunk_size")]
+        changed = workdir.changed_settings(done.get("config", {}), args, compared)
         if changed:                   # one rule with 03: a finished folder is never kept for other settings
             raise SystemExit(f"error: {folder} holds regions made with other settings ({', '.join(changed)}): rerun "
                              "with --force to replace them (then 03 and 04 with --force), or use another --work")
@@ -610,7 +609,7 @@ def main(argv=None):
 
     box_file = BoxFile(args.boxes, set(args.exclude_categories.split(","))) if args.boxes else None
     sam = SamRegions(args, device)
-    if box_file is None and args.sam_model not in ("tiny", "tiny-sam2") and not args.sam_checkpoint:
+    if box_file is None and args.sam_model not in sam_boxes.TEST_MODELS and not args.sam_checkpoint:
         # before any model is built: up to 200 evenly spaced readable rows show whether SAM will be needed
         sample = [r for r in range(0, len(table), max(1, len(table) // 200)) if table.status[r] == workdir.OK]
         if any(sa1b_annotations(table.read_json(r)) is None for r in sample):

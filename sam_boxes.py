@@ -44,6 +44,7 @@ BOX_NMS_THRESH, CROP_NMS_THRESH, CROP_OVERLAP_RATIO, CROP_N_POINTS_DOWNSCALE = 0
 CHUNK_BYTES = 1 << 30                # upsampled logits per chunk (a 1500 x 1125 crop: about 60 masks at a time)
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b", "tiny")
+TEST_MODELS = ("tiny", "tiny-sam2")  # random weights without a checkpoint: tests and timings only
 # SAM 2 / 2.1 through sam2's own builder: name -> its config in the sam2 package (checkpoints: sam2.1_hiera_*.pt)
 SAM2_CONFIGS = {f"sam2{v}_hiera_{s}": f"configs/sam2{v}/sam2{v}_hiera_{s}.yaml"
                 for v in ("", ".1") for s in ("t", "s", "b+", "l")}
@@ -148,8 +149,9 @@ def matched_share(boxes, reference, iou=0.9):
         return float(len(boxes) == 0)
     if len(boxes) == 0:
         return 0.0
-    pixels = lambda b: torch.as_tensor(np.asarray(b, np.float64)) + torch.tensor([0, 0, 1, 1])   # noqa: E731
-    ious = torchvision.ops.box_iou(pixels(reference), pixels(boxes))     # mask boxes end on their last pixel
+    ref, ours = (torch.as_tensor(np.asarray(b, np.float64)) + torch.tensor([0, 0, 1, 1])   # mask boxes end on
+                 for b in (reference, boxes))                                               # their last pixel
+    ious = torchvision.ops.box_iou(ref, ours)
     return float((ious.amax(1) >= iou).double().mean())
 
 

@@ -28,6 +28,7 @@ interrupted. Transient I/O errors (EIO, ESTALE, timeouts) are retried, then stop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -1603,25 +1604,20 @@ def short_side_check(table: ImageTable, min_side: int, flag: str = "--min-image-
 # weights from open_clip (01's CLIP features, 05's openclip: encoders): a failure is one line, once
 
 
-class quiet_hub:
+@contextlib.contextmanager
+def quiet_hub():
     """Keeps a weights download's noise off the terminal (huggingface_hub's retry warnings, urllib3's, open_clip's
     logging.error) while a model is built; the caller turns a failure into one line."""
-
-    def __enter__(self):
-        import logging
-        import warnings
-        self.disabled = logging.root.manager.disable
-        logging.disable(logging.ERROR)
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
-        warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc):
-        import logging
-        self.warnings.__exit__(*exc)
-        logging.disable(self.disabled)
-        return False
+    import logging
+    import warnings
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
 
 
 def load_open_clip(name: str, pretrained, device, flag: str, offline: str):

@@ -23,7 +23,7 @@ on this device, one process.
 """
 from __future__ import annotations
 
-import argparse, datetime, json, os, platform, sys, time
+import argparse, datetime, json, os, sys, time
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sam_boxes  # noqa: E402
 import workdir  # noqa: E402
+from bench_data import device_name  # noqa: E402
 
 SETTINGS = {"default": (0.88, 0.95), "relaxed": (0.5, 0.5), "open": (0.0, 0.0)}
 
@@ -50,14 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--sam-batch", type=int, help="box-only generator (default 1 on CPU, 8 on CUDA)")
     p.add_argument("--json-out")
     return p.parse_args(argv)
-
-
-def device_name(dev):
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    with open("/proc/cpuinfo") as f:
-        name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
-    return f"{name} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
 
 
 def timed(fn, dev):
