@@ -316,12 +316,20 @@ class BoxFile:
         import json
         self.folder = path if os.path.isdir(path) else None
         self.by_name = {}
+        typed = sorted(exclude - {"text", ""})           # names the user passed (text: the default)
         if self.folder:
+            if typed:
+                print(f"warning: --exclude-categories {','.join(typed)}: SA-1B files have no categories; ignored",
+                      file=sys.stderr, flush=True)
             return
         try:
             with open(path, "rb") as fh:
                 coco = json.loads(fh.read())
             skip = {c["id"] for c in coco.get("categories", []) if c.get("name") in exclude}
+            unknown = sorted(set(typed) - {c.get("name") for c in coco.get("categories", [])})
+            if unknown:
+                print(f"warning: --exclude-categories: {path} has no category named {', '.join(unknown)}; nothing "
+                      "of that name is left out", file=sys.stderr, flush=True)
             by_image, no_box = {}, 0
             for a in coco.get("annotations", []):
                 if not valid_bbox(a.get("bbox")):          # a region needs its [x, y, w, h]
@@ -593,10 +601,9 @@ def main(argv=None):
                              "(another --features, CLIP model, or an earlier version of the pixel stand-in): rerun "
                              "with --force (then 03 and 04 with --force)")
         compared = [k for k in vars(args) if k not in NOT_IN_OUTPUT + ("images", "features", "chunk_size")]
-        changed = workdir.changed_settings(done.get("config", {}), args, compared)
-        if changed:                   # one rule with 03: a finished folder is never kept for other settings
-            raise SystemExit(f"error: {folder} holds regions made with other settings ({', '.join(changed)}): rerun "
-                             "with --force to replace them (then 03 and 04 with --force), or use another --work")
+        workdir.refuse_changed(folder, "regions", workdir.changed_settings(done.get("config", {}), args, compared),
+                               " (then 03 and 04 with --force)")
+        workdir.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
     workdir.lock_stage(folder, "01_mine_regions.py")

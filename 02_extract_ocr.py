@@ -173,7 +173,22 @@ def rapidocr_engine(args):
         params["EngineConfig.onnxruntime.use_cuda"] = True
         params["EngineConfig.onnxruntime.cuda_ep_cfg.device_id"] = \
             int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
+    given = [(flag, path) for flag, path in (("--det-model", args.det_model), ("--rec-model", args.rec_model)) if path]
+    for flag, path in given:         # RapidOCR loads its models at the first image: a bad file stops here, once
+        try:
+            onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SystemExit(f"error: {flag} {path}: not a loadable ONNX model ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:150]}); pass a PP-OCR {flag[2:5]} .onnx file, or "
+                             "leave the flag out for the wheel's own") from None
     ocr = RapidOCR(params=params)
+    try:                             # both models on a printed word: a det file given as rec, or the reverse
+        ocr(warm_up_image())
+    except Exception as e:
+        names = " / ".join(f"{flag} {path}" for flag, path in given) or "the wheel's models"
+        last = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""])[-1]    # not the wrapped traceback
+        raise SystemExit(f"error: RapidOCR with {names} fails on a printed word ({type(e).__name__}: "
+                         f"{last[:150]}); pass PP-OCR det and rec .onnx files of the same version") from None
     det, rec = ocr.cfg.Det, ocr.cfg.Rec
     info = {"name": "rapidocr", "version": importlib.metadata.version("rapidocr"),
             "onnxruntime": importlib.metadata.version("onnxruntime"),
@@ -194,6 +209,14 @@ def rapidocr_engine(args):
             return []
         return list(zip(out.boxes, txts, out.scores))
     return run, info
+
+
+def warm_up_image():
+    """A BGR array of a large printed word: the detector finds it, so both of RapidOCR's models run."""
+    from PIL import Image, ImageDraw, ImageFont
+    im = Image.new("RGB", (320, 96), "white")
+    ImageDraw.Draw(im).text((16, 16), "KIT 42", fill="black", font=ImageFont.load_default(size=56))
+    return np.ascontiguousarray(np.asarray(im)[:, :, ::-1])
 
 
 def paddle_engine(args):
@@ -342,6 +365,11 @@ class ClipTokens:
 # main ------------------------------------------------------------------------------------------------------
 
 
+# the flags that change no byte of the output (--images: the image table checks it; --engine auto: the
+# engine it resolves to is in the manifest)
+NOT_IN_OUTPUT = ("images", "work", "device", "threads", "chunk_size", "workers", "force", "engine")
+
+
 def chunk_key(args, engine_info, tokenizer, table_fingerprint):
     """What the chunk files depend on: chunks left by a run with another key are discarded, not mixed in."""
     return {"engine": engine_info, "min_score": args.min_score,
@@ -355,8 +383,13 @@ def main(argv=None):
     workdir.check_folder_flag(args.work)
     rank, world = workdir.init_dist()
     folder = os.path.join(args.work, "ocr")
-    done = workdir.read_manifest(folder)
-    if done and done.get("complete") and not args.force:
+    done = workdir.finished_output(folder, args, [k for k in vars(args) if k not in NOT_IN_OUTPUT], "OCR lines",
+                                   " (then 04 with --force)")
+    if done and args.engine != "auto" and not done["engine"]["name"].startswith(args.engine):
+        workdir.refuse_changed(folder, "OCR lines", [f"--engine {done['engine']['name']} -> {args.engine}"],
+                               " (then 04 with --force)")
+    if done:
+        workdir.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['lines']} lines on {done['rows']['images']} images, "
                     f"engine {done['engine']['name']}); --force redoes it")
         return done

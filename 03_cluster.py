@@ -806,10 +806,9 @@ def main(argv=None):
         if done["inputs"]["regions"] != inp["fingerprint"]:
             raise SystemExit(f"error: {folder} was clustered from other regions (01 was rerun since): "
                              "rerun with --force")
-        changed = workdir.changed_settings(done.get("config", {}), args, RESULT_SETTINGS)
-        if changed:
-            raise SystemExit(f"error: {folder} holds clusters made with other settings ({', '.join(changed)}): "
-                             "rerun with --force to replace them, or write these to another --out")
+        workdir.refuse_changed(folder, "clusters", workdir.changed_settings(done.get("config", {}), args,
+                                                                             RESULT_SETTINGS),
+                               " (then 04 with --force)", "write these to another --out")
         workdir.say(f"{folder} is complete (K = {done['k']}, {done['rows']['regions']} regions); --force redoes it")
         return done
     population = (inp["R"] if args.fit_on != "images" else 0) + \

@@ -213,7 +213,7 @@ def parse_args(argv=None):
     a("--tensorboard", action="store_true")
     a("--force", action="store_true", help="start over: discard the run folder's checkpoint and log")
     args = p.parse_args(argv)
-    workdir.check_flags(args, {"image_size": ">= 0", "region_blocks": ">= -1", "embed_dim": ">= -1",
+    workdir.check_flags(args, {"image_size": "[0, 4096]", "region_blocks": ">= -1", "embed_dim": ">= -1",
                                "num_regions": ">= 1", "image_topl": ">= 1", "min_box_visible": "[0, 1]",
                                "min_crop_scale": "(0, 1]", "workers": ">= 0", "shuffle_block": ">= 1",
                                "shuffle_window": ">= 1", "object_weight": ">= 0", "ocr_weight": ">= 0",
@@ -688,7 +688,6 @@ def open_run_folder(args) -> None:
         for sub in ("ckpt", "log.jsonl", "manifest.json", "skipped_images.jsonl", "tensorboard", "train_images.npy"):
             path = os.path.join(run, sub)
             shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
-    os.makedirs(os.path.join(run, "ckpt"), exist_ok=True)
 
 
 def prepare_data(args) -> dict:
@@ -719,6 +718,8 @@ def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
     it are trained and logged again, so the log equals the uninterrupted run's."""
     latest = os.path.join(args.run_dir, "ckpt", "latest.pt")
     if not os.path.exists(latest):
+        if env.rank == 0:
+            cut_log(args.run_dir, 0)           # a run stopped before its first checkpoint starts again from step 0
         return 0
     kept = sorted(f for f in os.listdir(os.path.dirname(latest)) if f.startswith("step_") and f.endswith(".pt"))
     instead = (f"copy the newest kept checkpoint over it (cp {os.path.join(os.path.dirname(latest), kept[-1])} "
@@ -749,19 +750,29 @@ def resume(args, config, encoder, opt, banks, bank_opt, env) -> int:
         restore_bank(bank, bank_opt, ckpt["banks"][name], os.path.dirname(latest))
     step = int(ckpt["step"])
     if env.rank == 0:
-        log_path = os.path.join(args.run_dir, "log.jsonl")
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = []
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, KeyError):
-                        pass                          # a line cut off by the kill
-            workdir.write_bytes(log_path, "".join(kept).encode())
+        cut_log(args.run_dir, step)
     workdir.say(f"train: resumed from {latest} at step {step}")
     return step
+
+
+def cut_log(run_dir: str, step: int) -> None:
+    """(rank 0) Keep the records of the steps before `step`, the step training resumes from: the steps after
+    it are trained and logged again, so log.jsonl and skipped_images.jsonl equal the uninterrupted run's. A
+    line cut off by a kill or a full disk is dropped. (log.jsonl counts a record's step from 1, after the
+    step; skipped_images.jsonl from 0, the step that read the image.)"""
+    for name, last in (("log.jsonl", step), ("skipped_images.jsonl", step - 1)):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= last:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+        workdir.write_bytes(path, "".join(kept).encode())
 
 
 def bank_folder(step: int) -> str:

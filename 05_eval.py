@@ -83,8 +83,11 @@ Writes --out (default runs/demo/eval):
                          coloured by class, or, with more than --tsne-max-colours classes, one panel per
                          category field (the demo's shape, colour, texture); at most --tsne-max points
     features/<encoder>/  the extracted features (resumable chunks, then merged .npy and a manifest): a rerun
-                         with the same encoder, data and settings reuses them, and when the report too was
-                         made from them with the same settings it is only printed again (--force recomputes)
+                         with the same encoder, data and settings reuses them (keyed by content: weights
+                         that changed are extracted again), and when the report too was made from them with
+                         the same settings it is only printed again. A finished report made with other probe
+                         settings is refused, naming the changed flags: --force replaces it (the features
+                         are still reused where their key matches; delete features/<encoder>/ to recompute)
 Feature arrays: image_features (n, D) float32, ann_offsets (CSR over the COCO annotations of each image, in
 file order; zero rows for unreadable images), pooled / region (A, D) float32, with --masks patch_offsets,
 dense_tokens (fp16) and dense_labels (category id, 0 background, -1 unknown). Memory for the dense probe:
@@ -122,6 +125,7 @@ TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
 PROBES = ("image", "contents", "objects", "ocr", "dense")
+NOT_IN_REPORT = ("force", "out", "device", "batch_size", "chunk_size")     # flags that change no reported number
 
 EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error",
                "outside_root"]
@@ -165,9 +169,9 @@ def parse_args(argv):
     p.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)} "
                    "(image: the largest object's class; contents: the classes and category fields present, "
                    "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches)")
-    p.add_argument("--force", action="store_true", help="recompute features even if a finished set matches")
+    p.add_argument("--force", action="store_true", help="replace a finished report made with other settings")
     args = p.parse_args(argv)
-    workdir.check_flags(args, {"image_size": ">= 1", "test_fraction": "(0, 1)", "val_fraction": "(0, 1)",
+    workdir.check_flags(args, {"image_size": "[1, 4096]", "test_fraction": "(0, 1)", "val_fraction": "(0, 1)",
                                "seed": ">= 0", "batch_size": ">= 1", "chunk_size": ">= 1", "knn_k": ">= 1",
                                "knn_temperature": "> 0", "c_refine": ">= 0", "probe_iters": ">= 1",
                                "min_visible": "[0, 1]", "max_tokens": ">= 1", "dense_max_patches": ">= 1",
@@ -263,6 +267,10 @@ def _read_coco(images: str, coco_path: str, masks: str | None, text_category: st
         raise SystemExit(f"error: --coco {coco_path} lists no images")
     categories = {c["id"]: c for c in coco["categories"]}
     text_ids = {c["id"] for c in coco["categories"] if c.get("name") == text_category}
+    if not text_ids and text_category != TEXT_CATEGORY:       # a name the user typed: say it matched nothing
+        names = sorted({str(c.get("name")) for c in coco["categories"]})
+        raise SystemExit(f"error: --text-category {text_category}: no category of that name in {coco_path} "
+                         f"(it has {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
     by_image = {}
     for a in coco["annotations"]:                 # file order within each image: the masks' instance ids
         by_image.setdefault(a["image_id"], []).append(a)
@@ -647,16 +655,16 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     key = json.loads(json.dumps(key))
     done = workdir.read_manifest(folder)
     workdir.barrier()                       # every rank has read the manifest before rank 0 may remove it
-    reuse = bool(done and done.get("complete") and done.get("key") == key and not args.force)
+    reuse = bool(done and done.get("complete") and done.get("key") == key)
     t0 = time.time()
     if reuse:
-        workdir.say(f"{name}: reusing the features in {folder} (--force recomputes)")
+        workdir.say(f"{name}: reusing the features in {folder} (delete the folder to recompute them)")
         info = done["encoder"]
     else:
+        enc = build_encoder(spec, args, device)       # weights that fail to load leave no folder behind
         if rank == 0 and done:
             os.remove(os.path.join(folder, "manifest.json"))
         os.makedirs(folder, exist_ok=True)
-        enc = build_encoder(spec, args, device)
         info = enc.info()
         amp = (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"))
         process = make_process(enc, data, args, amp)
@@ -980,8 +988,17 @@ def main(argv=None):
         if not spec.startswith("openclip:") and not os.path.exists(body):
             raise SystemExit(f"error: --encoder {name}={spec}: no such file or folder {body}")
     workdir.lock_stage(args.out, "05_eval.py", "wait for it to end, or use another --out")
+    previous = workdir.read_manifest(args.out, "report.json")
+    if previous and not args.force:         # the one rule of every stage (workdir.refuse_changed)
+        compared = [k for k in vars(args) if k not in NOT_IN_REPORT]
+        workdir.refuse_changed(args.out, "a report", workdir.changed_settings(previous.get("settings", {}), args,
+                                                                              compared), elsewhere="use another --out")
     data = read_image_folder(args.image_folder) if args.image_folder else \
         read_coco(args.images, args.coco, args.masks, args.text_category)
+    fields = {"class"} | {k for c in data.categories.values() for k in c if k not in ("id", "name")}
+    if args.tsne_max and args.tsne_color_by not in fields | {"auto"}:
+        raise SystemExit(f"error: --tsne-color-by {args.tsne_color_by}: not a category field of the data (choose "
+                         f"auto or one of {', '.join(sorted(fields))})")
     if args.images and workdir.resolve_source(args.images).kind == "tar":
         data = attach_shards(data, args.images, args.out, args.max_pixels)
     n = len(data.files)
@@ -1003,7 +1020,7 @@ def main(argv=None):
         if previous.get("key") == key:
             md = markdown(previous)
             write_report_md(args.out, md)         # report.md of this report.json, whatever happened to it
-            print(f"{args.out}: report complete for these features and settings (--force recomputes)\n\n{md}",
+            print(f"{args.out}: report complete for these features and settings\n\n{md}",
                   flush=True)
             workdir.barrier()
             return previous
@@ -1132,10 +1149,11 @@ def say_small_probes(report, knn_k):
             if probe in seen or not counts:
                 continue
             seen.add(probe)
-            if counts.get("test", 0) < MIN_PROBE_TEST:
-                print(f"warning: probe {probe}: {counts.get('test', 0)} probe-test items (fewer than "
-                      f"{MIN_PROBE_TEST}): its scores are noise at this size; evaluate on more images",
-                      file=sys.stderr, flush=True)
+            # the dense probe counts patches; its items, for this rule, are its probe-test images
+            n, unit = (counts["test"], "items") if "test" in counts else (report["data"]["split"]["test"], "images")
+            if n < MIN_PROBE_TEST:
+                print(f"warning: probe {probe}: {n} probe-test {unit} (fewer than {MIN_PROBE_TEST}): its scores "
+                      "are noise at this size; evaluate on more images", file=sys.stderr, flush=True)
             k_used = (res.get("knn") or {}).get("k")
             if k_used is not None and k_used < knn_k:
                 print(f"warning: probe {probe}: --knn-k {knn_k} is more than its {k_used} probe-train items; "

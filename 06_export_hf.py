@@ -69,7 +69,9 @@ def parse_args(argv):
     p.add_argument("--image-size", type=int, help="input size S of the processor and config (default: the "
                                                   "checkpoint's image_size)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an export")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    workdir.check_flags(args, {"image_size": "[1, 4096]"})
+    return args
 
 
 def preprocessor_config(size: int) -> dict:

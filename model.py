@@ -608,7 +608,8 @@ def read_checkpoint(path: str, **kw):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:160]}): it is "
+        first = str(e).strip().split(". ")[0][:160]          # the first sentence: torch's advice is for pickles
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first}): it is "
                          "empty, cut off or another kind of file; rerun the stage that wrote it") from None
 
 

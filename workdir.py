@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -164,11 +165,11 @@ def save_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(folder: str) -> dict | None:
-    """The folder's manifest.json, or None when there is none. One that does not parse (it is written
-    atomically, so only damage from outside makes one) is taken as unfinished, with a warning: the stage that
-    owns the folder redoes it, and a later stage says which stage to run."""
-    path = os.path.join(folder, "manifest.json")
+def read_manifest(folder: str, name: str = "manifest.json") -> dict | None:
+    """The folder's manifest.json (or another JSON `name`), or None when there is none. One that does not
+    parse (it is written atomically, so only damage from outside makes one) is taken as unfinished, with a
+    warning: the stage that owns the folder redoes it, and a later stage says which stage to run."""
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         return None
     try:
@@ -314,27 +315,41 @@ _LOCKS: dict = {}
 def lock_folder(folder: str, what: str, hint: str) -> None:
     """Hold <folder>/.lock for as long as this process runs (or until unlock_folder): a second process on
     the same folder exits with one line naming the holder. fcntl.flock: the kernel drops the lock when the
-    holder dies, so a killed run leaves none behind (NFS v4 and Lustre with -o flock support it)."""
+    holder dies, so a killed run leaves none behind (NFS v4 and Lustre with -o flock support it). A run that
+    ends, however it ends, removes the file and the folders it created that stayed empty (unlock_folder)."""
     import fcntl
     import socket
-    if os.path.abspath(folder) in _LOCKS:      # this process holds it already (a stage called twice in one test)
+    folder = os.path.abspath(folder)
+    if folder in _LOCKS:                      # this process holds it already (a stage called twice in one test)
         return
+    created, up = [], folder
+    while not os.path.isdir(up) and os.path.dirname(up) != up:
+        created.append(up)
+        up = os.path.dirname(up)
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+    path = os.path.join(folder, ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SystemExit(f"error: {folder} is in use by {holder}; {hint}")
+        except OSError as e:                  # a file system without locks: say so, and go on
+            print(f"note: cannot lock {folder} ({e.strerror}); make sure no other run uses it", flush=True)
+            os.close(fd)
+            return
+        try:                                  # the holder before us removed the file between our open and flock:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:       # lock the file that is there now instead
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise SystemExit(f"error: {folder} is in use by {holder}; {hint}")
-    except OSError as e:                      # a file system without locks: say so, and go on
-        print(f"note: cannot lock {folder} ({e.strerror}); make sure no other run uses it", flush=True)
-        os.close(fd)
-        return
     os.ftruncate(fd, 0)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})\n".encode(), 0)
-    _LOCKS[os.path.abspath(folder)] = fd
+    _LOCKS[folder] = (fd, created)
 
 
 def lock_stage(folder: str, what: str, hint: str = "wait for it to end, or use another --work") -> None:
@@ -345,9 +360,22 @@ def lock_stage(folder: str, what: str, hint: str = "wait for it to end, or use a
 
 
 def unlock_folder(folder: str) -> None:
-    fd = _LOCKS.pop(os.path.abspath(folder), None)
-    if fd is not None:
-        os.close(fd)
+    """Release lock_folder's lock: remove the .lock file (while still holding it, so no one else has locked
+    it), then the folders lock_folder created that nothing was written into (a run refused before its first
+    file leaves no empty folder behind)."""
+    fd, created = _LOCKS.pop(os.path.abspath(folder), (None, []))
+    if fd is None:
+        return
+    try:
+        os.remove(os.path.join(os.path.abspath(folder), ".lock"))
+    except OSError:
+        pass
+    os.close(fd)
+    for d in created:                         # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 def check_folder_flag(path: str, flag: str = "--work") -> str:
@@ -385,6 +413,27 @@ def changed_settings(old_config: dict, args, names) -> list[str]:
     with another value than `args` has now (settings it did not record are not compared)."""
     return [f"--{k.replace('_', '-')} {old_config[k]} -> {getattr(args, k)}" for k in names
             if k in old_config and old_config[k] != getattr(args, k)]
+
+
+def refuse_changed(folder: str, what: str, changed: list[str], then: str = "",
+                   elsewhere: str = "use another --work") -> None:
+    """The one rule of every stage for a finished output and other settings: never kept silently, never
+    replaced silently; one line naming the changed flags and --force (`then`: the stages to rerun after)."""
+    if changed:
+        raise SystemExit(f"error: {folder} holds {what} made with other settings ({', '.join(changed)}): rerun "
+                         f"with --force to replace them{then}, or {elsewhere}")
+
+
+def finished_output(folder: str, args, settings, what: str, then: str = "",
+                    elsewhere: str = "use another --work") -> dict | None:
+    """The manifest of a finished stage folder that this run can reuse as it is: made with the same `settings`
+    (the flags that change its bytes); None when it is unfinished or --force redoes it; refused when made with
+    other settings (refuse_changed)."""
+    done = read_manifest(folder)
+    if not (done and done.get("complete")) or getattr(args, "force", False):
+        return None
+    refuse_changed(folder, what, changed_settings(done.get("config", {}), args, settings), then, elsewhere)
+    return done
 
 
 def check_flags(args, rules: dict) -> None:
@@ -594,6 +643,13 @@ def stage_main(main):
             raise SystemExit("interrupted: finished work is kept; rerun the same command to continue") from None
         except MissingOutput as e:                   # a hand-off file deleted since its stage finished
             raise SystemExit(f"error: {e}") from None
+        except (MemoryError, RuntimeError) as e:     # host memory; the GPU's is each stage's (smaller batches)
+            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+                raise
+            need = re.search(r"allocate (\d+) bytes", str(e))
+            raise SystemExit(f"error: out of host memory{f' allocating {human_bytes(int(need[1]))}' if need else ''}"
+                             f": lower the batch or size flags (see --help) or use a machine with more memory") \
+                from None
         except OSError as e:
             if e.errno not in DISK_ERRNOS:
                 raise
@@ -604,8 +660,8 @@ def stage_main(main):
                 where = os.path.join(flags[0] if flags else os.getcwd(), "...")
             raise SystemExit(disk_message(where, None, e.strerror.lower())) from None
         finally:
-            for folder in set(_LOCKS) - held:
-                os.close(_LOCKS.pop(folder))
+            for folder in reversed([f for f in _LOCKS if f not in held]):     # the last taken first
+                unlock_folder(folder)
     return wrapped
 
 
@@ -1630,7 +1686,7 @@ def load_open_clip(name: str, pretrained, device, flag: str, offline: str):
         with quiet_hub():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = re.split(r"(?<=\.)\s", (str(e).strip().splitlines() or [""])[0])[0][:160]     # first sentence
         if pretrained and os.path.isfile(pretrained):
             what = f"{pretrained} is not a loadable {name} checkpoint"
         elif pretrained and ("download" in str(e).lower() or "hub" in str(e).lower()):

@@ -465,10 +465,16 @@ def test_image_folder_mode(world, tmp_path, capsys):
     (tmp_path / "o" / "report.md").unlink()
     assert ev.main(flags) == rep and "report complete" in capsys.readouterr().out
     assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
-    other = ev.main([*flags, "--knn-k", "3"])
+    # other probe settings: refused naming them (the one rule of every stage); --force replaces the report
+    # and still reuses the features
+    with pytest.raises(SystemExit, match=r"^error: .*o holds a report made with other settings \(--knn-k 10 -> 3\): "
+                                         r"rerun with --force to replace them, or use another --out"):
+        ev.main([*flags, "--knn-k", "3"])
+    other = ev.main([*flags, "--knn-k", "3", "--force"])
     tiny = other["encoders"]["tiny"]
     assert tiny["encoder"]["reused"] and tiny["probes"]["image"]["knn"]["k"] == 3
     os.utime(tmp_path / "tiny.pt", (1, 1))
+    flags += ["--knn-k", "3"]
     assert ev.main(flags)["encoders"]["tiny"]["encoder"]["reused"]
     ckpt = torch.load(tmp_path / "tiny.pt", weights_only=True)
     ckpt["encoder"] = {k: v.flip(0) for k, v in ckpt["encoder"].items()}
@@ -477,7 +483,7 @@ def test_image_folder_mode(world, tmp_path, capsys):
     os.utime(tmp_path / "tiny.pt", (1, 1))
     assert os.path.getsize(tmp_path / "tiny.pt") == size
     again = ev.main(flags)["encoders"]["tiny"]
-    assert not again["encoder"]["reused"] and again["probes"] != rep["encoders"]["tiny"]["probes"]
+    assert not again["encoder"]["reused"] and again["probes"] != other["encoders"]["tiny"]["probes"]
 
 
 def test_cache_identity_is_the_content_of_every_local_file(tmp_path):

@@ -1,6 +1,7 @@
 """02_extract_ocr.py: real RapidOCR on rendered words, every input accounted for, token labels, CSR layout,
 byte-identical output after an interruption and with two torchrun processes. CPU only, about a minute."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -171,6 +172,17 @@ def test_complete_stage_is_reused(images, baseline, capsys):
     again = ocr.main(["--images", images[0], "--work", work] + RUN)
     assert again["finished"] == manifest["finished"]
     assert "is complete" in capsys.readouterr().out
+    # the one rule of every stage: other settings that change the lines are refused naming them; settings
+    # that change no byte are not; other images are refused by the image table
+    with pytest.raises(SystemExit, match=r"^error: .*ocr holds OCR lines made with other settings \(--min-score "
+                                         r"0.7 -> 0.5, --max-tokens 10 -> 4\): rerun with --force"):
+        ocr.main(["--images", images[0], "--work", work] + RUN + ["--min-score", "0.5", "--max-tokens", "4"])
+    assert ocr.main(["--work", work] + RUN[:-1] + ["1", "--chunk-size", "5", "--engine", "auto"]) == again
+    other = os.path.join(os.path.dirname(work), "other_images")
+    shutil.copytree(images[0], other)
+    os.remove(os.path.join(other, "hello.png"))
+    with pytest.raises(SystemExit, match=r"was built from other images .*the same --images"):
+        ocr.main(["--images", other, "--work", work] + RUN)
 
 
 def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monkeypatch, capsys):

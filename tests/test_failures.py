@@ -288,15 +288,17 @@ BAD_FLAGS = [
     (train, ["--log-every", "0"]), (train, ["--scale", "inf"]), (train, ["--min-lr-ratio", "2"]),
     (train, ["--margin", "10"]), (train, ["--embed-dim", "-2"]), (mine, ["--sam-batch", "0"]),
     (ev, ["--tsne-max", "-1"]), (ev, ["--knn-k", "0"]), (ev, ["--test-fraction", "1"]), (ev, ["--batch-size", "0"]),
-    (ev, ["--knn-temperature", "0"]), (ev, ["--image-size", "-8"]),
+    (ev, ["--knn-temperature", "0"]), (ev, ["--image-size", "-8"]), (ev, ["--image-size", "100000"]),
+    (train, ["--image-size", "100000"]), (export, ["--image-size", "0"]), (export, ["--image-size", "-1"]),
 ]
 
 
 @pytest.mark.parametrize("module,flags", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_numeric_flags_out_of_range_are_one_line(module, flags, tmp_path):
-    base = {ev: ["--image-folder", str(tmp_path), "--encoder", "random:x"]}.get(module, [])
+    base = {ev: ["--image-folder", str(tmp_path), "--encoder", "random:x"],
+            export: ["--checkpoint", str(tmp_path / "x.pt")]}.get(module, ["--work", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
-        module.parse_args(["--work", str(tmp_path), *base, *flags] if module is not ev else [*base, *flags])
+        module.parse_args([*base, *flags])
     assert isinstance(e.value.code, str) and e.value.code.startswith(f"error: {flags[0]} "), e.value.code
 
 
@@ -456,6 +458,14 @@ def test_small_probe_splits_and_a_large_knn_k_are_warned(capsys):
                    "over all 10"]
     ev.say_small_probes(report, knn_k=10)
     assert capsys.readouterr().err.count("warning") == 1          # the image probe's size alone: k fits both
+    # the dense probe counts patches: its rule counts probe-test images
+    dense = {"data": {"split": {"test": 120}}, "encoders": {"a": {"probes": {
+        "dense": {"counts": {"train_patches": 9000, "test_patches": 4000}}}}}}
+    ev.say_small_probes(dense, knn_k=10)
+    assert capsys.readouterr().err == ""
+    dense["data"]["split"]["test"] = 12
+    ev.say_small_probes(dense, knn_k=10)
+    assert "probe dense: 12 probe-test images (fewer than 50)" in capsys.readouterr().err
 
 
 def test_a_finished_01_with_other_settings_is_refused_naming_them(tmp_path, capsys):
@@ -470,4 +480,62 @@ def test_a_finished_01_with_other_settings_is_refused_naming_them(tmp_path, caps
                                          r"--force"):
         mine.main(flags + ["--min-box-side", "30", "--min-image-side", "20"])
     assert mine.main(flags + ["--workers", "1", "--chunk-size", "7", "--feature-batch", "3"]) == first
+    png(str(tmp_path / "other" / "b.png"))
+    with pytest.raises(SystemExit, match=r"was built from other images .*the same --images"):
+        mine.main(["--images", str(tmp_path / "other"), "--work", str(tmp_path / "w"),
+                   *boxes_for(str(tmp_path / "other"))])
     assert mine.main(flags + ["--min-box-side", "30", "--force"])["config"]["min_box_side"] == 30
+
+
+def test_ocr_model_files_fail_once_with_one_line(tmp_path):
+    """02 --det-model / --rec-model: a file that is not an ONNX model, or the two PP-OCR models swapped, stop the
+    stage with one line naming the flag before any image (RapidOCR loads its models lazily: without the check,
+    every image became an engine error and the stage exit 0)."""
+    png(str(tmp_path / "images" / "a.png"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(3000))
+    from rapidocr import RapidOCR
+    cfg = RapidOCR().cfg
+    det, rec = str(cfg.Det.model_path or ""), str(cfg.Rec.model_path or "")
+    if not det:                                        # the wheel's defaults, by their file names
+        models = os.path.join(os.path.dirname(sys.modules["rapidocr"].__file__), "models")
+        det = next(os.path.join(models, f) for f in sorted(os.listdir(models)) if "_det_" in f)
+        rec = next(os.path.join(models, f) for f in sorted(os.listdir(models)) if "_rec_" in f)
+    for flags, says in ((["--det-model", str(junk)], f"--det-model {junk}: not a loadable ONNX model"),
+                        (["--rec-model", str(junk)], f"--rec-model {junk}: not a loadable ONNX model"),
+                        (["--det-model", rec, "--rec-model", det], "fails on a printed word")):
+        res = run_quiet("02_extract_ocr.py", ["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"),
+                                              "--workers", "0", *flags])
+        lines = [ln for ln in res.stderr.strip().splitlines() if "%|" not in ln and "[RapidOCR]" not in ln]
+        assert res.returncode != 0 and "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+        assert lines[0].startswith("error: ") and says in lines[0], lines[0]
+        assert not os.path.exists(tmp_path / "w" / "ocr")
+
+
+def test_names_that_match_nothing_are_one_line(tmp_path, capsys):
+    """--exclude-categories (01), --text-category and --tsne-color-by (05) naming nothing in the data: a warning
+    or one line, never a silent no-op."""
+    png(str(tmp_path / "images" / "a.png"))
+    m = mine.main(["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"), *boxes_for(str(tmp_path / "images")),
+                   "--exclude-categories", "text,nosuch"])
+    assert "has no category named nosuch" in capsys.readouterr().err and m["rows"]["boxes"] >= 1
+    coco = tmp_path / "boxes.json"
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny"))), tmp_path / "t.pt")
+    for flags, says in ((["--text-category", "words"], "--text-category words: no category of that name"),
+                        (["--tsne-color-by", "size"], "--tsne-color-by size: not a category field")):
+        with pytest.raises(SystemExit, match=f"^error: {says}"):
+            ev.main(["--images", str(tmp_path / "images"), "--coco", str(coco), "--encoder", f"random:{tmp_path / 't.pt'}",
+                     "--out", str(tmp_path / "e"), *flags])
+
+
+def test_host_memory_exhausted_is_one_line(tmp_path, monkeypatch):
+    """An allocation the host cannot make (a huge --num-regions or --batch-size) ends in one line, not a
+    traceback (the GPU's memory is each stage's: they halve their batches or name the flag)."""
+    def huge(*a, **kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 80051200000 bytes. Error code 12")
+    monkeypatch.setattr(mine, "feature_model", huge)
+    png(str(tmp_path / "images" / "a.png"))
+    with pytest.raises(SystemExit, match=r"^error: out of host memory allocating 80.1 GB: lower the batch"):
+        mine.main(["--images", str(tmp_path / "images"), "--work", str(tmp_path / "w"),
+                   *boxes_for(str(tmp_path / "images"))])

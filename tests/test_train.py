@@ -3,6 +3,7 @@
 rerun follows the uninterrupted loss curve exactly, a NaN stops the run and leaves the last checkpoint intact,
 boxes move with the pixels, the dataset keeps the region-sampling rules, a corrupt image is logged and
 skipped, checkpoints load with weights_only=True, and bad stage outputs are refused at start-up."""
+import errno
 import json
 import os
 import shutil
@@ -560,3 +561,80 @@ def test_small_codebook_derives_l_and_warns_of_no_negatives(world, tmp_path, cap
              "--workers", "0", "--batch-size", "8", "--steps", "1", "--warmup", "1"])
     err = capsys.readouterr().err
     assert "warning: the codebook has K = 4 centres and every image has 4 positives" in err, err
+
+
+def test_log_after_a_stop_at_any_moment_equals_the_uninterrupted_run(world, tmp_path, monkeypatch):
+    """A full disk (a checkpoint save that fails, a log append cut mid-line) or an interrupt, before or after the
+    first checkpoint, then the same command with space: log.jsonl equals the uninterrupted run's."""
+    data, work = world
+    flags = ["--work", work, *TINY, "--batch-size", "8", "--steps", "7", "--log-every", "1", "--save-every", "3"]
+    ref = str(tmp_path / "ref")
+    tr.main(flags + ["--run-dir", ref])
+    calls = {"n": 0}
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save_fails(at):
+        real = tr.save_atomic
+
+        def save(obj, path):
+            calls["n"] += path.endswith("latest.pt")
+            if calls["n"] == at and path.endswith("latest.pt"):
+                workdir.guard_disk(path, full, need=1)
+            real(obj, path)
+        monkeypatch.setattr(tr, "save_atomic", save)
+
+    def log_cut(at):
+        real = tr.write_log
+
+        def write(rec, *a):
+            calls["n"] += 1
+            if calls["n"] == at:
+                with open(os.path.join(a[-2].run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec)[:17])
+                full()
+            real(rec, *a)
+        monkeypatch.setattr(tr, "write_log", write)
+
+    def interrupted(at):
+        real = tr.train_step
+
+        def step(s, *a):
+            if s == at:
+                raise KeyboardInterrupt
+            return real(s, *a)
+        monkeypatch.setattr(tr, "train_step", step)
+
+    cases = {"first checkpoint": (save_fails, 1), "second checkpoint": (save_fails, 2),
+             "log before the first checkpoint": (log_cut, 2), "log after it": (log_cut, 5),
+             "interrupt before the first checkpoint": (interrupted, 2), "interrupt after it": (interrupted, 5)}
+    for name, (breaks, at) in cases.items():
+        run, calls["n"] = str(tmp_path / name.replace(" ", "_")), 0
+        breaks(at)
+        with pytest.raises(SystemExit, match="no space left|interrupted"):
+            tr.main(flags + ["--run-dir", run])
+        monkeypatch.undo()
+        tr.main(flags + ["--run-dir", run])
+        a, b = read_log(ref), read_log(run)
+        assert [r["step"] for r in b] == list(range(1, 8)), name
+        for k in ("loss", "grad_norm", "lr"):
+            np.testing.assert_allclose([r[k] for r in b], [r[k] for r in a], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_a_run_that_stops_leaves_no_lock_and_no_empty_folder(world, tmp_path):
+    """Every stage refused before its first output file removes its .lock and the folders it created; a finished
+    run removes its .lock too (the flock, not the file, is what refuses a second copy)."""
+    data, work = world
+    empty = str(tmp_path / "empty_work")
+    for refused in (lambda: tr.main(["--work", empty, "--run-dir", str(tmp_path / "a" / "run"), *TINY]),
+                    lambda: load_script("cluster", "03_cluster.py").main(["--work", empty, "--k", "4"]),
+                    lambda: load_script("mine_regions", "01_mine_regions.py").main(
+                        ["--images", str(tmp_path / "nowhere"), "--work", empty, "--features", "pixels"])):
+        with pytest.raises(SystemExit, match="^error: "):
+            refused()
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(empty)
+    run = str(tmp_path / "done")
+    tr.main(["--work", work, "--run-dir", run, *TINY, "--batch-size", "8", "--steps", "1"])
+    assert [p for p, _, files in os.walk(run) if ".lock" in files] == []
+    assert [p for p, _, files in os.walk(work) if ".lock" in files] == []
