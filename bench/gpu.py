@@ -1,5 +1,6 @@
 """The prepared GPU run: every GPU figure of the kit in one command, each part under its own time cap, so the
-run always ends with a table (bench/gpu.json and bench/gpu.md, with the device, torch and CUDA versions).
+run always ends with a table (runs/bench/gpu.json and runs/bench/gpu.md, with the device, torch and CUDA
+versions; --out moves them).
 
     python bench/gpu.py                        # on one H100 / H200: under 10 minutes (the caps sum to 570 s)
     python bench/gpu.py --smoke                # CPU, tiny sizes, under a minute: what `make test` runs
@@ -310,7 +311,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, under a minute")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--big-kmeans", action="store_true", help="also 10M x 768 -> 1M (two-level)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench"), help="folder for gpu.json and gpu.md")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench"), help="folder for gpu.json and gpu.md")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--make-world", help=argparse.SUPPRESS)
     p.add_argument("--world-images", type=int, default=1024, help=argparse.SUPPRESS)
