@@ -436,7 +436,9 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
     the COCO text boxes with their word; token ids: the word's letters (300 + ord, unique, at most M = 10).
     objects_as_text: without drawn words (no font), each image's first object stands in as a line."""
     import workdir
-    table = workdir.read_image_table(work)
+    import image_io
+    import losses
+    table = image_io.read_image_table(work)
     with open(coco_path) as f:
         coco = json.load(f)
     by_name = {im["file_name"]: im["id"] for im in coco["images"]}
@@ -452,7 +454,7 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
         for a in lines:
             x, y, w, h = a["bbox"]
             boxes.append([x, y, x + w, y + h])
-            ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:workdir.OCR_MAX_TOKENS]
+            ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:losses.OCR_MAX_TOKENS]
             tok_counts.append(len(ids))
             tokens += ids
     folder = os.path.join(work, "ocr")
@@ -465,7 +467,7 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
     fingerprint = workdir.read_manifest(os.path.join(work, "images"))["fingerprint"]
     return workdir.finish_stage(folder, {"stage": "ocr", "image_table": fingerprint,
                                          "tokenizer": {"vocab_size": 49408,      # CLIP BPE, as 02's
-                                                       "max_tokens": workdir.OCR_MAX_TOKENS},
+                                                       "max_tokens": losses.OCR_MAX_TOKENS},
                                          "rows": {"images": len(table), "lines": len(boxes)},
                                          "note": "the world's own words (00_make_demo_data.write_ocr_stand_in)"})
 

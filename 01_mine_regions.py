@@ -19,7 +19,7 @@ torchrun, one node of 8 GPUs, then several nodes (ranks claim chunks of image-ta
     torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
 
-Reads: the images through the image table in <work>/images/ (workdir.ensure_image_table): tar shards (a brace
+Reads: the images through the image table in <work>/images/ (image_io.ensure_image_table): tar shards (a brace
 pattern, a glob, a folder of .tar files, a list of .tar paths; webdataset / img2dataset or SA-1B), or loose
 files (a folder, recursive, or a text file of paths). Boxes per image, first that applies: the --boxes file
 (COCO JSON matched by path, member name or file name; or a folder of SA-1B per-image JSON files), the sample's
@@ -44,7 +44,7 @@ normalised mean of its regions' (what is in the image, as a CLIP image embedding
 groups images by background colour and layout), or its own 8 x 8 thumbnail when it has no region.
 Keeping the device busy: decoding (EXIF-rotated), the size test, the boxes from --boxes or the sample's json,
 box filtering and the features' CPU work (CLIP's crop preprocessing; the whole pixel stand-in) run in --workers
-DataLoader worker processes ahead of the device (PrepareImage, workdir.prefetched); this process runs SAM on the
+DataLoader worker processes ahead of the device (PrepareImage, chunk_engine.prefetched); this process runs SAM on the
 images that need it while the workers decode the next ones, and CLIP on batches of --feature-batch crops and
 whole images gathered across images in their order (FeatureQueue), so the bytes are the same for any number of
 workers (tested).
@@ -62,6 +62,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sam_boxes  # noqa: E402
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
 WORK = "runs/demo"
@@ -94,7 +96,7 @@ BOX_SOURCE = ["none", "box_file", "sample_json", "sam"]
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
-    p.add_argument("--images", help=workdir.IMAGES_HELP)
+    p.add_argument("--images", help=image_io.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--boxes", help="COCO-format JSON, or a folder of SA-1B per-image JSON files; default: run SAM")
     p.add_argument("--exclude-categories", default="text", help="comma-separated COCO category names to skip")
@@ -346,7 +348,7 @@ class BoxFile:
             outside = 0
             for im in coco.get("images", []):
                 name = im["file_name"]
-                if not isinstance(name, str) or os.path.isabs(name) or workdir.escapes(name):
+                if not isinstance(name, str) or os.path.isabs(name) or image_io.escapes(name):
                     outside += 1               # a name that leaves the image root matches no image
                     continue
                 anns = by_image.get(im["id"], [])
@@ -532,7 +534,7 @@ class PrepareImage:
 
     def table(self):
         if self._table is None:
-            self._table = workdir.read_image_table(self.work)
+            self._table = image_io.read_image_table(self.work)
         return self._table
 
     def boxes(self, table, i):
@@ -556,7 +558,7 @@ class PrepareImage:
 
     def prepare(self, i):
         table = self.table()
-        if table.status[i] != workdir.OK:
+        if table.status[i] != image_io.OK:
             return {"status": "skipped"}
         image, _ = table.open(i)
         if image is None:                      # the table reads headers only: decoding can still fail
@@ -603,11 +605,11 @@ def main(argv=None):
         compared = [k for k in vars(args) if k not in NOT_IN_OUTPUT + ("images", "features", "chunk_size")]
         workdir.refuse_changed(folder, "regions", workdir.changed_settings(done.get("config", {}), args, compared),
                                " (then 03 and 04 with --force)")
-        workdir.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
+        image_io.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
     workdir.lock_stage(folder, "01_mine_regions.py")
-    table = workdir.ensure_image_table(args.work, args.images, args.max_pixels)
+    table = image_io.ensure_image_table(args.work, args.images, args.max_pixels)
     workdir.barrier()                  # every rank has read the old manifest before rank 0 removes it
     if rank == 0 and args.force and done:
         os.remove(os.path.join(folder, "manifest.json"))
@@ -618,15 +620,15 @@ def main(argv=None):
     sam = SamRegions(args, device)
     if box_file is None and args.sam_model not in sam_boxes.TEST_MODELS and not args.sam_checkpoint:
         # before any model is built: up to 200 evenly spaced readable rows show whether SAM will be needed
-        sample = [r for r in range(0, len(table), max(1, len(table) // 200)) if table.status[r] == workdir.OK]
+        sample = [r for r in range(0, len(table), max(1, len(table) // 200)) if table.status[r] == image_io.OK]
         if any(sa1b_annotations(table.read_json(r)) is None for r in sample):
             sam.generator()                    # raises the message naming --sam-checkpoint
     features = (PixelFeatures() if args.features == "pixels" else
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
     if rank == 0:
-        workdir.short_side_check(table, args.min_image_side)
+        image_io.short_side_check(table, args.min_image_side)
     prepare = PrepareImage(args.work, box_file, features.inputs, args)
-    workers = workdir.loader_workers(args.workers)
+    workers = chunk_engine.loader_workers(args.workers)
 
     def on_device(fn, *a):
         """fn(*a); a GPU failure is the device's, not an image's: stop, and the next run redoes the chunk."""
@@ -681,7 +683,7 @@ def main(argv=None):
                 take(j, item)
             waiting.clear()
 
-        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
+        for j, item in enumerate(chunk_engine.prefetched(start, end, prepare, workers)):
             if item["status"] == "stop":
                 raise SystemExit(item["message"])
             if item["status"] == "sam" or waiting:
@@ -707,8 +709,8 @@ def main(argv=None):
     key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key["features_model"] = feature_model(args)
     key["max_pixels"] = table.max_pixels
-    num_chunks, _ = workdir.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
-    rows = workdir.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
+    num_chunks, _ = chunk_engine.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
+    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
                                 {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
     manifest = None
     if rank == 0:

@@ -28,7 +28,7 @@ cost on 224-640 px web images: `--det-limit-side 64` about turns that off. On 20
 images: on 400 224 px demo images with 64, one process read 11.6 images/s with 2 threads and 14.1 with 1, and
 torchrun's two processes of one thread each 21.4 (identical lines), which is how `make demo` runs this stage.
 
-Images: the image table in <work>/images/ (workdir.ensure_image_table; tar shards or loose files, as 01 takes
+Images: the image table in <work>/images/ (image_io.ensure_image_table; tar shards or loose files, as 01 takes
 them) fixes the order; only rows with status ok are read (ImageTable.open: a loose file or one pread of a tar
 member, EXIF-rotated RGB), the others get OCR status "skipped"; an ok row that fails to decode gets
 "read_error" (the table reads headers only). Images whose long side is above --max-side are downscaled
@@ -37,7 +37,7 @@ An exception inside the engine is recorded as "engine_error" for that image. An 
 resizing would hand its detector at more than --max-engine-pixels (16.8M; very thin banners: a 2000 x 2 PNG
 becomes 735,000 x 736 pixels, more than 20 GB) gets "too_thin" from its header size, before it is decoded. Decoding, EXIF rotation, the
 downscale and the BGR conversion run in --workers DataLoader worker processes ahead of the engine
-(workdir.prefetched; -1: the process's share of the cores less one, at most 8), so the engine never waits on a
+(chunk_engine.prefetched; -1: the process's share of the cores less one, at most 8), so the engine never waits on a
 decode; the lines are the same bytes for any number of workers (tested).
 
 Writes <work>/ocr/ (L = kept lines over all images):
@@ -55,7 +55,7 @@ Labels: the CLIP BPE tokenizer that ships in open_clip (49,408 ids, offline), th
 cleaned as CLIP does, no start/end tokens; repeated ids count once (so do the losses); at most --max-tokens
 (M = 10, RICE Tab. 5d) per line. A line whose text yields no token keeps its box with an empty label.
 Every stage of the kit is resumable: rerun the same command after any interruption. The merged arrays are
-byte-identical whatever the number of processes and interruptions (workdir.run_chunks); chunk files left by a
+byte-identical whatever the number of processes and interruptions (chunk_engine.run_chunks); chunk files left by a
 run with another configuration are discarded, not mixed in.
 """
 from __future__ import annotations
@@ -72,13 +72,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
+import losses  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
 WORK = "runs/demo"
 ENGINE = "auto"             # auto | rapidocr | paddle
 MIN_SCORE = 0.7             # RICE Sec. 3.1: keep lines with confidence > 0.7 (strictly greater)
 MAX_SIDE = 1280             # longer image sides are downscaled to this for the engine (0: never)
-MAX_TOKENS = workdir.OCR_MAX_TOKENS   # M, token labels per line; RICE Tab. 5d: 10 is best
+MAX_TOKENS = losses.OCR_MAX_TOKENS   # M, token labels per line; RICE Tab. 5d: 10 is best
 LANG = "en"                 # PaddleOCR recognition language (paddle engine only)
 CHUNK_SIZE = 512            # images per resumable chunk: 780k chunk files at 400M images
 MAX_ERRORS_SHOWN = 20       # per rank; the rest are only counted
@@ -91,7 +94,7 @@ MAX_ENGINE_PIXELS = 1 << 24     # the detector's input (after the engine's own r
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
-    p.add_argument("--images", help=workdir.IMAGES_HELP)
+    p.add_argument("--images", help=image_io.IMAGES_HELP)
     p.add_argument("--work", default=WORK)
     p.add_argument("--engine", default=ENGINE, choices=["auto", "rapidocr", "paddle"])
     p.add_argument("--det-model", help="rapidocr: detection ONNX file (default: the wheel's PP-OCR det model)")
@@ -319,9 +322,9 @@ class PrepareOCR:
     def __call__(self, i):
         try:
             if self._table is None:
-                self._table = workdir.read_image_table(self.work)
+                self._table = image_io.read_image_table(self.work)
             table = self._table
-            if table.status[i] != workdir.OK:
+            if table.status[i] != image_io.OK:
                 return {"status": "skipped"}
             w, h = (int(v) for v in table.size[i])              # the upright size, from the header
             if self.max_side and max(w, h) > self.max_side:
@@ -342,24 +345,6 @@ class PrepareOCR:
 
 
 # labels ----------------------------------------------------------------------------------------------------
-
-
-class ClipTokens:
-    """RICE Sec. 3.1: labels = tokenizer(text). open_clip's CLIP BPE (its vocabulary file ships in the wheel):
-    lower-cased, whitespace-cleaned, no start/end tokens; unique ids in order of first appearance, at most M."""
-    name = "open_clip.tokenizer.SimpleTokenizer (CLIP BPE, bpe_simple_vocab_16e6)"
-
-    def __init__(self, max_tokens):
-        from open_clip.tokenizer import SimpleTokenizer
-        self.tok = SimpleTokenizer()
-        self.vocab_size = int(self.tok.vocab_size)
-        self.max_tokens = max_tokens
-        self._fresh_cache = dict(self.tok.cache)
-
-    def __call__(self, text):
-        if len(self.tok.cache) > 200_000:       # its BPE cache grows with every new word: bound it on web text
-            self.tok.cache = dict(self._fresh_cache)
-        return list(dict.fromkeys(self.tok.encode(text)))[: self.max_tokens]
 
 
 # main ------------------------------------------------------------------------------------------------------
@@ -389,16 +374,16 @@ def main(argv=None):
         workdir.refuse_changed(folder, "OCR lines", [f"--engine {done['engine']['name']} -> {args.engine}"],
                                " (then 04 with --force)")
     if done:
-        workdir.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
+        image_io.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['lines']} lines on {done['rows']['images']} images, "
                     f"engine {done['engine']['name']}); --force redoes it")
         return done
     workdir.lock_stage(folder, "02_extract_ocr.py")
-    table = workdir.ensure_image_table(args.work, args.images, args.max_pixels)
+    table = image_io.ensure_image_table(args.work, args.images, args.max_pixels)
     workdir.barrier()                           # every rank has read the old manifest before rank 0 removes it
     t_start = time.time()
     engine, engine_info = (paddle_engine if args.engine == "paddle" else rapidocr_engine)(args)
-    tokenizer = ClipTokens(args.max_tokens)
+    tokenizer = losses.ClipTokens(args.max_tokens)
     fingerprint = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key = {**chunk_key(args, engine_info, tokenizer, fingerprint), "max_pixels": table.max_pixels}
     if rank == 0:
@@ -411,7 +396,7 @@ def main(argv=None):
     t_ready = time.time()
     errors_shown = [0]
     prepare = PrepareOCR(args.work, args.max_side, engine_info.get("resize"), args.max_engine_pixels)
-    workers = workdir.loader_workers(args.workers)
+    workers = chunk_engine.loader_workers(args.workers)
 
     def process(start, end):
         n = end - start
@@ -419,7 +404,7 @@ def main(argv=None):
         line_counts = np.zeros(n, np.int64)
         found = np.zeros(n, np.int32)
         boxes, scores, texts, tokens = [], [], [], []
-        for j, item in enumerate(workdir.prefetched(start, end, prepare, workers)):
+        for j, item in enumerate(chunk_engine.prefetched(start, end, prepare, workers)):
             if item["status"] == "stop":
                 raise SystemExit(item["message"])
             if item["status"] in ("skipped", "read_error", "too_thin"):
@@ -457,8 +442,8 @@ def main(argv=None):
                 "token_counts": np.array([len(t) for t in tokens], np.int64),
                 "tokens": np.array([t for ts in tokens for t in ts], np.int32)}
 
-    num_chunks, done_before = workdir.run_chunks(folder, len(table), args.chunk_size, process, "ocr", key)
-    rows = workdir.merge_chunks(folder, num_chunks, ["status", "lines_found"],
+    num_chunks, done_before = chunk_engine.run_chunks(folder, len(table), args.chunk_size, process, "ocr", key)
+    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "lines_found"],
                                 {"boxes": "line_counts", "scores": "line_counts",
                                  "text_bytes": "text_counts", "tokens": "token_counts"})
     manifest = None
@@ -507,7 +492,7 @@ def summarize(m, status, found, line_offsets, table, num_chunks, done_before, ch
         # images OCR'd by this run: ok rows of the table in chunks that were not on disk before it
         chunks = np.arange(s, e) // chunk_size
         new = ~np.isin(chunks, np.fromiter(done_before, np.int64, len(done_before)))
-        new_ok += int((new & (np.asarray(table.status[s:e]) == workdir.OK)).sum())
+        new_ok += int((new & (np.asarray(table.status[s:e]) == image_io.OK)).sum())
     lines, lines_found = m["rows"]["lines"], m["lines_found"]
     print("ocr: images by status: " + workdir.counts_line(m["status_counts"]), flush=True)
     print(f"ocr: lines found {lines_found}, kept {lines} (score > {m['min_score']}), dropped "

@@ -69,7 +69,7 @@ Resumable: after each iteration rank 0 checkpoints the centres into clusters/ckp
 phase per iteration, the cells one file per finished cell, the refine phase per iteration; shard-merge: one
 file per finished shard, each rank checkpointing its own shard's k-means, then the merge); re-seeding draws
 from a generator seeded by (seed, phase, cell, iteration), so a resumed run ends byte-identical to an
-uninterrupted one. Labelling runs in resumable chunks (`--assign-chunk` rows; workdir.run_chunks). Rerun the
+uninterrupted one. Labelling runs in resumable chunks (`--assign-chunk` rows; chunk_engine.run_chunks). Rerun the
 same command after any interruption; a complete stage is skipped unless `--force`.
 """
 from __future__ import annotations
@@ -89,11 +89,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import losses  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
 WORK = "runs/demo"
 K = 1_000_000                # MLCD Sec. 4.1 and RICE: 1M classes
-IMAGE_TOPL = workdir.IMAGE_TOPL   # MLCD Sec. 4.1: l = 8 positives per image
+IMAGE_TOPL = losses.IMAGE_TOPL   # MLCD Sec. 4.1: l = 8 positives per image
 ITERS = 20
 SEED = 0
 MAX_POINTS_PER_CENTRE = 256  # faiss's default: the training sample is at most 256 x K points
@@ -746,7 +748,7 @@ def load_rows(inp, fit_on, rows):
 
 def label_all(folder, inp, centres, args, backend):
     """RICE Eq. 1: each region's nearest centre; MLCD Sec. 3.2: each image's top-l centres, most similar first.
-    Fixed chunks of --assign-chunk rows, rank r takes chunks r, r + world, ... (workdir.run_chunks: resumable,
+    Fixed chunks of --assign-chunk rows, rank r takes chunks r, r + world, ... (chunk_engine.run_chunks: resumable,
     and the same bytes whatever the number of processes); every rank copies its chunks into folder/."""
     index = make_index(centres, backend)
     l = args.image_topl
@@ -766,10 +768,10 @@ def label_all(folder, inp, centres, args, backend):
            "image_statuses": args.image_statuses, "topl": l}
     for name, rows, process in (("region", inp["R"], regions), ("image", inp["n"], images)):
         sub = os.path.join(folder, f"assign_{name}s")
-        chunks = workdir.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key,
+        chunks = chunk_engine.run_chunks(sub, rows, args.assign_chunk, process, f"{name} labels", key,
                                     unit="img" if name == "image" else "region")[0] if rows else 0
         if rows:                                        # every rank copies its chunks into the final arrays
-            workdir.merge_chunks(sub, chunks, [f"{name}_labels", f"{name}_sims"], {})
+            chunk_engine.merge_chunks(sub, chunks, [f"{name}_labels", f"{name}_sims"], {})
         if workdir.dist_info()[0] == 0 and rows:
             for k in (f"{name}_labels", f"{name}_sims"):
                 os.replace(os.path.join(sub, k + ".npy"), os.path.join(folder, k + ".npy"))

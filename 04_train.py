@@ -57,8 +57,8 @@ The method (MLCD Sec. 3.2, RICE Sec. 3.2-3.3):
 Data: a map-style dataset read by DataLoader workers (--workers): each worker opens the memmaps lazily, reads
 the image through the image table (a loose file, or its tar member with one pread at the offset the table
 holds: random access, so resume stays exact; each worker keeps a few shard files open), decodes it with PIL
-(workdir.ImageTable.open), resizes the short side to --image-size and cuts a square (--crop
-random for training, center, or squash), moving the boxes with the pixels (workdir.resize_crop); a box with
+(image_io.ImageTable.open), resizes the short side to --image-size and cuts a square (--crop
+random for training, center, or squash), moving the boxes with the pixels (image_io.resize_crop); a box with
 less than --min-box-visible of its area left in the crop is not a candidate. Workers ship uint8 pixels; the
 normalisation (CLIP mean / std) runs on the device. Images whose status is not ok, or with no label for the
 method's terms, never enter train_images.npy. An image that fails to decode anyway is logged and contributes
@@ -119,6 +119,7 @@ import torch.distributed as dist
 
 import losses
 import workdir
+import image_io
 from losses import CentreBank
 from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset, read_checkpoint
 from model import peak_tflops as model_peak_tflops
@@ -135,7 +136,7 @@ BETAS = (0.9, 0.98)           # not stated; CLIP's ViT values
 EPS = 1e-6
 WARMUP = 2000                 # MLCD Tab. 10
 NUM_REGIONS = 10              # RICE Tab. 5a
-IMAGE_TOPL = workdir.IMAGE_TOPL  # MLCD Sec. 4.1: l = 8
+IMAGE_TOPL = losses.IMAGE_TOPL  # MLCD Sec. 4.1: l = 8
 OCR_VOCAB = losses.CLIP_BPE_VOCAB   # CLIP BPE, 02_extract_ocr.py's labels
 RHO, SCALE, MARGIN = losses.RHO, losses.SCALE, losses.MARGIN   # RICE Sec. 3.3 and 4.1
 NO_DECAY = ("class_embedding", "class_pos_emb", "position_embedding")   # as MAE / timm: tokens and positions
@@ -287,7 +288,7 @@ def load_stage_outputs(args, rows_path) -> dict:
     inconsistency."""
     work = args.work
     img_folder, img_m = complete_manifest(work, "images", "01_mine_regions.py (it writes the image table)")
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     n = len(table)
     reg_folder, reg_m = complete_manifest(work, "regions", "01_mine_regions.py")
     cl_folder, cl_m = complete_manifest(work, "clusters", "03_cluster.py", args.clusters)
@@ -334,11 +335,11 @@ def load_stage_outputs(args, rows_path) -> dict:
                    max_tokens=int(ocr_m.get("tokenizer", {}).get("max_tokens", 10)))
 
     # the training rows, in blocks of images: memory is the rows themselves, not a few arrays per image
-    rows, sums = workdir.NpyAppender(rows_path, np.int64), {"status_ok": 0, "object_regions": 0, "text_regions": 0,
+    rows, sums = image_io.NpyAppender(rows_path, np.int64), {"status_ok": 0, "object_regions": 0, "text_regions": 0,
                                                              "with_image_labels": 0}
     for s in range(0, n, 1 << 22):
         e = min(n, s + (1 << 22))
-        ok = np.asarray(table.status[s:e]) == workdir.OK
+        ok = np.asarray(table.status[s:e]) == image_io.OK
         obj_count = np.diff(np.asarray(reg_off[s: e + 1]))
         text_count = np.zeros(e - s, np.int64)
         if args.ocr_weight:
@@ -398,7 +399,7 @@ class RegionDataset(torch.utils.data.Dataset):
     def arrays(self):
         if self._a is None:
             w, a = self.work, {}
-            a["table"] = workdir.read_image_table(w)
+            a["table"] = image_io.read_image_table(w)
             a["rows"] = np.load(self.train_rows_path, mmap_mode="r")
             if self.use_objects:
                 a["reg_off"] = workdir.load(os.path.join(w, "regions"), "region_offsets")
@@ -421,7 +422,7 @@ class RegionDataset(torch.utils.data.Dataset):
         a = self.arrays()
         self._reads = getattr(self, "_reads", 0) + 1
         if self._reads % 8192 == 0:                # random reads touch every page of the memmaps over an epoch
-            workdir.release_pages(*(v for v in a.values() if isinstance(v, np.ndarray)))
+            image_io.release_pages(*(v for v in a.values() if isinstance(v, np.ndarray)))
             a["table"].release()
         row = int(a["rows"][pos])
         # this sample's crop and region draw, keyed by its place in train_images.npy (not its table row), so
@@ -456,7 +457,7 @@ class RegionDataset(torch.utils.data.Dataset):
             obj.append(np.full(int(has.sum()), -1, np.int64))
             toks.append(t[has])
         boxes = np.concatenate(cand_boxes) if cand_boxes else np.zeros((0, 4), np.float32)
-        pixels, boxes, visible = workdir.resize_crop(img, S, boxes, self.crop, rng, self.min_crop_scale)
+        pixels, boxes, visible = image_io.resize_crop(img, S, boxes, self.crop, rng, self.min_crop_scale)
         keep = np.flatnonzero(visible >= self.min_visible)
         # RICE Sec. 3.2: N regions per image; more -> a random N; fewer -> all, padded by resampling
         if len(keep) > N:
@@ -990,7 +991,7 @@ def train_step(step, batches, model, encoder, banks, optimisers, guard, check, a
     stats, flops = torch.zeros(len(STATS), device=env.device), 0.0
     for micro, (batch, draw) in enumerate(zip(batches, draws)):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-        pixels = workdir.normalize(batch["pixels"])
+        pixels = image_io.normalize(batch["pixels"])
         syncs = micro == len(batches) - 1 or not hasattr(model, "no_sync")   # DDP reduces on the last only
         with contextlib.nullcontext() if syncs else model.no_sync():
             with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
@@ -1015,7 +1016,7 @@ def record_skipped(batches, step, args, env) -> int:
     """Images that failed to decode (the loader's ok flag, on the host) -> skipped_images.jsonl."""
     bad = [(b, i) for b in batches for i in np.flatnonzero(~b["ok"].numpy())]
     if bad:
-        env.table = env.table or workdir.read_image_table(args.work)
+        env.table = env.table or image_io.read_image_table(args.work)
         with open(os.path.join(args.run_dir, "skipped_images.jsonl"), "a") as f:
             for b, i in bad:
                 row = int(b["row"][i])

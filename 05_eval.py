@@ -24,7 +24,7 @@ RICE region path's region_embeddings for the box (only when region_blocks > 0). 
 the image tower's pooled, projected output; patch tokens = its ln_post'ed patch tokens (output_tokens).
 
 Input: each encoder's own preprocessing (Preprocess; the report says which, per encoder): kit checkpoints the
-kit's (short side to --image-size, bicubic, centre square, CLIP's mean and std: workdir.resize_crop +
+kit's (short side to --image-size, bicubic, centre square, CLIP's mean and std: image_io.resize_crop +
 normalize, as 04 trains); HF folders what their preprocessor_config.json says (mean, std, resampling, centre
 crop or not); open_clip models their own transform (resize mode, interpolation, mean and std of their config).
 The boxes and the masks take the same geometry. --image-size defaults to the kit encoder's image_size;
@@ -33,7 +33,7 @@ status (as in the image table) and are left out of every probe; they never stop 
 
 Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images), or --images as tar shards
 (as 01 takes them: a brace pattern, a glob, a folder of .tar files, a list file), read through an image table
-built in <out>/images/ (workdir.ensure_image_table), file_name matching the image member's name in its shard
+built in <out>/images/ (image_io.ensure_image_table), file_name matching the image member's name in its shard
 (or its key). Annotations of the category
 named --text-category ("text") are text boxes, with the word in their "text" field; the others are objects
 (iscrowd boxes are groups, not objects: left out of the probes).
@@ -97,7 +97,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -111,6 +110,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probes  # noqa: E402
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
+import losses  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
 OUT = "runs/demo/eval"
@@ -120,7 +122,7 @@ SEED = 0
 BATCH_SIZE = 32
 CHUNK_SIZE = 256             # images per resumable chunk of feature extraction
 MIN_VISIBLE = 0.5            # boxes with less of their area inside the centre crop are left out
-MAX_TOKENS = workdir.OCR_MAX_TOKENS   # as 02 labels a line: unique CLIP BPE ids per word, at most M = 10
+MAX_TOKENS = losses.OCR_MAX_TOKENS   # as 02 labels a line: unique CLIP BPE ids per word, at most M = 10
 TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
@@ -193,7 +195,7 @@ def parse_args(argv):
         if path and not os.path.isdir(path):
             raise SystemExit(f"error: --{flag.replace('_', '-')} {path}: no such folder")
     if args.images and not os.path.isdir(args.images):
-        workdir.resolve_source(args.images)        # tar shards (a pattern, a .tar, a list); else one clear line
+        image_io.resolve_source(args.images)        # tar shards (a pattern, a .tar, a list); else one clear line
     if args.coco and not os.path.isfile(args.coco):
         raise SystemExit(f"error: --coco {args.coco}: no such file")
     if args.clip_config and not os.path.exists(args.clip_config):
@@ -230,7 +232,7 @@ def attach_shards(data: Data, images: str, out: str, max_pixels: int | None = No
     """--images given as tar shards: build (or reuse) the image table in <out>/images and match each COCO
     file_name to a row: the image member's name in its shard, its key, or <shard>/<member> relative to the
     shards' folder. An evaluation set is small, so the name map is held in memory."""
-    table = workdir.ensure_image_table(out, images, max_pixels)
+    table = image_io.ensure_image_table(out, images, max_pixels)
     by_name = {}
     for r in range(len(table)):
         name = table.name(r)
@@ -310,7 +312,7 @@ def _read_coco(images: str, coco_path: str, masks: str | None, text_category: st
 
 
 def read_image_folder(root: str) -> Data:
-    root_abs, paths = workdir.list_inputs(root)        # SystemExit when the folder is empty
+    root_abs, paths = image_io.list_inputs(root)        # SystemExit when the folder is empty
     files = [p for p in paths if os.sep in p]
     classes = sorted({p.split(os.sep)[0] for p in files})
     if len(classes) < 2:
@@ -342,7 +344,7 @@ def visible_share(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Share of each box's area inside the centre square crop, on the original image (no resampling): the
     same for every encoder and input size, so all encoders see the same boxes."""
     s = min(w, h)
-    _, _, left, top = workdir.short_side_geometry(w, h, s)
+    _, _, left, top = image_io.short_side_geometry(w, h, s)
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     c = np.clip(b - [left, top, left, top], 0, s)
@@ -385,15 +387,15 @@ class Preprocess:
     open_clip models), with the same geometry applied to the boxes and the masks.
 
     mode "shortest": the short side to `size` (the long side floored), then the centre square, its offset
-    floored (CLIPImageProcessor, the kit's workdir.resize_crop) or rounded (torchvision's CenterCrop, open_clip);
+    floored (CLIPImageProcessor, the kit's image_io.resize_crop) or rounded (torchvision's CenterCrop, open_clip);
     "squash": both sides to `size`; "longest": the long side to `size` (rounded sides), padded to the square
     (open_clip's ResizeKeepRatio + CenterCropOrPad)."""
     size: int
     mode: str = "shortest"
     resample: int = 3                      # PIL's code: 3 bicubic, 2 bilinear
     round_offset: bool = False
-    mean: tuple = workdir.IMAGE_MEAN
-    std: tuple = workdir.IMAGE_STD
+    mean: tuple = image_io.IMAGE_MEAN
+    std: tuple = image_io.IMAGE_STD
     source: str = "kit"
     transform: object = None               # open_clip: its own transform (PIL image -> normalised tensor)
 
@@ -410,7 +412,7 @@ class Preprocess:
             r = max(w / S, h / S)
             nw, nh = round(w / r), round(h / r)
         else:
-            nw, nh, _, _ = workdir.short_side_geometry(w, h, S)
+            nw, nh, _, _ = image_io.short_side_geometry(w, h, S)
         off = (lambda d: int(round(d / 2.0))) if self.round_offset else (lambda d: d // 2)
         left = off(nw - S) if nw >= S else -((S - nw) // 2)
         top = off(nh - S) if nh >= S else -((S - nh) // 2)
@@ -418,19 +420,19 @@ class Preprocess:
 
     def pixels(self, img):
         """The normalised (3, S, S) float tensor of a PIL RGB image: the encoder's own transform, else
-        workdir.resize_crop + normalize with this resampling and these statistics (the modes without a transform
+        image_io.resize_crop + normalize with this resampling and these statistics (the modes without a transform
         are "shortest" floored and "squash": the kit's and CLIPImageProcessor's)."""
         import torch
         if self.transform is not None:
             return self.transform(img)
-        pixels, _, _ = workdir.resize_crop(img, self.size, crop="center" if self.mode == "shortest" else "squash",
+        pixels, _, _ = image_io.resize_crop(img, self.size, crop="center" if self.mode == "shortest" else "squash",
                                            resample=self.resample)
-        return workdir.normalize(torch.from_numpy(pixels.copy())[None], self.mean, self.std)[0]
+        return image_io.normalize(torch.from_numpy(pixels.copy())[None], self.mean, self.std)[0]
 
     def boxes(self, boxes, w: int, h: int) -> np.ndarray:
-        """Boxes (x0 y0 x1 y1, input pixels) -> output pixels, clipped to the square (workdir.move_boxes)."""
+        """Boxes (x0 y0 x1 y1, input pixels) -> output pixels, clipped to the square (image_io.move_boxes)."""
         sx, sy, left, top, _, _ = self.geometry(w, h)
-        return workdir.move_boxes(boxes, sx, sy, left, top, self.size)[0]
+        return image_io.move_boxes(boxes, sx, sy, left, top, self.size)[0]
 
     def info(self) -> dict:
         return {"source": self.source, "size": self.size, "resize": self.mode, "resample": self.resample,
@@ -448,7 +450,7 @@ def hf_preprocess(folder: str, size: int) -> Preprocess | None:
     try:
         with open(path, "rb") as f:
             pp = json.loads(f.read())
-        mean, std = tuple(pp.get("image_mean", workdir.IMAGE_MEAN)), tuple(pp.get("image_std", workdir.IMAGE_STD))
+        mean, std = tuple(pp.get("image_mean", image_io.IMAGE_MEAN)), tuple(pp.get("image_std", image_io.IMAGE_STD))
         resample = int(pp.get("resample", 3))
         mode = "shortest" if pp.get("do_center_crop", True) else "squash"
     except (ValueError, TypeError, AttributeError) as e:
@@ -605,7 +607,7 @@ class OpenClipEncoder:
         # its own transform for the pixels, its resize mode for the boxes and masks
         self.preprocess = Preprocess(self.size, pp.get("resize_mode", "shortest"),
                                      {"bilinear": 2, "bicubic": 3}.get(pp.get("interpolation", "bicubic"), 3), True,
-                                     tuple(pp.get("mean", workdir.IMAGE_MEAN)), tuple(pp.get("std", workdir.IMAGE_STD)),
+                                     tuple(pp.get("mean", image_io.IMAGE_MEAN)), tuple(pp.get("std", image_io.IMAGE_STD)),
                                      source="open_clip transform", transform=transform)
         self.has_region = False
         self.image_dim = int(visual.output_dim)
@@ -668,7 +670,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
         info = enc.info()
         amp = (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"))
         process = make_process(enc, data, args, amp)
-        num_chunks, _ = workdir.run_chunks(folder, len(data.files), args.chunk_size, process,
+        num_chunks, _ = chunk_engine.run_chunks(folder, len(data.files), args.chunk_size, process,
                                            f"features {name}", {**key, "chunk_size": args.chunk_size})
         per_row = {"pooled": "ann_counts"}
         if enc.has_region:
@@ -676,7 +678,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
         if data.masks:
             per_row.update({"dense_tokens": "patch_counts", "dense_labels": "patch_counts"})
         per_image = ["status", "size", "image_features"] + (["mask_status"] if data.masks else [])
-        workdir.merge_chunks(folder, num_chunks, per_image, per_row)
+        chunk_engine.merge_chunks(folder, num_chunks, per_image, per_row)
         if rank == 0:
             workdir.finish_stage(folder, {"stage": "eval_features", "name": name, "key": key, "encoder": info,
                                           "extract_s": round(time.time() - t0, 2)})
@@ -693,7 +695,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
 
 
 def make_process(enc, data: Data, args, amp: bool):
-    """The per-chunk work for workdir.run_chunks: decode, resize/crop, batch, encode, pool in boxes."""
+    """The per-chunk work for chunk_engine.run_chunks: decode, resize/crop, batch, encode, pool in boxes."""
     import torch
     S, p, pre = enc.size, enc.patch, enc.preprocess
     grid = S // p
@@ -717,10 +719,10 @@ def make_process(enc, data: Data, args, amp: bool):
                 img, st = data.table.open(row) if row >= 0 else (None, "missing")
             else:
                 path = os.path.join(data.root, data.files[i])
-                if os.path.isabs(data.files[i]) or workdir.escapes(data.files[i]):
+                if os.path.isabs(data.files[i]) or image_io.escapes(data.files[i]):
                     img, st = None, "outside_root"     # a file_name must name a file under --images
                 else:
-                    img, st = (workdir.open_image(path, args.max_pixels or workdir.MAX_PIXELS) if os.path.isfile(path)
+                    img, st = (image_io.open_image(path, args.max_pixels or image_io.MAX_PIXELS) if os.path.isfile(path)
                                else (None, "missing"))
             if img is None:
                 status[j] = EVAL_STATUS.index(st if st in EVAL_STATUS else "missing")
@@ -828,18 +830,6 @@ def image_contents(data: Data) -> tuple[dict, np.ndarray]:
                     out[f][i].add(data.categories[c].get(f))
                 count[i] += 1
     return out, count
-
-
-def clip_tokenizer(max_tokens: int):
-    """02_extract_ocr.py's ClipTokens: the same token ids as the OCR labels the encoders were trained on."""
-    mod = sys.modules.get("extract_ocr")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            "extract_ocr", os.path.join(os.path.dirname(os.path.abspath(__file__)), "02_extract_ocr.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["extract_ocr"] = mod
-        spec.loader.exec_module(mod)
-    return mod.ClipTokens(max_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -999,7 +989,7 @@ def main(argv=None):
     if args.tsne_max and args.tsne_color_by not in fields | {"auto"}:
         raise SystemExit(f"error: --tsne-color-by {args.tsne_color_by}: not a category field of the data (choose "
                          f"auto or one of {', '.join(sorted(fields))})")
-    if args.images and workdir.resolve_source(args.images).kind == "tar":
+    if args.images and image_io.resolve_source(args.images).kind == "tar":
         data = attach_shards(data, args.images, args.out, args.max_pixels)
     n = len(data.files)
     split = split_images(n, args.test_fraction, args.val_fraction, args.seed)
@@ -1068,7 +1058,7 @@ def main(argv=None):
         print(f"note: {sum(bad.values())} unreadable images left out: {bad}", flush=True)
 
     contents, object_count = image_contents(data) if not args.image_folder else ({}, None)
-    tokenizer = clip_tokenizer(args.max_tokens) if not args.image_folder and data.is_text.any() else None
+    tokenizer = losses.ClipTokens(args.max_tokens) if not args.image_folder and data.is_text.any() else None
     token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
     report = {"settings": jsonable({**vars(args), "c_grid": probes.C_GRID, "recall_at": probes.RECALL_AT,
                                     "tokenizer": tokenizer.name if tokenizer else None, "world": world}),

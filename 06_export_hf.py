@@ -20,7 +20,7 @@ model.encoder_checkpoint) or a Hugging Face folder that model.load_encoder reads
                               (model_type clip_vision_model); image_size = --image-size
     preprocessor_config.json  CLIPImageProcessor: resize the short side to S (bicubic), centre-crop S x S,
                               rescale 1/255, normalise with CLIP's mean and std, convert to RGB: the settings
-                              of workdir.resize_crop(crop="center") + workdir.normalize, the kit's own input
+                              of image_io.resize_crop(crop="center") + image_io.normalize, the kit's own input
 Each file is written atomically. --out must be empty, missing or a previous export (re-exporting over it is
 fine); anything else is refused unless --force, which writes the three files and leaves other files alone.
 --image-size S defaults to the checkpoint's image_size; any multiple of the patch size works (2-D RoPE; a
@@ -53,6 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as kit  # noqa: E402
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 # defaults -------------------------------------------------------------------------------------------------
 OUT = "runs/demo/export"
@@ -75,13 +76,13 @@ def parse_args(argv):
 
 
 def preprocessor_config(size: int) -> dict:
-    """CLIPImageProcessor settings equal to workdir.resize_crop(crop="center") + workdir.normalize."""
+    """CLIPImageProcessor settings equal to image_io.resize_crop(crop="center") + image_io.normalize."""
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,          # 3 = PIL bicubic
         "do_center_crop": True, "crop_size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(workdir.IMAGE_MEAN), "image_std": list(workdir.IMAGE_STD),
+        "do_normalize": True, "image_mean": list(image_io.IMAGE_MEAN), "image_std": list(image_io.IMAGE_STD),
         "do_convert_rgb": True,
     }
 
@@ -143,13 +144,13 @@ def verify(encoder, out: str, size: int) -> dict:
     if tuple(auto_pv.shape) != tuple(pv.shape):
         raise SystemExit(f"error: AutoImageProcessor ({type(auto_processor).__name__}) from {out} gives "
                          f"pixel_values {tuple(auto_pv.shape)}, CLIPImageProcessor {tuple(pv.shape)}")
-    pixels, _, _ = workdir.resize_crop(img, size, crop="center")
-    ref = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+    pixels, _, _ = image_io.resize_crop(img, size, crop="center")
+    ref = image_io.normalize(torch.from_numpy(pixels.copy())[None])
     if tuple(pv.shape) != tuple(ref.shape):
         raise SystemExit(f"error: CLIPImageProcessor from {out} gives pixel_values {tuple(pv.shape)}, expected "
                          f"{tuple(ref.shape)}")
     d = (pv - ref).abs()
-    levels = (d * torch.tensor(workdir.IMAGE_STD).view(1, 3, 1, 1) * 255).round()   # in uint8 steps
+    levels = (d * torch.tensor(image_io.IMAGE_STD).view(1, 3, 1, 1) * 255).round()   # in uint8 steps
     return {"max_abs_diff_last_hidden_state": diff_hidden, "max_abs_diff_pooler_output": diff_pooled,
             "tolerance": TOLERANCE, "hf_class": type(hf).__name__, "auto_class": type(auto).__name__,
             "processor_class": type(processor).__name__, "auto_processor_class": type(auto_processor).__name__,

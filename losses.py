@@ -55,7 +55,9 @@ import torch.nn.functional as F
 # the papers' loss settings: negatives at rate rho (RICE Sec. 3.3; MLCD Sec. 4.1's r), scale s and margin m on
 # positives (RICE Sec. 4.1, "following ArcFace"); 04_train.py's defaults are these
 RHO, SCALE, MARGIN = 0.1, 64.0, 0.3
-CLIP_BPE_VOCAB = 49_408     # the OCR bank's classes: CLIP's BPE token ids (RICE Eq. 4; 02's labels)
+IMAGE_TOPL = 8              # MLCD Sec. 4.1: l = 8 positive centres per image (03 labels them, the image term uses them)
+OCR_MAX_TOKENS = 10         # RICE Tab. 5d: M = 10 token ids per text line (02 writes them, the OCR term, 05 probes)
+CLIP_BPE_VOCAB = 49_408     # the OCR bank's classes: CLIP's BPE token ids (RICE Eq. 4; ClipTokens below)
 NEGATIVE_RULES = ("per-row", "shared", "partial-fc")
 DRAW_BLOCK = 65536          # class ids per block of random numbers: the draw does not depend on the sharding
 
@@ -398,3 +400,22 @@ class CentreBank(nn.Module):
         if world > 1:
             key = all_gather_rows(torch.tensor([key], device=embeddings.device), self.group)[0][0].tolist()
         return self.draw([labels.cpu().numpy()], [sizes], key)[0]
+
+
+class ClipTokens:
+    """RICE Sec. 3.1: labels = tokenizer(text), the OCR term's classes (Eq. 4). open_clip's CLIP BPE (its
+    vocabulary file ships in the wheel): lower-cased, whitespace-cleaned, no start/end tokens; unique ids in
+    order of first appearance, at most M (02 labels the lines with it, 05 probes with the same ids)."""
+    name = "open_clip.tokenizer.SimpleTokenizer (CLIP BPE, bpe_simple_vocab_16e6)"
+
+    def __init__(self, max_tokens: int = OCR_MAX_TOKENS):
+        from open_clip.tokenizer import SimpleTokenizer
+        self.tok = SimpleTokenizer()
+        self.vocab_size = int(self.tok.vocab_size)
+        self.max_tokens = max_tokens
+        self._fresh_cache = dict(self.tok.cache)
+
+    def __call__(self, text: str) -> list[int]:
+        if len(self.tok.cache) > 200_000:       # its BPE cache grows with every new word: bound it on web text
+            self.tok.cache = dict(self._fresh_cache)
+        return list(dict.fromkeys(self.tok.encode(text)))[: self.max_tokens]

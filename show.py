@@ -15,10 +15,10 @@ import argparse
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 REGION_COLOUR, OCR_COLOUR, WIDTH = (0, 200, 0), (255, 140, 0), 2
 
@@ -109,7 +109,7 @@ def as_text(name, found):
 @workdir.stage_main
 def main(argv=None):
     args = parse_args(argv)
-    table = workdir.read_image_table(args.work)
+    table = image_io.read_image_table(args.work)
     clusters = args.clusters or os.path.join(args.work, "clusters")
     if args.name:
         rows = [i for i in range(len(table)) if table.name(i) == args.name or

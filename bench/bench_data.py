@@ -38,8 +38,8 @@ PHOTOS = ("text", "page", "astronaut", "coffee", "rocket", "chelsea")    # bundl
 
 
 def load_stage(file):
-    import workdir
-    return workdir.stage_module(file)
+    import stage_scripts
+    return stage_scripts.load(file)
 
 
 demo, mine, ocr = (load_stage(f) for f in ("00_make_demo_data.py", "01_mine_regions.py", "02_extract_ocr.py"))

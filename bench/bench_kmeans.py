@@ -39,9 +39,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import workdir  # noqa: E402
+import stage_scripts  # noqa: E402
 
-cl = workdir.stage_module("03_cluster.py", "cluster")
+cl = stage_scripts.load("03_cluster.py", "cluster")
 
 CPU = dict(n=1_000_000, dim=256, k=16_384)
 GPU = dict(n=10_000_000, dim=768, k=1_000_000)

@@ -95,7 +95,8 @@ def main(argv=None):
     table = os.path.join(tmp, "table")
     sys.path.insert(0, ROOT)
     import workdir
-    workdir.ensure_image_table(table, os.path.join(data, "shards"))
+    import image_io
+    image_io.ensure_image_table(table, os.path.join(data, "shards"))
     # one random-weights file for every run: the same network before and after
     import open_clip
     import torch

@@ -31,7 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sam_boxes  # noqa: E402
-import workdir  # noqa: E402
+import stage_scripts  # noqa: E402
 from bench_data import device_name  # noqa: E402
 
 SETTINGS = {"default": (0.88, 0.95), "relaxed": (0.5, 0.5), "open": (0.0, 0.0)}
@@ -80,7 +80,7 @@ def kept_share(ours, ref):
 def main(argv=None):
     args = parse_args(argv)
     dev = torch.device(args.device)
-    demo = workdir.stage_module("00_make_demo_data.py")
+    demo = stage_scripts.load("00_make_demo_data.py")
     images = [np.ascontiguousarray(demo.make_image(i, 0, args.size)[0]) for i in range(args.images)]
     ppb = args.points_per_batch or {"cpu": 64, "cuda": 1024}[dev.type]
     sam_batch = args.sam_batch or {"cpu": 1, "cuda": 8}[dev.type]

@@ -52,8 +52,8 @@ def rss_anon() -> int:
 
 
 def load_train():
-    import workdir
-    return workdir.stage_module("04_train.py", "train04")
+    import stage_scripts
+    return stage_scripts.load("04_train.py", "train04")
 
 
 def worker(rank, world, init, variant, K, D, folder, out):

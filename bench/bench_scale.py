@@ -80,11 +80,12 @@ def measure(stage: str, images: str, work: str) -> dict:
     import torch  # noqa: F401  (imported before the clock starts, as torchrun's ranks have it already)
     import webdataset  # noqa: F401
     import workdir
+    import image_io
     rank, world = workdir.init_dist()
     mine = load("mine_regions", "01_mine_regions.py") if stage == "regions" else None
     t0 = time.time()
     if stage == "table":
-        workdir.ensure_image_table(work, images)
+        image_io.ensure_image_table(work, images)
     else:
         mine.main(["--images", images, "--work", work, "--features", "pixels", "--min-box-side", "4",
                    "--min-image-side", "16", "--chunk-size", "1024"])
@@ -96,8 +97,8 @@ def measure(stage: str, images: str, work: str) -> dict:
 
 
 def load(name, file):
-    import workdir
-    return workdir.stage_module(file, name)
+    import stage_scripts
+    return stage_scripts.load(file, name)
 
 
 def count_files(folder: str) -> int:

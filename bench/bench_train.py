@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as kit  # noqa: E402
 import workdir  # noqa: E402
+import stage_scripts  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,7 +79,7 @@ def bench_work(args):
 
 
 def run_ours(args, work, world=1):
-    train = workdir.stage_module("04_train.py", "train")
+    train = stage_scripts.load("04_train.py", "train")
     run = os.path.join(args.out, "run")
     argv = ["--work", work, "--run-dir", run, "--force", "--method", "rice", "--model", args.preset,
             "--batch-size", str(args.batch * world), "--steps", str(args.steps), "--warmup", "5",

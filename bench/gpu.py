@@ -236,8 +236,7 @@ def run_parts(args):
 
 def make_world(folder, images, size):
     """00 -> 01 (COCO boxes, pixel stand-in) -> an ocr/ folder of the world's words, for bench_train."""
-    sys.path.insert(0, ROOT)
-    import workdir
+    import stage_scripts
     data = os.path.join(folder, "data")
     fonts = all(os.path.exists(f) for f in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
                                             "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"))
@@ -247,7 +246,7 @@ def make_world(folder, images, size):
     subprocess.run([sys.executable, os.path.join(ROOT, "01_mine_regions.py"), "--images",
                     os.path.join(data, "shards"), "--work", folder, "--boxes", os.path.join(data, "coco.json"),
                     "--features", "pixels", "--min-box-side", "16", "--min-image-side", "64"], check=True)
-    workdir.stage_module("00_make_demo_data.py").write_ocr_stand_in(folder, os.path.join(data, "coco.json"),
+    stage_scripts.load("00_make_demo_data.py").write_ocr_stand_in(folder, os.path.join(data, "coco.json"),
                                                                    objects_as_text=not fonts)
 
 

@@ -8,13 +8,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))       # bench/stage_scripts.py: the stage scripts as modules
 
 
 def load_script(name, file):
     """The stage script `file` (e.g. "03_cluster.py") as a module, loaded once for the whole session whatever
-    `name` a test file gives it (workdir.stage_module)."""
-    import workdir
-    return workdir.stage_module(file, name)
+    `name` a test file gives it (bench/stage_scripts.py, which the benchmarks use too)."""
+    import stage_scripts
+    return stage_scripts.load(file, name)
 
 
 def free_port():

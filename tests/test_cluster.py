@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from conftest import ROOT, free_port, load_script
 
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 
 SCRIPT = os.path.join(ROOT, "03_cluster.py")
@@ -281,7 +282,7 @@ def test_demo_world_nmi(tmp_path):
         coco = json.load(f)
     names = {im["id"]: im["file_name"] for im in coco["images"]}
     truth = {(names[a["image_id"]], *a["bbox"]): a["category_id"] for a in coco["annotations"]}
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     offsets = np.load(os.path.join(work, "regions", "region_offsets.npy"))
     boxes = np.load(os.path.join(work, "regions", "boxes.npy"))
     classes = []

@@ -18,7 +18,7 @@ from conftest import ROOT, free_port, load_script, tiny_open_clip
 
 import model as model_py  # noqa: E402
 import probes  # noqa: E402
-import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "05_eval.py")
 ev = load_script("eval_probes", "05_eval.py")
@@ -129,11 +129,11 @@ def test_features_equal_plain_references(report, world):
     S, p, g = 64, 8, 8
     for i in (0, 7, 31):
         im = c["images"][i]
-        img, _ = workdir.open_image(str(world / "data" / "images" / im["file_name"]))
+        img, _ = image_io.open_image(str(world / "data" / "images" / im["file_name"]))
         anns = anns_of.get(im["id"], [])
         boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
-        pixels, bx, _ = workdir.resize_crop(img, S, boxes, crop="center")
-        x = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+        pixels, bx, _ = image_io.resize_crop(img, S, boxes, crop="center")
+        x = image_io.normalize(torch.from_numpy(pixels.copy())[None])
         with torch.no_grad():
             o = enc(x)
         np.testing.assert_allclose(feats["image_features"][i], o.class_embedding[0].numpy(), atol=1e-5)
@@ -153,7 +153,7 @@ def test_features_equal_plain_references(report, world):
         # dense labels: majority of the pixel classes per patch of the nearest-resized, cropped mask
         inst = np.asarray(Image.open(world / "data" / "masks" / im["file_name"]))
         sem = np.array([0] + [cats[c["annotations"].index(a)] for a in anns])[inst]
-        nw, nh, left, top = workdir.short_side_geometry(img.width, img.height, S)
+        nw, nh, left, top = image_io.short_side_geometry(img.width, img.height, S)
         sem_img = Image.fromarray(sem.astype(np.int32)).resize((nw, nh), Image.NEAREST)
         sem = np.asarray(sem_img)[top: top + S, left: left + S]
         ref = []
@@ -167,7 +167,7 @@ def test_features_equal_plain_references(report, world):
     # open_clip: the same pixels as open_clip's own transforms, so the same image feature
     open_clip.add_model_config(str(world / "kit-tiny-clip.json"))
     clip, _, preprocess = open_clip.create_model_and_transforms("kit-tiny-clip", pretrained=str(world / "tiny_clip.pt"))
-    img, _ = workdir.open_image(str(world / "data" / "images" / c["images"][3]["file_name"]))
+    img, _ = image_io.open_image(str(world / "data" / "images" / c["images"][3]["file_name"]))
     with torch.no_grad():
         ref = clip.eval().encode_image(preprocess(img)[None])[0].numpy()
     np.testing.assert_allclose(np.load(out / "features" / "clip" / "image_features.npy")[3], ref, atol=1e-5)
@@ -222,7 +222,7 @@ def test_each_encoder_gets_its_own_preprocessing(world, tmp_path):
     assert info["preprocess"]["source"] == "preprocessor_config.json" and info["preprocess"]["mean"] == [0.5] * 3
     for k in range(3):
         img = Image.open(tmp_path / "im" / f"{k}.png").convert("RGB")
-        pixels, _, _ = workdir.resize_crop(img, 64, crop="center")
+        pixels, _, _ = image_io.resize_crop(img, 64, crop="center")
         x = (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] - 127.5) / 63.75
         with torch.no_grad():
             np.testing.assert_allclose(arrays["image_features"][k], enc(x).class_embedding[0].numpy(), atol=1e-5)
@@ -235,8 +235,8 @@ def test_crop_geometry_and_visible_share():
     for _ in range(20):
         w, h, S = int(rng.integers(40, 300)), int(rng.integers(40, 300)), int(rng.choice([32, 64, 96]))
         box = np.array([[w / 2 - 3, h / 2 - 2, w / 2 + 4, h / 2 + 5]])           # the centre is always kept
-        _, moved, _ = workdir.resize_crop(Image.new("RGB", (w, h)), S, box, crop="center")
-        nw, nh, left, top = workdir.short_side_geometry(w, h, S)
+        _, moved, _ = image_io.resize_crop(Image.new("RGB", (w, h)), S, box, crop="center")
+        nw, nh, left, top = image_io.short_side_geometry(w, h, S)
         np.testing.assert_allclose(moved[0], box[0] * [nw / w, nh / h, nw / w, nh / h] - [left, top, left, top],
                                    atol=1e-4)
     # 200 x 100: the centre square is x in [50, 150]; a box [30, 10, 70, 20] is half inside
@@ -435,9 +435,9 @@ def test_clip_folders_as_encoders(world, tmp_path):
         assert set(rep["encoders"]["clip"]["probes"]) == {"image"}                # --probes image
         feats = np.load(out / "features" / "clip" / "image_features.npy")
         for i in (0, 5):
-            img, _ = workdir.open_image(str(world / "data" / "images" / c["images"][i]["file_name"]))
-            pixels, _, _ = workdir.resize_crop(img, size, crop="center")
-            x = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+            img, _ = image_io.open_image(str(world / "data" / "images" / c["images"][i]["file_name"]))
+            pixels, _, _ = image_io.resize_crop(img, size, crop="center")
+            x = image_io.normalize(torch.from_numpy(pixels.copy())[None])
             with torch.no_grad():
                 ref = hf(pixel_values=x, interpolate_pos_encoding=size != 48).pooler_output[0]
             np.testing.assert_allclose(feats[i], ref.numpy(), atol=1e-4)

@@ -14,6 +14,7 @@ from conftest import load_script
 
 import model as model_py  # noqa: E402
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 ex = load_script("export_hf", "06_export_hf.py")
 
@@ -73,18 +74,18 @@ def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path, capsys):
         assert (ours.last_hidden_state - theirs.last_hidden_state).abs().max() <= 1e-4
         assert (pooled - theirs.pooler_output).abs().max() <= 1e-4
 
-    # the processor gives the kit's own input: workdir.resize_crop(center) + workdir.normalize. The geometry is
+    # the processor gives the kit's own input: image_io.resize_crop(center) + image_io.normalize. The geometry is
     # identical (short side to S, long side floored, centre crop); only the bicubic kernels differ: PIL's
     # (a = -0.5) in the kit, torchvision's antialiased one (a = -0.75) in transformers' CLIPImageProcessor.
     # Measured here: at most 1 uint8 level on about 0.1% of the values; on photos (skimage's astronaut,
     # chelsea, coffee crops) at most 4 levels, mean < 4e-4; on white noise, downscaled, up to ~20 levels.
     for img in (photo(), photo(97, 150, 1)):
         pv = processor(img, return_tensors="pt")["pixel_values"]
-        pixels, _, _ = workdir.resize_crop(img, 64, crop="center")
-        ref = workdir.normalize(torch.from_numpy(pixels.copy())[None])
+        pixels, _, _ = image_io.resize_crop(img, 64, crop="center")
+        ref = image_io.normalize(torch.from_numpy(pixels.copy())[None])
         assert pv.shape == ref.shape == (1, 3, 64, 64)
         diff = (pv - ref).abs()
-        one_level = 1 / 255 / min(workdir.IMAGE_STD)                      # 0.0150 in normalised units
+        one_level = 1 / 255 / min(image_io.IMAGE_STD)                      # 0.0150 in normalised units
         assert diff.max() <= 2 * one_level + 1e-6, diff.max()
         assert diff.mean() <= 1e-3 and (diff > 1e-6).float().mean() <= 0.01
 
@@ -98,7 +99,7 @@ def test_export_size_and_reexport(checkpoint, tmp_path):
     assert cfg["image_size"] == 48
     assert pre["size"] == {"shortest_edge": 48} and pre["crop_size"] == {"height": 48, "width": 48}
     assert pre["resample"] == 3 and pre["do_center_crop"] and pre["do_convert_rgb"]
-    assert pre["image_mean"] == list(workdir.IMAGE_MEAN) and pre["image_std"] == list(workdir.IMAGE_STD)
+    assert pre["image_mean"] == list(image_io.IMAGE_MEAN) and pre["image_std"] == list(image_io.IMAGE_STD)
     assert pre["rescale_factor"] == pytest.approx(1 / 255) and pre["image_processor_type"] == "CLIPImageProcessor"
     # a previous export is overwritten without --force
     res = ex.main(["--checkpoint", str(path), "--out", str(out)])

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from conftest import ROOT, load_script
 
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "02_extract_ocr.py")
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -102,7 +104,7 @@ def overlap(found, drawn):
 
 def test_words_come_back_where_drawn(images, baseline):
     work, manifest = baseline
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     status = workdir.load(os.path.join(work, "ocr"), "status")
     rel = {os.path.relpath(table.path(i), table.root): i for i in range(len(table))}
     for name, (word, drawn) in images[1].items():
@@ -126,7 +128,7 @@ def test_words_come_back_where_drawn(images, baseline):
 
 def test_every_input_accounted_for(images, baseline):
     work, _ = baseline
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     files = sorted(os.path.relpath(os.path.join(d, f), images[0]) for d, _, fs in os.walk(images[0]) for f in fs)
     assert sorted(os.path.relpath(table.path(i), table.root) for i in range(len(table))) == files
     status = workdir.load(os.path.join(work, "ocr"), "status")
@@ -134,7 +136,7 @@ def test_every_input_accounted_for(images, baseline):
     for i in range(len(table)):
         name = os.path.relpath(table.path(i), table.root)
         skipped = ocr.OCR_STATUS[status[i]] == "skipped"
-        assert skipped == (table.status[i] != workdir.OK) == (name in BAD), name
+        assert skipped == (table.status[i] != image_io.OK) == (name in BAD), name
 
 
 def test_tokens_and_csr(baseline):
@@ -187,7 +189,7 @@ def test_complete_stage_is_reused(images, baseline, capsys):
 
 def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monkeypatch, capsys):
     work = str(tmp_path / "w")
-    real = workdir.run_chunks
+    real = chunk_engine.run_chunks
 
     def killed_after_two_chunks(folder, num_items, chunk_size, process, desc, key, **kw):
         if desc != "ocr":
@@ -201,12 +203,12 @@ def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monk
             return process(start, end)
         return real(folder, num_items, chunk_size, dies, desc, key)
 
-    monkeypatch.setattr(workdir, "run_chunks", killed_after_two_chunks)
+    monkeypatch.setattr(chunk_engine, "run_chunks", killed_after_two_chunks)
     with pytest.raises(SystemExit, match="^interrupted"):      # Ctrl-C: one line (workdir.stage_main)
         ocr.main(["--images", images[0], "--work", work] + RUN)
-    assert workdir.done_chunks(os.path.join(work, "ocr")) == {0, 1}
+    assert chunk_engine.done_chunks(os.path.join(work, "ocr")) == {0, 1}
     assert workdir.read_manifest(os.path.join(work, "ocr")) is None
-    monkeypatch.setattr(workdir, "run_chunks", real)
+    monkeypatch.setattr(chunk_engine, "run_chunks", real)
     capsys.readouterr()
     ocr.main(["--work", work] + RUN)        # --images is optional once the image table exists
     assert "ocr: 2 of 4 chunks already done" in capsys.readouterr().out
@@ -215,13 +217,13 @@ def test_interrupted_run_resumes_byte_identical(images, baseline, tmp_path, monk
 
 def test_stale_chunks_are_discarded(tmp_path):
     folder = str(tmp_path)
-    chunk = workdir.chunk_path(folder, 0)
-    workdir.prepare_chunks(folder, {"min_score": 0.7})
+    chunk = chunk_engine.chunk_path(folder, 0)
+    chunk_engine.prepare_chunks(folder, {"min_score": 0.7})
     os.makedirs(os.path.dirname(chunk), exist_ok=True)
     np.savez(chunk, x=np.zeros(1))
-    workdir.prepare_chunks(folder, {"min_score": 0.7})     # same settings: kept
+    chunk_engine.prepare_chunks(folder, {"min_score": 0.7})     # same settings: kept
     assert os.path.exists(chunk)
-    workdir.prepare_chunks(folder, {"min_score": 0.5})     # other settings: discarded
+    chunk_engine.prepare_chunks(folder, {"min_score": 0.5})     # other settings: discarded
     assert not os.path.exists(chunk)
 
 
@@ -248,7 +250,7 @@ def test_score_filter_scaling_and_engine_errors(images, tmp_path, monkeypatch):
                                   "too_thin": 0}
     assert m["lines_found"] == 7 * 3 and m["rows"]["lines"] == 7 * 2 and m["lines_dropped_score"] == 7
     assert all(max(s[:2]) <= 200 for s in seen)
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     for i in range(len(table)):
         texts, boxes, scores = lines_of(work, i)
         if not texts:
@@ -347,7 +349,7 @@ def test_names_that_are_not_utf8_and_list_files_in_latin1_or_with_a_bom(tmp_path
         f.write((root / "plain.png").read_bytes())
     m = ocr.main(["--images", str(root), "--work", str(tmp_path / "w"), "--engine", "rapidocr", "--workers", "0"])
     assert m["status_counts"]["ok"] == 2
-    table = workdir.read_image_table(str(tmp_path / "w"))
+    table = image_io.read_image_table(str(tmp_path / "w"))
     names = sorted(os.fsencode(table.name(i)) for i in range(len(table)))
     assert names == [b"caf\xe9.png", b"plain.png"]
     latin1 = tmp_path / "latin1.txt"

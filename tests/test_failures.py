@@ -18,6 +18,8 @@ from conftest import ROOT, load_script
 
 import model as model_py  # noqa: E402
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
 
 mine = load_script("mine_regions_failures", "01_mine_regions.py")
 ocr = load_script("extract_ocr_failures", "02_extract_ocr.py")
@@ -72,7 +74,7 @@ def test_files_left_out_of_a_walk_are_counted_and_warned(tmp_path, monkeypatch, 
         return real_scandir(path)
     monkeypatch.setattr(workdir.os, "scandir", scandir)
     work = str(tmp_path / "w")
-    table = workdir.ensure_image_table(work, str(root))
+    table = image_io.ensure_image_table(work, str(root))
     names = sorted(table.name(i) for i in range(len(table)))
     assert names == ["a.png", "linked/f.png", "sub/b.png", "sub/deeper/c.png", "via_link/f.png"]
     m = workdir.read_manifest(os.path.join(work, "images"))
@@ -94,8 +96,8 @@ def test_decode_budget_is_a_status_before_any_decode(tmp_path, monkeypatch):
         return real_load(self)
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     mine.main(["--images", str(root), "--work", work, *boxes_for(str(root)), "--max-pixels", "100000"])
-    table = workdir.read_image_table(work)
-    status = {table.name(i): workdir.IMAGE_STATUS[table.status[i]] for i in range(len(table))}
+    table = image_io.read_image_table(work)
+    status = {table.name(i): image_io.IMAGE_STATUS[table.status[i]] for i in range(len(table))}
     assert status == {"big.png": "too_large", "small.png": "ok"}
     assert (40, 30) in decoded and (400, 300) not in decoded and table.max_pixels == 100000
     assert table.open(int(np.flatnonzero(table.status)[0])) == (None, "too_large")
@@ -113,8 +115,8 @@ def test_list_paths_that_leave_the_lists_folder_get_a_status(tmp_path):
     png(str(tmp_path / "elsewhere" / "abs.png"))
     lst = tmp_path / "lists" / "train.txt"
     lst.write_text(f"in.png\n../outside.png\nsub/../../other.png\n{tmp_path / 'elsewhere' / 'abs.png'}\n")
-    table = workdir.ensure_image_table(str(tmp_path / "w"), str(lst))
-    got = [workdir.IMAGE_STATUS[s] for s in table.status]
+    table = image_io.ensure_image_table(str(tmp_path / "w"), str(lst))
+    got = [image_io.IMAGE_STATUS[s] for s in table.status]
     assert got == ["ok", "outside_root", "outside_root", "ok"]          # absolute paths are taken as written
     assert status_counts(str(tmp_path / "w"))["outside_root"] == 2
 
@@ -375,14 +377,14 @@ def test_damaged_chunks_arrays_and_manifests_name_the_file(tmp_path, capsys):
     def process(s, e):
         return {"x": np.arange(s, e, dtype=np.float32), "n": np.ones(e - s, np.int64)}
     folder = str(tmp_path / "stage")
-    chunks, _ = workdir.run_chunks(folder, 10, 3, process, "t", {})
-    bad = workdir.chunk_path(folder, 1)
+    chunks, _ = chunk_engine.run_chunks(folder, 10, 3, process, "t", {})
+    bad = chunk_engine.chunk_path(folder, 1)
     open(bad, "wb").write(b"PK\x03\x04 not a zip any more")
     with pytest.raises(SystemExit, match=r"chunk file .*00000001\.npz is damaged .* it is removed: rerun"):
-        workdir.merge_chunks(folder, chunks, ["x", "n"], {})
+        chunk_engine.merge_chunks(folder, chunks, ["x", "n"], {})
     assert not os.path.exists(bad)
-    workdir.run_chunks(folder, 10, 3, process, "t", {})                  # redoes chunk 1 only
-    workdir.merge_chunks(folder, chunks, ["x", "n"], {})
+    chunk_engine.run_chunks(folder, 10, 3, process, "t", {})                  # redoes chunk 1 only
+    chunk_engine.merge_chunks(folder, chunks, ["x", "n"], {})
     assert np.array_equal(np.load(os.path.join(folder, "x.npy")), np.arange(10, dtype=np.float32))
     # a cut-off array and a manifest that is not JSON
     regions = tmp_path / "w" / "regions"

@@ -17,6 +17,8 @@ from PIL import Image
 from conftest import ROOT, load_script, tiny_open_clip
 
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "01_mine_regions.py")
 mine = load_script("mine_regions", "01_mine_regions.py")
@@ -88,12 +90,12 @@ def run(folder, work, *extra):
 
 def test_image_table_accounts_for_every_file(odd_folder, tmp_path):
     run(odd_folder, tmp_path / "w", "--chunk-size", "3")
-    table = workdir.read_image_table(str(tmp_path / "w"))
+    table = image_io.read_image_table(str(tmp_path / "w"))
     names = [os.path.relpath(table.path(i), table.root) for i in range(len(table))]
     assert names == sorted(["a.png", "sub/b.jpg", "gray.png", "cmyk.jpg", "palette.png", "alpha.png", "deep16.png",
                             "rotated.jpg", "tiny.png", "broken.jpg", "empty.png", "notes.txt", "full.png",
                             "truncated.png"])
-    status = {n: workdir.IMAGE_STATUS[s] for n, s in zip(names, table.status)}
+    status = {n: image_io.IMAGE_STATUS[s] for n, s in zip(names, table.status)}
     expect = {"a.png": "ok", "sub/b.jpg": "ok", "gray.png": "ok", "cmyk.jpg": "ok", "palette.png": "ok",
               "alpha.png": "ok", "deep16.png": "ok", "rotated.jpg": "ok", "tiny.png": "ok", "full.png": "ok",
               "broken.jpg": "not_image", "empty.png": "empty_file", "notes.txt": "not_image",
@@ -105,16 +107,16 @@ def test_image_table_accounts_for_every_file(odd_folder, tmp_path):
     assert sum(m["status_counts"].values()) == 14 and m["status_counts"]["ok"] == 10
 
     # odd modes decode to 8-bit RGB with sensible content
-    deep, _ = workdir.open_image(str(odd_folder / "images" / "deep16.png"))
+    deep, _ = image_io.open_image(str(odd_folder / "images" / "deep16.png"))
     assert deep.mode == "RGB" and np.asarray(deep).max() > 200     # 16-bit scaled down, not clipped
-    alpha, _ = workdir.open_image(str(odd_folder / "images" / "alpha.png"))
+    alpha, _ = image_io.open_image(str(odd_folder / "images" / "alpha.png"))
     assert alpha.mode == "RGB" and np.asarray(alpha).min() > 100   # half-transparent over white
 
 
 def test_boxes_and_statuses(odd_folder, tmp_path):
     manifest = run(odd_folder, tmp_path / "w")
     out = {k: workdir.load(str(tmp_path / "w" / "regions"), k) for k in OUTPUTS}
-    table = workdir.read_image_table(str(tmp_path / "w"))
+    table = image_io.read_image_table(str(tmp_path / "w"))
     names = [os.path.relpath(table.path(i), table.root) for i in range(len(table))]
     a, b = names.index("a.png"), names.index("sub/b.jpg")
     off = out["region_offsets"]
@@ -139,7 +141,7 @@ def test_boxes_and_statuses(odd_folder, tmp_path):
     f = out["region_features"][off[a]:off[a + 1]].astype(np.float32).mean(0)
     np.testing.assert_allclose(out["image_features"][a].astype(np.float32), f / np.linalg.norm(f), atol=2e-3)
     g = names.index("gray.png")
-    thumb = mine.PixelFeatures()(workdir.open_image(str(odd_folder / "images" / "gray.png"))[0],
+    thumb = mine.PixelFeatures()(image_io.open_image(str(odd_folder / "images" / "gray.png"))[0],
                                  np.array([[0, 0, *table.size[g]]], np.float32))[0]
     np.testing.assert_array_equal(out["image_features"][g], thumb)
     # complete: a rerun does nothing
@@ -190,7 +192,7 @@ def test_tiny_sam_automatic_mask_generator(tmp_path):
     from segment_anything import SamAutomaticMaskGenerator
     sam = mine.build_sam("tiny", str(ckpt))
     gen = SamAutomaticMaskGenerator(sam, points_per_side=3, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1)
-    image, _ = workdir.open_image(str(img / "a.png"))
+    image, _ = image_io.open_image(str(img / "a.png"))
     b, s, a = mine.sam_regions(gen, image, 1500)
     b, s, a = mine.filter_boxes(b, s, a, 96, 80, 1, 1, 0)
     np.testing.assert_allclose(b, boxes)
@@ -205,7 +207,7 @@ def test_open_clip_features_from_a_local_file(odd_folder, tmp_path):
     feats = workdir.load(str(work / "regions"), "region_features")
     boxes = workdir.load(str(work / "regions"), "boxes")
     assert feats.shape == (3, 32) and feats.dtype == np.float16
-    image, _ = workdir.open_image(str(odd_folder / "images" / "a.png"))
+    image, _ = image_io.open_image(str(odd_folder / "images" / "a.png"))
     with torch.no_grad():
         ref = model.eval().encode_image(preprocess(image.crop(tuple(int(v) for v in boxes[0])))[None])
     ref = torch.nn.functional.normalize(ref, dim=-1)[0].numpy()
@@ -255,15 +257,15 @@ def test_kill_and_resume_equals_plain_run(many_images, tmp_path):
     regions = str(work / "regions")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(os.path.join(regions, "chunks")) and len(workdir.done_chunks(regions)) >= 5:
+        if os.path.isdir(os.path.join(regions, "chunks")) and len(chunk_engine.done_chunks(regions)) >= 5:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(workdir.done_chunks(regions))
+    done = len(chunk_engine.done_chunks(regions))
     assert 5 <= done < 121 and not (work / "regions" / "manifest.json").exists()
-    with open(workdir.chunk_path(regions, 100, ".x.tmp.npz"), "wb") as f:
+    with open(chunk_engine.chunk_path(regions, 100, ".x.tmp.npz"), "wb") as f:
         f.write(b"half-written")                                # never taken as done
     subprocess.run(cli(many_images, work, chunk="1"), check=True, capture_output=True)
     assert load_outputs(work) == load_outputs(plain)
@@ -312,7 +314,7 @@ def test_two_process_torchrun_equals_plain_run(many_images, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     # different chunk sizes and process counts, same bytes
     assert load_outputs(work) == load_outputs(plain)
-    for name in workdir.TABLE_ARRAYS + ["name_offsets", "name_bytes"]:
+    for name in image_io.TABLE_ARRAYS + ["name_offsets", "name_bytes"]:
         assert np.array_equal(np.load(work / "images" / f"{name}.npy"), np.load(plain / "images" / f"{name}.npy"))
 
 
@@ -321,12 +323,12 @@ def test_float_and_16_bit_images_keep_their_content(tmp_path):
     # before, converted in blocks of rows in integers instead of one float64 copy of the whole image
     a = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
     Image.fromarray(a).save(tmp_path / "f.tif")
-    img, st = workdir.open_image(str(tmp_path / "f.tif"))
+    img, st = image_io.open_image(str(tmp_path / "f.tif"))
     x = np.asarray(img)[..., 0]
     assert st == "ok" and img.mode == "RGB" and x.min() == 0 and x.max() == 255 and abs(x.mean() - 127.5) < 1
     b = np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21
     Image.fromarray(b).save(tmp_path / "d.png")
-    img, st = workdir.open_image(str(tmp_path / "d.png"))
+    img, st = image_io.open_image(str(tmp_path / "d.png"))
     np.testing.assert_array_equal(np.asarray(img)[..., 0], np.clip(np.rint(b / 257.0), 0, 255).astype(np.uint8))
 
 

@@ -11,6 +11,7 @@ from conftest import load_script
 
 import model as model_py  # noqa: E402
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 
 mine = load_script("mine_regions", "01_mine_regions.py")
 ocr = load_script("extract_ocr", "02_extract_ocr.py")
@@ -32,7 +33,7 @@ def test_every_stage_in_order(tiny_world, tmp_path):
     # 01: the image table and the regions (the world's boxes, the pixel stand-in features)
     regions = mine.main(["--images", str(data / "images"), "--work", work, "--boxes", str(data / "coco.json"),
                          "--features", "pixels", "--min-box-side", "12", "--min-image-side", "64", "--workers", "0"])
-    table = workdir.read_image_table(work)
+    table = image_io.read_image_table(work)
     images_m = workdir.read_manifest(os.path.join(work, "images"))
     assert len(table) == n and images_m["status_counts"]["ok"] == n
     assert regions["image_table"] == images_m["fingerprint"]

@@ -12,6 +12,7 @@ from PIL import Image
 
 import sam_boxes
 import workdir
+import image_io
 from conftest import load_script
 
 mine = load_script("mine_regions", "01_mine_regions.py")
@@ -137,7 +138,7 @@ def test_sam2_through_01(tmp_path):
                                     box_nms_thresh=1)
     expect = []
     for s in range(3):
-        image, _ = workdir.open_image(str(images / f"{s}.png"))
+        image, _ = image_io.open_image(str(images / f"{s}.png"))
         b, sc, a = mine.sam_regions(gen, image, mine.SAM_MAX_SIDE)
         expect.append(mine.filter_boxes(b, sc, a, 200, 150, 1, 1, 0)[0])
     np.testing.assert_array_equal(np.concatenate(expect), boxes)

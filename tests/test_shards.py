@@ -20,6 +20,8 @@ from PIL import Image
 from conftest import ROOT, free_port, load_script
 
 import workdir  # noqa: E402
+import chunk_engine  # noqa: E402
+import image_io  # noqa: E402
 
 demo = load_script("make_demo_data", "00_make_demo_data.py")
 mine = load_script("mine_regions", "01_mine_regions.py")
@@ -103,9 +105,9 @@ def pipeline(world, tmp_path_factory):
 
 
 def test_table_accounts_for_every_sample(pipeline):
-    table = workdir.read_image_table(pipeline["tar"])
+    table = image_io.read_image_table(pipeline["tar"])
     m = workdir.read_manifest(os.path.join(pipeline["tar"], "images"))
-    status = {table.name(i): workdir.IMAGE_STATUS[s] for i, s in enumerate(table.status)}
+    status = {table.name(i): image_io.IMAGE_STATUS[s] for i, s in enumerate(table.status)}
     assert len(table) == 16 + 3 + 2 and m["rows"] == 21
     assert status["bad0.jpg"] == "ok" and tuple(table.size[list(status).index("bad0.jpg")]) == (200, 100)
     assert status["bad1.webp"] == "not_image" and status["meta"] == "no_image"
@@ -125,7 +127,7 @@ def test_table_accounts_for_every_sample(pipeline):
 
 def test_same_arrays_as_loose_files(pipeline):
     loose, tar = pipeline["loose"], pipeline["tar"]
-    t_tar, t_loose = workdir.read_image_table(tar), workdir.read_image_table(loose)
+    t_tar, t_loose = image_io.read_image_table(tar), image_io.read_image_table(loose)
     names = [t_tar.name(i) for i in range(len(t_tar))]
     rows = np.array([names.index(t_loose.name(i).split("/")[-1]) for i in range(len(t_loose))])
     assert np.array_equal(t_tar.size[rows], t_loose.size)
@@ -178,7 +180,7 @@ def test_sa1b_boxes_from_the_json_and_mixed_with_sam(tmp_path):
     assert m["box_sources"]["sample_json"] == 5 and m["box_sources"]["sam"] == 0
     coco = json.loads((tmp_path / "sa" / "coco.json").read_text())
     text = {c["id"] for c in coco["categories"] if c["name"] == "text"}
-    table = workdir.read_image_table(str(tmp_path / "w"))
+    table = image_io.read_image_table(str(tmp_path / "w"))
     off = np.load(tmp_path / "w" / "regions" / "region_offsets.npy")
     boxes = np.load(tmp_path / "w" / "regions" / "boxes.npy")
     by_name = {im["file_name"]: im["id"] for im in coco["images"]}
@@ -229,7 +231,7 @@ OUTPUTS = ["region_offsets", "boxes", "scores", "areas", "region_features", "ima
 def outputs(work):
     out = {k: np.load(os.path.join(work, "regions", k + ".npy")).tobytes() for k in OUTPUTS}
     out.update({f"images/{k}": np.load(os.path.join(work, "images", k + ".npy")).tobytes()
-                for k in workdir.TABLE_ARRAYS + ["name_offsets", "name_bytes", "shard_rows"]})
+                for k in image_io.TABLE_ARRAYS + ["name_offsets", "name_bytes", "shard_rows"]})
     return out
 
 
@@ -244,13 +246,13 @@ def test_kill_and_resume_on_shards(many_shards, tmp_path):
     regions = str(work / "regions")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(os.path.join(regions, "chunks")) and len(workdir.done_chunks(regions)) >= 4:
+        if os.path.isdir(os.path.join(regions, "chunks")) and len(chunk_engine.done_chunks(regions)) >= 4:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 4 <= len(workdir.done_chunks(regions)) < 60
+    assert 4 <= len(chunk_engine.done_chunks(regions)) < 60
     res = subprocess.run(cli(many_shards, work, 1), capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr[-2000:]
     assert outputs(work) == outputs(plain)
@@ -286,10 +288,10 @@ def test_transient_io_errors_retry_then_stop(world, tmp_path, monkeypatch):
     """EIO from the filesystem: retried; still failing: the rank stops with one line and its chunk is not
     recorded as done (no per-image status for a failure that is not the image's)."""
     import errno
-    monkeypatch.setattr(workdir, "IO_TRIES", 3)
+    monkeypatch.setattr(image_io, "IO_TRIES", 3)
     monkeypatch.setattr(time, "sleep", lambda s: None)
     work = str(tmp_path / "w")
-    table = workdir.ensure_image_table(work, str(world / "shards"))
+    table = image_io.ensure_image_table(work, str(world / "shards"))
     real, calls = os.pread, []
 
     def flaky(fd, n, off):
@@ -304,14 +306,14 @@ def test_transient_io_errors_retry_then_stop(world, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="I/O error reading .*00000.tar.*3 tries"):
         mine.main(["--work", work, "--boxes", str(world / "data" / "coco.json"), "--features", "pixels",
                    "--min-box-side", "8", "--min-image-side", "32", "--chunk-size", "5"])
-    assert not workdir.done_chunks(os.path.join(work, "regions"))
+    assert not chunk_engine.done_chunks(os.path.join(work, "regions"))
     monkeypatch.setattr(os, "pread", real)               # the filesystem is back: the rerun does everything
     m = mine.main(["--work", work, "--boxes", str(world / "data" / "coco.json"), "--features", "pixels",
                    "--min-box-side", "8", "--min-image-side", "32", "--chunk-size", "5"])
     assert m["status_counts"]["ok"] > 0 and m["status_counts"]["error"] == 0
     # a missing file is bad data, not a transient failure: no retry, a status
     e = OSError(errno.ENOENT, "No such file")
-    assert not workdir.transient(e) and workdir.transient(OSError(errno.ESTALE, "Stale file handle"))
+    assert not image_io.transient(e) and image_io.transient(OSError(errno.ESTALE, "Stale file handle"))
 
 
 def test_disk_full_is_one_line(tmp_path, monkeypatch):
@@ -322,7 +324,7 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", full)
     with pytest.raises(SystemExit, match=r"cannot write .*00000000\.npz: no space left on device \(.* free, "
                                          r"16 bytes needed\): free space"):
-        workdir.run_chunks(str(tmp_path / "stage"), 4, 2, lambda s, e: {"x": np.zeros(e - s)}, "t", {})
+        chunk_engine.run_chunks(str(tmp_path / "stage"), 4, 2, lambda s, e: {"x": np.zeros(e - s)}, "t", {})
 
 
 def test_warns_when_most_images_are_below_min_image_side(world, tmp_path, capsys):
@@ -358,7 +360,7 @@ def test_members_of_a_key_anywhere_in_the_tar(tmp_path):
         add(tf, "dir/a.json", json.dumps({"width": 30, "height": 20}).encode())
         add(tf, "dir/b.seg.png", b"ignored second image")
         add(tf, "dir/a.png", a)
-    scan = workdir.scan_shard(str(tmp_path / "x.tar"), workdir.MAX_PIXELS, workdir.ShardFiles())
+    scan = image_io.scan_shard(str(tmp_path / "x.tar"), image_io.MAX_PIXELS, image_io.ShardFiles())
     rows = [(r["name"], r["status"], tuple(r["size"]), r["json_length"] > 0) for r in scan["rows"]]
     assert rows == [("dir/a.png", "ok", (30, 20), True), ("dir/b.png", "ok", (10, 40), False),
                     ("c.jpg", "ok", (8, 16), False), ("dir/a.png", "duplicate", (0, 0), False)]
@@ -382,7 +384,7 @@ def test_a_device_failure_stops_the_rank_instead_of_marking_images(world, tmp_pa
     monkeypatch.setattr(mine.PixelFeatures, "encode", failing)
     with pytest.raises(SystemExit, match="RuntimeError on cpu: CUDA error.*redone by the next run"):
         mine.main([*flags, "--feature-batch", "4"])
-    assert not workdir.done_chunks(str(tmp_path / "w" / "regions"))
+    assert not chunk_engine.done_chunks(str(tmp_path / "w" / "regions"))
     monkeypatch.setattr(mine.PixelFeatures, "encode", encode)
 
     def odd(self, image, boxes):
@@ -400,30 +402,30 @@ def test_input_forms_and_list_files(world, tmp_path):
     pattern that matches nothing and a mixed list."""
     sh = world / "shards"
     for source in (str(sh / "0000[01].tar"), str(sh / "00001.tar")):
-        src = workdir.resolve_source(source)
+        src = image_io.resolve_source(source)
         assert src.kind == "tar" and src.shards[-1].endswith("00001.tar")
     lst = tmp_path / "tars.txt"
     lst.write_text(f"{sh / '00001.tar'}\n# a comment\n{sh / '00000.tar'}\n")
-    assert [os.path.basename(p) for p in workdir.resolve_source(str(lst)).shards] == ["00001.tar", "00000.tar"]
+    assert [os.path.basename(p) for p in image_io.resolve_source(str(lst)).shards] == ["00001.tar", "00000.tar"]
     images = world / "data" / "images"
     loose = tmp_path / "images.txt"
     loose.write_text(f"{os.path.relpath(images / '00001.png', tmp_path)}\n{images / '00000.png'}\n"
                      f"{images / '00001.png'}\nnowhere.png\n{images / '00000.png'}\n")
-    table = workdir.ensure_image_table(str(tmp_path / "w"), str(loose))
-    assert [workdir.IMAGE_STATUS[s] for s in table.status] == ["outside_root", "ok", "ok", "unreadable", "duplicate"]
+    table = image_io.ensure_image_table(str(tmp_path / "w"), str(loose))
+    assert [image_io.IMAGE_STATUS[s] for s in table.status] == ["outside_root", "ok", "ok", "unreadable", "duplicate"]
     assert table.open(1)[0].size == (128, 128)
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(f"{sh / '00000.tar'}\n" * 1000 + f"{images / '00000.png'}\n")
     with pytest.raises(SystemExit, match="mixes .tar shards and other paths"):
-        workdir.resolve_source(str(mixed))
+        image_io.resolve_source(str(mixed))
     with pytest.raises(SystemExit, match="matches no file"):
-        workdir.resolve_source(str(tmp_path / "none" / "*.tar"))
+        image_io.resolve_source(str(tmp_path / "none" / "*.tar"))
     with pytest.raises(SystemExit, match="none of its 2 shards exists"):
-        workdir.resolve_source(str(tmp_path / "{0..1}.tar"))
+        image_io.resolve_source(str(tmp_path / "{0..1}.tar"))
     # duplicates by hash partition equal a plain set-based reference
     h = np.random.default_rng(0).integers(0, 40, 500).astype(np.uint64)
     seen, ref = set(), []
     for v in h.tolist():
         ref.append(v in seen)
         seen.add(v)
-    assert workdir.repeated(h, 500, part_rows=7).tolist() == ref == workdir.repeated(h, 500).tolist()
+    assert image_io.repeated(h, 500, part_rows=7).tolist() == ref == image_io.repeated(h, 500).tolist()

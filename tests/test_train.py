@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from conftest import ROOT, free_port, load_script
 
 import workdir  # noqa: E402
+import image_io  # noqa: E402
 import model as model_py  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "04_train.py")
@@ -196,7 +197,7 @@ def test_boxes_move_with_the_pixels():
         ImageDraw.Draw(im).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
         for crop, min_scale in (("center", 1), ("random", 1), ("random", 0.3), ("squash", 1)):
             S = 64
-            pixels, boxes, visible = workdir.resize_crop(im, S, [[x0, y0, x1, y1]], crop, np.random.default_rng(trial),
+            pixels, boxes, visible = image_io.resize_crop(im, S, [[x0, y0, x1, y1]], crop, np.random.default_rng(trial),
                                                          min_scale)
             assert pixels.shape == (S, S, 3)
             bx0, by0, bx1, by1 = boxes[0]
@@ -259,7 +260,7 @@ def test_dataset_samples_regions_by_the_rules(world, tmp_path):
 def test_corrupt_image_is_logged_and_skipped(world, tmp_path):
     data, work = world
     work2 = copy_work(work, tmp_path / "work")
-    table = workdir.read_image_table(work2)
+    table = image_io.read_image_table(work2)
     victim = table.path(3)
     backup = victim + ".bak"
     shutil.copyfile(victim, backup)
