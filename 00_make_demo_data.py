@@ -14,7 +14,7 @@ exactly the painted pixels; a later object may hide at most 15% of an earlier on
 vocabulary of 200 common English words (--vocab-size N: its first N), lower, Title or UPPER case, in DejaVu
 Sans (regular or bold), 18-40 px at 224, dark on a light patch or light on a dark one; patches never touch
 objects. --plain-words prints every word lower case in the regular face at 30 px (at 224): fewer ways for a
-word to look (README, The demo, says what it changed for the tiny encoder).
+word to look (README.md, The demo, says what it changed for the tiny encoder).
 A word's box (--text-box) is by default its plate, about the extent a PP-OCR detector reports for it (DB's
 unclip pads a word by about 0.4 of its height on each side), so that 02's training boxes and the boxes 05
 probes agree; `ink` gives the glyphs' box plus 2 px.

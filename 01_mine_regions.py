@@ -112,7 +112,7 @@ def parse_args(argv):
                    "--min-mask-region-area > 0) (default %(default)s)")
     p.add_argument("--sam-batch", type=int, help="images per SAM image-encoder forward (default 1 on CPU, 8 on GPU)")
     p.add_argument("--sam-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: the SAM encoder and decoder under bfloat16 autocast (GPUs); boxes may move (README)")
+                   help="bf16: the SAM encoder and decoder under bfloat16 autocast (GPUs); boxes may move (docs/benchmarks.md)")
     p.add_argument("--sam-compile", action="store_true", help="torch.compile the SAM image encoder (its fused "
                    "kernels change the floats: boxes can move by a pixel, as with bf16)")
     p.add_argument("--points-per-side", type=int, default=POINTS_PER_SIDE)

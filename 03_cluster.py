@@ -549,7 +549,7 @@ def two_level(x, k, iters, seed, refine_iters=0, n_total=None, offset=0, init="a
     k-means of those over x k centres into k, then refine_iters flat iterations over all points. The coarse
     cells cut natural clusters apart, leaving fragments that flat iterations do not merge again (a local
     optimum up to 1% below flat k-means); over-clustering and merging the fragments bottom-up removes most of
-    that loss (README, Benchmarks). Returns (centres, {"coarse", "fine", "combine", "refine"} stats, info)."""
+    that loss (docs/benchmarks.md). Returns (centres, {"coarse", "fine", "combine", "refine"} stats, info)."""
     from tqdm import tqdm
     rank, world = workdir.dist_info() if shared() else (0, 1)
     n_total = len(x) if n_total is None else int(n_total)

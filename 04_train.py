@@ -125,7 +125,7 @@ from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, prese
 from model import peak_tflops as model_peak_tflops
 
 # ----------------------------------------------------------------------------------------------------------
-# defaults (the papers' values where they state one; see README "Choices and deviations")
+# defaults (the papers' values where they state one; see docs/choices.md)
 WORK = "runs/demo"
 METHOD = "rice"
 MODEL = {"rice": "L/14", "mlcd": "clip-L/14"}   # RICE: the RoPE ViT of its released weights; MLCD: its paper's CLIP ViT

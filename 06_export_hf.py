@@ -10,8 +10,7 @@ none) and nothing of this kit,
     from transformers import AutoImageProcessor, AutoModel           # or MLCDVisionModel / CLIPVisionModel
     model = AutoModel.from_pretrained("runs/demo/export")
     processor = AutoImageProcessor.from_pretrained("runs/demo/export")
-or pipeline("image-feature-extraction", model="runs/demo/export"). LLaVA-NeXT: README, Architectures and
-released weights.
+or pipeline("image-feature-extraction", model="runs/demo/export"). LLaVA-NeXT: docs/architectures.md.
 
 Reads a kit checkpoint (.pt with `encoder` and `encoder_config`: 04's training checkpoints, or files written with
 model.encoder_checkpoint) or a Hugging Face folder that model.load_encoder reads. Writes --out:

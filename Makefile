@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 # the tables again.
 DEMO := runs/demo
 # words on 80% of the images, 30 of them, one case, face and size: what the tiny encoder learns to read in
-# 800 steps (README, The demo)
+# 800 steps (README.md, The demo)
 DEMO_WORLD := --vocab-size 30 --mix 0.2,0.2,0.6 --plain-words
 # as the papers' datasets ship: img2dataset-style webdataset tar shards (key.png + key.json + key.txt)
 DEMO_SHARDS := --format webdataset --shard-size 500

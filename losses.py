@@ -21,7 +21,7 @@ uniformly sampled from the full category set at rate rho = 0.1"). Three rules (`
               more than rho of its non-positives when the batch's positives cover much of K (a 32K batch).
   partial-fc  the authors' Partial FC code: max(int(rho * K_local), positives_local) rows per shard,
               positives first, the rest random; shared by the batch like `shared`.
-With rho = 1 all three use every centre. README "Negatives" has the measured per-row rates of the three.
+With rho = 1 all three use every centre. docs/choices.md, choice 3 ("Negatives"), has the measured per-row rates of the three.
 
 Sharding (Partial FC, insightface arcface_torch): the K centres are split into contiguous shards, one per
 rank (about K / world rows each). The draw is made on the host from the labels (`CentreBank.draw`), so the
@@ -269,7 +269,7 @@ def draw(labels: list, sizes: list, num_classes: int, start: int, num_local: int
 
 def negative_rates(labels, num_classes: int, rho: float, rule: str = "per-row", world: int = 1, key=(0,)):
     """(B,) share of each row's non-positive classes that are its negatives, over `world` shards: the
-    quantity RICE's rho = 0.1 sets (README "Negatives")."""
+    quantity RICE's rho = 0.1 sets (docs/choices.md, choice 3)."""
     labels = clean_labels(labels, num_classes)
     negatives = np.zeros(len(labels), np.int64)
     base, extra = divmod(num_classes, world)
