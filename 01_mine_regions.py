@@ -139,7 +139,7 @@ def parse_args(argv):
     p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
                    "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    p.add_argument("--force", action="store_true", help=workdir.FORCE_HELP)
     args = p.parse_args(argv)
     workdir.check_flags(args, {"sam_max_side": ">= 1", "points_per_side": ">= 1", "points_per_batch": ">= 1",
                                "sam_batch": ">= 1",

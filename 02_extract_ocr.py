@@ -64,7 +64,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import sys
 import time
 
@@ -118,7 +117,7 @@ def parse_args(argv):
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and resize ahead of "
                    "the engine (-1: the process's share of the cores, at most 8; 0: in this process)")
-    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    p.add_argument("--force", action="store_true", help=workdir.FORCE_HELP)
     args = p.parse_args(argv)
     workdir.check_flags(args, {"det_limit_side": ">= 1", "max_pixels": ">= 1", "threads": ">= 0",
                                "min_score": "[0, 1)", "max_side": ">= 0", "max_tokens": ">= 1",
@@ -368,73 +367,78 @@ def main(argv=None):
     workdir.check_folder_flag(args.work)
     rank, world = workdir.init_dist()
     folder = os.path.join(args.work, "ocr")
-    done = workdir.finished_output(folder, args, [k for k in vars(args) if k not in NOT_IN_OUTPUT], "OCR lines",
-                                   " (then 04 with --force)")
-    if done and args.engine != "auto" and not done["engine"]["name"].startswith(args.engine):
-        workdir.refuse_changed(folder, "OCR lines", [f"--engine {done['engine']['name']} -> {args.engine}"],
-                               " (then 04 with --force)")
+    done = workdir.begin_stage(folder, args, [k for k in vars(args) if k not in NOT_IN_OUTPUT], "OCR lines",
+                               "02_extract_ocr.py", " (then 04 with --force)", changed=lambda d: engine_changed(d, args))
     if done:
         image_io.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['lines']} lines on {done['rows']['images']} images, "
                     f"engine {done['engine']['name']}); --force redoes it")
         return done
-    workdir.lock_stage(folder, "02_extract_ocr.py")
     table = image_io.ensure_image_table(args.work, args.images, args.max_pixels)
-    workdir.barrier()                           # every rank has read the old manifest before rank 0 removes it
     t_start = time.time()
     engine, engine_info = (paddle_engine if args.engine == "paddle" else rapidocr_engine)(args)
     tokenizer = losses.ClipTokens(args.max_tokens)
     fingerprint = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
     key = {**chunk_key(args, engine_info, tokenizer, fingerprint), "max_pixels": table.max_pixels}
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        if args.force:
-            if os.path.exists(os.path.join(folder, "manifest.json")):
-                os.remove(os.path.join(folder, "manifest.json"))
-            shutil.rmtree(os.path.join(folder, "chunks"), ignore_errors=True)
-    workdir.barrier()
     t_ready = time.time()
-    errors_shown = [0]
-    prepare = PrepareOCR(args.work, args.max_side, engine_info.get("resize"), args.max_engine_pixels)
-    workers = chunk_engine.loader_workers(args.workers)
+    read_lines = OcrChunk(engine, tokenizer, table, args, engine_info.get("resize"), rank)
+    num_chunks, done_before = chunk_engine.run_chunks(folder, len(table), args.chunk_size, read_lines, "ocr", key)
+    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "lines_found"],
+                                     {"boxes": "line_counts", "scores": "line_counts",
+                                      "text_bytes": "text_counts", "tokens": "token_counts"})
+    manifest = None
+    if rank == 0:
+        manifest = workdir.finish_stage(folder, ocr_manifest(folder, args, rows, engine_info, tokenizer, table,
+                                                             fingerprint, key))
+        summarize(manifest, workdir.load(folder, "status"), workdir.load(folder, "lines_found"),
+                  workdir.load(folder, "line_offsets"), table, num_chunks, done_before, args.chunk_size,
+                  t_ready - t_start, time.time() - t_ready)
+    workdir.barrier()
+    return manifest
 
-    def process(start, end):
+
+def engine_changed(done, args) -> list[str]:
+    """--engine named explicitly and another engine made the finished lines (auto resolves to either)."""
+    made = done["engine"]["name"]
+    return [f"--engine {made} -> {args.engine}"] if args.engine != "auto" and not made.startswith(args.engine) else []
+
+
+class OcrChunk:
+    """Rows [start, end) of the image table -> the chunk's arrays (chunk_engine.run_chunks): loader workers
+    decode and resize ahead (PrepareOCR), the engine reads the lines here, each kept line (score > --min-score,
+    RICE Sec. 3.1) gets its CLIP-BPE token labels. An image the engine fails on is an engine_error; a failing
+    GPU is not the image's: the process stops and the next run redoes the chunk."""
+
+    def __init__(self, engine, tokenizer, table, args, resize, rank):
+        self.engine, self.tokenizer, self.table, self.args, self.rank = engine, tokenizer, table, args, rank
+        self.prepare = PrepareOCR(args.work, args.max_side, resize, args.max_engine_pixels)
+        self.workers = chunk_engine.loader_workers(args.workers)
+        self.errors_shown = 0
+
+    def __call__(self, start, end):
         n = end - start
-        status = np.zeros(n, np.uint8)
-        line_counts = np.zeros(n, np.int64)
-        found = np.zeros(n, np.int32)
+        status, line_counts, found = np.zeros(n, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int32)
         boxes, scores, texts, tokens = [], [], [], []
-        for j, item in enumerate(chunk_engine.prefetched(start, end, prepare, workers)):
+        for j, item in enumerate(chunk_engine.prefetched(start, end, self.prepare, self.workers)):
             if item["status"] == "stop":
                 raise SystemExit(item["message"])
             if item["status"] in ("skipped", "read_error", "too_thin"):
                 status[j] = OCR_STATUS.index(item["status"])
                 continue
-            try:
-                if item["status"] != "ok":
-                    raise RuntimeError(item["message"])
-                lines = engine_lines(engine, *item["input"])
-            except Exception as e:              # one bad image must not stop a long run: record it
-                if any(w in str(e) for w in ("CUDA", "cudaError", "out of memory", "ResourceExhausted")):
-                    # ... but a failing GPU (paddle on --device gpu) is not the image's: stop, redo the chunk
-                    raise SystemExit(f"error: [rank {rank}] {type(e).__name__}: {str(e)[:300]}; this process stops "
-                                     "and its unfinished chunk is redone by the next run") from None
+            lines = self.lines(item)
+            if lines is None:
                 status[j] = OCR_STATUS.index("engine_error")
-                errors_shown[0] += 1
-                if errors_shown[0] <= MAX_ERRORS_SHOWN:
-                    print(f"[rank {rank}] engine error on {item['path']}: {type(e).__name__}: {e}",
-                          file=sys.stderr, flush=True)
                 continue
             found[j] = len(lines)
-            kept = [line for line in lines if line[2] > args.min_score]     # RICE: confidence > 0.7
+            kept = [line for line in lines if line[2] > self.args.min_score]     # RICE: confidence > 0.7
             line_counts[j] = len(kept)
             status[j] = OCR_STATUS.index("ok" if kept else "no_text")
             for box, text, score in kept:
                 boxes.append(box)
                 scores.append(score)
                 texts.append(text)
-                tokens.append(tokenizer(text))
-        table.release()                         # resident memory stays flat over a 400M-row table
+                tokens.append(self.tokenizer(text))
+        self.table.release()                    # resident memory stays flat over a 400M-row table
         text_offsets, text_bytes = workdir.pack_strings(texts)
         return {"status": status, "lines_found": found, "line_counts": line_counts,
                 "boxes": np.array(boxes, np.float32).reshape(-1, 4), "scores": np.array(scores, np.float32),
@@ -442,37 +446,41 @@ def main(argv=None):
                 "token_counts": np.array([len(t) for t in tokens], np.int64),
                 "tokens": np.array([t for ts in tokens for t in ts], np.int32)}
 
-    num_chunks, done_before = chunk_engine.run_chunks(folder, len(table), args.chunk_size, process, "ocr", key)
-    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "lines_found"],
-                                {"boxes": "line_counts", "scores": "line_counts",
-                                 "text_bytes": "text_counts", "tokens": "token_counts"})
-    manifest = None
-    if rank == 0:
-        status = workdir.load(folder, "status")
-        found = workdir.load(folder, "lines_found")
-        token_offsets = workdir.load(folder, "token_offsets")
-        counts = workdir.count_values(status, OCR_STATUS)
-        lines_found = int(sum(int(np.asarray(found[s: s + (1 << 24)], np.int64).sum())
-                              for s in range(0, len(found), 1 << 24)))
-        lines = rows["boxes"]
-        config = {k: v for k, v in vars(args).items() if k != "force"}
-        manifest = {"stage": "ocr", "config": config, "engine": engine_info,
-                    "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-                                  "max_tokens": args.max_tokens, "start_end_tokens": False, "unique": True},
-                    "min_score": args.min_score,
-                    "rows": {"images": len(table), "lines": lines, "text_bytes": rows["text_bytes"],
-                             "tokens": rows["tokens"]},
-                    "lines_found": lines_found, "lines_dropped_score": lines_found - lines,
-                    "lines_without_tokens": sum(
-                        int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
-                        for k in range(0, len(token_offsets) - 1, 1 << 24)),
-                    "image_table": fingerprint, "settings": key, "status_names": OCR_STATUS,
-                    "status_counts": counts}
-        manifest = workdir.finish_stage(folder, manifest)     # as written: with "complete" and "finished"
-        summarize(manifest, status, found, workdir.load(folder, "line_offsets"), table,
-                  num_chunks, done_before, args.chunk_size, t_ready - t_start, time.time() - t_ready)
-    workdir.barrier()
-    return manifest
+    def lines(self, item):
+        """The engine's (box, text, score) lines of one prepared image; None: an engine error (recorded)."""
+        try:
+            if item["status"] != "ok":
+                raise RuntimeError(item["message"])
+            return engine_lines(self.engine, *item["input"])
+        except Exception as e:                  # one bad image must not stop a long run: record it
+            if any(w in str(e) for w in ("CUDA", "cudaError", "out of memory", "ResourceExhausted")):
+                raise SystemExit(f"error: [rank {self.rank}] {type(e).__name__}: {str(e)[:300]}; this process stops "
+                                 "and its unfinished chunk is redone by the next run") from None
+            self.errors_shown += 1
+            if self.errors_shown <= MAX_ERRORS_SHOWN:
+                print(f"[rank {self.rank}] engine error on {item['path']}: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+            return None
+
+
+def ocr_manifest(folder, args, rows, engine_info, tokenizer, table, fingerprint, key) -> dict:
+    """(rank 0) The manifest of the merged arrays: settings, engine, tokenizer, row and status counts (the
+    arrays read in blocks, so memory stays flat at any scale)."""
+    status, found = workdir.load(folder, "status"), workdir.load(folder, "lines_found")
+    token_offsets = workdir.load(folder, "token_offsets")
+    lines_found = int(sum(int(np.asarray(found[s: s + (1 << 24)], np.int64).sum())
+                          for s in range(0, len(found), 1 << 24)))
+    lines = rows["boxes"]
+    return {"stage": "ocr", "config": {k: v for k, v in vars(args).items() if k != "force"}, "engine": engine_info,
+            "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                          "max_tokens": args.max_tokens, "start_end_tokens": False, "unique": True},
+            "min_score": args.min_score,
+            "rows": {"images": len(table), "lines": lines, "text_bytes": rows["text_bytes"], "tokens": rows["tokens"]},
+            "lines_found": lines_found, "lines_dropped_score": lines_found - lines,
+            "lines_without_tokens": sum(int((np.diff(np.asarray(token_offsets[k: k + (1 << 24) + 1])) == 0).sum())
+                                        for k in range(0, len(token_offsets) - 1, 1 << 24)),
+            "image_table": fingerprint, "settings": key, "status_names": OCR_STATUS,
+            "status_counts": workdir.count_values(status, OCR_STATUS)}
 
 
 def summarize(m, status, found, line_offsets, table, num_chunks, done_before, chunk_size, setup_s, elapsed,

@@ -139,7 +139,7 @@ def parse_args(argv):
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"],
                    help="search and update: faiss (its GPU index when it has GPUs), torch (fp32 matmul; the GPU "
                    "path when faiss has none); auto picks faiss GPU, then torch GPU, then faiss CPU")
-    p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    p.add_argument("--force", action="store_true", help=workdir.FORCE_HELP)
     args = p.parse_args(argv)
     workdir.check_flags(args, {"k": ">= 1", "image_topl": ">= 1", "merge_shards": ">= 0", "iters": ">= 0",
                                "refine_iters": ">= 0", "seed": ">= 0", "max_points_per_centre": ">= 1",
@@ -802,15 +802,11 @@ def main(argv=None):
     rank, world = workdir.init_dist()
     inp = read_regions(args.work, args.image_statuses)
     folder = args.out
-    ckpt_dir = os.path.join(folder, "ckpt")
-    done = workdir.read_manifest(folder)
-    if done and done.get("complete") and not args.force:
-        if done["inputs"]["regions"] != inp["fingerprint"]:
-            raise SystemExit(f"error: {folder} was clustered from other regions (01 was rerun since): "
-                             "rerun with --force")
-        workdir.refuse_changed(folder, "clusters", workdir.changed_settings(done.get("config", {}), args,
-                                                                             RESULT_SETTINGS),
-                               " (then 04 with --force)", "write these to another --out")
+    done = workdir.begin_stage(folder, args, RESULT_SETTINGS, "clusters", "03_cluster.py", " (then 04 with --force)",
+                               "write these to another --out", changed=lambda done: (
+                                   ["other regions (01 was rerun since)"]
+                                   if done["inputs"]["regions"] != inp["fingerprint"] else []))
+    if done:
         workdir.say(f"{folder} is complete (K = {done['k']}, {done['rows']['regions']} regions); --force redoes it")
         return done
     population = (inp["R"] if args.fit_on != "images" else 0) + \
@@ -823,22 +819,8 @@ def main(argv=None):
     if not backend.gpu and world > 1:                    # the ranks share the node's cores
         import faiss
         faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    # checkpoints of other settings or other inputs are discarded, never mixed in
-    key = {k: getattr(args, k) for k in RESULT_SETTINGS if k != "image_topl"}
-    key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
-    workdir.lock_stage(folder, "03_cluster.py", "wait for it to end, or write to another --out")
-    workdir.barrier()                            # every rank has read the old manifest before rank 0 clears
-    if rank == 0:
-        if args.force and done:
-            os.remove(os.path.join(folder, "manifest.json"))
-        key_file = os.path.join(ckpt_dir, "key.json")
-        if not os.path.exists(key_file) or read_json(key_file) != key:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        os.makedirs(ckpt_dir, exist_ok=True)
-        workdir.write_json(key_file, key)
-    workdir.barrier()
+    ckpt_dir = open_checkpoints(folder, args, inp)
     t0 = time.time()
-
     # the training sample, drawn from the seed; each rank loads a contiguous shard of it
     sample = sample_indices(population, n_train, args.seed)
     lo, hi = n_train * rank // world, n_train * (rank + 1) // world
@@ -846,65 +828,93 @@ def main(argv=None):
     del sample
     workdir.say(f"clustering {n_train} points ({args.fit_on}) of dim {inp['C']} into K = {args.k} "
                 f"({args.mode}, {backend.kind} on {backend.device}, {world} process{'es' if world > 1 else ''})")
-
-    def log(phase, it, iters, obj, reseeded, dt):
-        workdir.say(f"{phase} k-means {it + 1}/{iters}: objective {obj:.5f}, {reseeded} empty re-seeded, {dt:.1f} s")
-
-    info = {}
-    if args.mode == "flat":
-        centres, st = spherical_kmeans(x, args.k, args.iters, args.seed, (PHASES.index("flat"),), n_train, lo,
-                                       args.init, args.assign_chunk, backend, (ckpt_dir, "flat"), log)
-        stats = {"flat": st}
-    elif args.mode == "two-level":
-        centres, stats, info = two_level(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
-                                         args.init, args.assign_chunk, backend, ckpt_dir, log)
-    else:
-        centres, stats, info = shard_merge(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
-                                           args.init, args.assign_chunk, backend, ckpt_dir, log,
-                                           args.merge_shards or world)
+    centres, stats, info = fit(x, n_train, lo, args, backend, ckpt_dir, world)
     del x
-    if world > 1:                                # the same bytes on every rank, whatever the all-reduce did
-        import torch
-        import torch.distributed as dist
-        dist.broadcast(torch.from_numpy(centres), 0)
     if rank == 0:
         workdir.write_npy(os.path.join(folder, "centres.npy"), centres)
     t_fit = time.time() - t0
     label_all(folder, inp, centres, args, backend)
-
     manifest = None
     if rank == 0:
-        sizes, n_img, cosine = summarise(folder, inp, args.k)
-        workdir.write_npy(os.path.join(folder, "cluster_sizes.npy"), sizes)
-        # objective[phase][t]: mean cosine of the training points to their nearest centre at iteration t
-        objective = {p: [o / max(st["points"], 1) for o in st["objective_sum"]] for p, st in stats.items()}
-        final = [v[-1] for v in objective.values() if v]
-        manifest = workdir.finish_stage(folder, {
-            "stage": "clusters", "config": {k: v for k, v in vars(args).items() if k != "force"},
-            "k": args.k, "dim": inp["C"], "image_topl": args.image_topl, "mode": args.mode,
-            "device": backend.device, "backend": backend.kind, "world": world,
-            "rows": {"regions": inp["R"], "images": inp["n"], "images_labelled": n_img, "train_points": n_train},
-            "objective": objective, "reseeded": {p: st["reseeded"] for p, st in stats.items()},
-            "final_objective": final[-1] if final else None, "mean_cosine": cosine,
-            "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
-                              "dead": int((sizes == 0).sum()),
-                              "counts": "regions labelled c + labelled images whose top-1 is c"},
-            **({"two_level": {"k1": info["k1"], "cell_centres_min": min(info["cell_centres"]),
-                              "cell_centres_max": max(info["cell_centres"])}} if "k1" in info else {}),
-            **({"shard_merge": {"shards": info["shards"], "union_points": info["union_points"]}}
-               if "shards" in info else {}),
-            "elapsed_s": {"fit": round(t_fit, 2), "total": round(time.time() - t0, 2)},
-            "inputs": {"regions": inp["fingerprint"]}})
-        for sub in ("assign_regions", "assign_images", "ckpt"):
-            shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
-        cs = manifest["cluster_sizes"]
-        print(f"clusters: K = {args.k} ({args.mode}) from {n_train} training points: objective "
-              f"{manifest['final_objective'] or 0:.4f} (mean cosine to the centre), "
-              f"{sum(map(sum, manifest['reseeded'].values()))} empty clusters re-seeded; labelled {inp['R']} "
-              f"regions (mean cosine {cosine['regions']:.4f}) and {n_img} of {inp['n']} images (top-"
-              f"{args.image_topl}); cluster size min {cs['min']} / median {cs['median']:g} / max {cs['max']}, "
-              f"{cs['dead']} dead; {time.time() - t0:.1f} s", flush=True)
+        manifest = finish(folder, args, inp, stats, info, backend, n_train, world, t0, t_fit)
     workdir.barrier()
+    return manifest
+
+
+def open_checkpoints(folder, args, inp) -> str:
+    """The k-means checkpoints of an interrupted run, kept only if written for the same settings and inputs
+    (discarded, never mixed in); returns the folder."""
+    ckpt_dir = os.path.join(folder, "ckpt")
+    key = {k: getattr(args, k) for k in RESULT_SETTINGS if k != "image_topl"}
+    key = json.loads(json.dumps({**key, "inputs": inp["fingerprint"]}))
+    if workdir.dist_info()[0] == 0:
+        key_file = os.path.join(ckpt_dir, "key.json")
+        if not os.path.exists(key_file) or read_json(key_file) != key:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.makedirs(ckpt_dir, exist_ok=True)
+        workdir.write_json(key_file, key)
+    workdir.barrier()
+    return ckpt_dir
+
+
+def log_iteration(phase, it, iters, obj, reseeded, dt):
+    workdir.say(f"{phase} k-means {it + 1}/{iters}: objective {obj:.5f}, {reseeded} empty re-seeded, {dt:.1f} s")
+
+
+def fit(x, n_train, lo, args, backend, ckpt_dir, world):
+    """The codebook by --mode (flat, two-level or shard-merge) -> (centres, per-phase stats, info); the centres
+    are the same bytes on every rank, whatever the all-reduce did (rank 0's, broadcast)."""
+    info = {}
+    if args.mode == "flat":
+        centres, st = spherical_kmeans(x, args.k, args.iters, args.seed, (PHASES.index("flat"),), n_train, lo,
+                                       args.init, args.assign_chunk, backend, (ckpt_dir, "flat"), log_iteration)
+        stats = {"flat": st}
+    elif args.mode == "two-level":
+        centres, stats, info = two_level(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
+                                         args.init, args.assign_chunk, backend, ckpt_dir, log_iteration)
+    else:
+        centres, stats, info = shard_merge(x, args.k, args.iters, args.seed, args.refine_iters, n_train, lo,
+                                           args.init, args.assign_chunk, backend, ckpt_dir, log_iteration,
+                                           args.merge_shards or world)
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        dist.broadcast(torch.from_numpy(centres), 0)
+    return centres, stats, info
+
+
+def finish(folder, args, inp, stats, info, backend, n_train, world, t0, t_fit) -> dict:
+    """(rank 0) Cluster sizes, the manifest (the stage is complete from here on), the summary line."""
+    sizes, n_img, cosine = summarise(folder, inp, args.k)
+    workdir.write_npy(os.path.join(folder, "cluster_sizes.npy"), sizes)
+    # objective[phase][t]: mean cosine of the training points to their nearest centre at iteration t
+    objective = {p: [o / max(st["points"], 1) for o in st["objective_sum"]] for p, st in stats.items()}
+    final = [v[-1] for v in objective.values() if v]
+    manifest = workdir.finish_stage(folder, {
+        "stage": "clusters", "config": {k: v for k, v in vars(args).items() if k != "force"},
+        "k": args.k, "dim": inp["C"], "image_topl": args.image_topl, "mode": args.mode,
+        "device": backend.device, "backend": backend.kind, "world": world,
+        "rows": {"regions": inp["R"], "images": inp["n"], "images_labelled": n_img, "train_points": n_train},
+        "objective": objective, "reseeded": {p: st["reseeded"] for p, st in stats.items()},
+        "final_objective": final[-1] if final else None, "mean_cosine": cosine,
+        "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
+                          "dead": int((sizes == 0).sum()),
+                          "counts": "regions labelled c + labelled images whose top-1 is c"},
+        **({"two_level": {"k1": info["k1"], "cell_centres_min": min(info["cell_centres"]),
+                          "cell_centres_max": max(info["cell_centres"])}} if "k1" in info else {}),
+        **({"shard_merge": {"shards": info["shards"], "union_points": info["union_points"]}}
+           if "shards" in info else {}),
+        "elapsed_s": {"fit": round(t_fit, 2), "total": round(time.time() - t0, 2)},
+        "inputs": {"regions": inp["fingerprint"]}})
+    for sub in ("assign_regions", "assign_images", "ckpt"):
+        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
+    cs = manifest["cluster_sizes"]
+    print(f"clusters: K = {args.k} ({args.mode}) from {n_train} training points: objective "
+          f"{manifest['final_objective'] or 0:.4f} (mean cosine to the centre), "
+          f"{sum(map(sum, manifest['reseeded'].values()))} empty clusters re-seeded; labelled {inp['R']} "
+          f"regions (mean cosine {cosine['regions']:.4f}) and {n_img} of {inp['n']} images (top-"
+          f"{args.image_topl}); cluster size min {cs['min']} / median {cs['median']:g} / max {cs['max']}, "
+          f"{cs['dead']} dead; {time.time() - t0:.1f} s", flush=True)
     return manifest
 
 

@@ -371,16 +371,34 @@ def refuse_changed(folder: str, what: str, changed: list[str], then: str = "",
                          f"with --force to replace them{then}, or {elsewhere}")
 
 
-def finished_output(folder: str, args, settings, what: str, then: str = "",
-                    elsewhere: str = "use another --work") -> dict | None:
-    """The manifest of a finished stage folder that this run can reuse as it is: made with the same `settings`
-    (the flags that change its bytes); None when it is unfinished or --force redoes it; refused when made with
-    other settings (refuse_changed)."""
+FORCE_HELP = ("replace a finished output, whatever settings made it (without --force a finished folder is reused "
+              "with the same settings and refused with others); chunk files of an interrupted run with the same "
+              "settings are resumed either way")
+
+
+def begin_stage(folder: str, args, settings, what: str, script: str, then: str = "",
+                elsewhere: str = "use another --work", changed=None) -> dict | None:
+    """The start of every stage that writes a folder (01, 02, 03), one lifecycle for all of them:
+    - a finished `folder` made with the same `settings` (the flags that change its bytes) is returned: the
+      stage reuses it and ends;
+    - one made with other settings is refused with one line naming them and --force (refuse_changed);
+      `changed(done)` adds differences the flags alone do not show (another feature model, other inputs);
+    - otherwise this run takes the folder (lock_stage: a second copy is refused) and returns None. With
+      --force a finished folder's manifest is removed first: the folder is unfinished until finish_stage.
+    --force means the same in every stage: replace the finished output, whatever settings made it. Chunk files
+    of an interrupted run are kept only when written under the same settings (chunk_engine.prepare_chunks), so
+    a rerun, with or without --force, resumes them."""
     done = read_manifest(folder)
-    if not (done and done.get("complete")) or getattr(args, "force", False):
-        return None
-    refuse_changed(folder, what, changed_settings(done.get("config", {}), args, settings), then, elsewhere)
-    return done
+    finished = bool(done and done.get("complete"))
+    if finished and not args.force:
+        refuse_changed(folder, what, changed_settings(done.get("config", {}), args, settings) +
+                       (changed(done) if changed else []), then, elsewhere)
+        return done
+    lock_stage(folder, script, "wait for it to end, or " + elsewhere)
+    barrier()                                  # every rank has read the old manifest before rank 0 removes it
+    if finished and dist_info()[0] == 0:
+        os.remove(os.path.join(folder, "manifest.json"))
+    return None
 
 
 def check_flags(args, rules: dict) -> None:
