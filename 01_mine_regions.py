@@ -56,6 +56,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -595,27 +596,15 @@ def main(argv=None):
     rank, world = workdir.init_dist()
     device = workdir.stage_device(args.device)
     folder = os.path.join(args.work, "regions")
-    done = workdir.read_manifest(folder)
-    if done and done.get("complete") and not args.force:
-        made_with = (done.get("features") or {}).get("model")
-        if made_with != feature_model(args):
-            raise SystemExit(f"error: {folder} holds features made with {made_with!r}, not {feature_model(args)!r} "
-                             "(another --features, CLIP model, or an earlier version of the pixel stand-in): rerun "
-                             "with --force (then 03 and 04 with --force)")
-        compared = [k for k in vars(args) if k not in NOT_IN_OUTPUT + ("images", "features", "chunk_size")]
-        workdir.refuse_changed(folder, "regions", workdir.changed_settings(done.get("config", {}), args, compared),
-                               " (then 03 and 04 with --force)")
+    compared = [k for k in vars(args) if k not in NOT_IN_OUTPUT + ("images", "features", "chunk_size")]
+    done = workdir.begin_stage(folder, args, compared, "regions", "01_mine_regions.py",
+                               " (then 03 and 04 with --force)", changed=lambda done: other_features(done, args))
+    if done:
         image_io.ensure_image_table(args.work, args.images, args.max_pixels)     # the same images, if named
         workdir.say(f"{folder} is complete ({done['rows']['boxes']} regions); --force redoes it")
         return done
-    workdir.lock_stage(folder, "01_mine_regions.py")
     table = image_io.ensure_image_table(args.work, args.images, args.max_pixels)
-    workdir.barrier()                  # every rank has read the old manifest before rank 0 removes it
-    if rank == 0 and args.force and done:
-        os.remove(os.path.join(folder, "manifest.json"))
-    os.makedirs(folder, exist_ok=True)
     t0 = time.time()
-
     box_file = BoxFile(args.boxes, set(args.exclude_categories.split(","))) if args.boxes else None
     sam = SamRegions(args, device)
     if box_file is None and args.sam_model not in sam_boxes.TEST_MODELS and not args.sam_checkpoint:
@@ -627,124 +616,146 @@ def main(argv=None):
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
     if rank == 0:
         image_io.short_side_check(table, args.min_image_side)
-    prepare = PrepareImage(args.work, box_file, features.inputs, args)
-    workers = chunk_engine.loader_workers(args.workers)
+    mine = RegionChunk(PrepareImage(args.work, box_file, features.inputs, args), sam, features, table, args, device)
+    key = {k: v for k, v in vars(args).items() if k not in NOT_IN_OUTPUT + ("images",)}
+    key.update(image_table=workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
+               features_model=feature_model(args), max_pixels=table.max_pixels)
+    num_chunks, _ = chunk_engine.run_chunks(folder, len(table), args.chunk_size, mine, "regions", key)
+    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
+                                     {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
+    manifest = None
+    if rank == 0:
+        manifest = workdir.finish_stage(folder, regions_manifest(folder, args, rows, features, table))
+        summarize(manifest, args, time.time() - t0)
+    workdir.barrier()
+    return manifest
 
-    def on_device(fn, *a):
+
+def other_features(done, args) -> list[str]:
+    """The feature model a finished folder was made with, when it is not this run's (another --features, CLIP
+    model, or an earlier version of the pixel stand-in): its features and clusters would not match."""
+    made_with = (done.get("features") or {}).get("model")
+    return [f"features made with {made_with!r}, not {feature_model(args)!r}"] if made_with != feature_model(args) else []
+
+
+class RegionChunk:
+    """Rows [start, end) of the image table -> the chunk's arrays (chunk_engine.run_chunks). Loader workers
+    decode and prepare the images ahead (PrepareImage); here SAM runs on batches of the images that need it
+    and CLIP on batches gathered across images (FeatureQueue). From the first image waiting for SAM on, every
+    item waits in order, so the feature batches, and the bytes, do not depend on --sam-batch."""
+
+    def __init__(self, prepare, sam, features, table, args, device):
+        self.prepare, self.sam, self.features, self.table, self.args, self.device = \
+            prepare, sam, features, table, args, device
+        self.workers = chunk_engine.loader_workers(args.workers)
+        self.rank = workdir.dist_info()[0]
+
+    def __call__(self, start, end):
+        n, dim = end - start, self.features.dim
+        out = SimpleNamespace(status=np.zeros(n, np.uint8), source=np.zeros(n, np.uint8),
+                              counts=np.zeros(n, np.int64), boxes=[], scores=[], areas=[],
+                              queue=FeatureQueue(self.features, self.args.feature_batch, dim))
+        waiting = []
+        for j, item in enumerate(chunk_engine.prefetched(start, end, self.prepare, self.workers)):
+            if item["status"] == "stop":
+                raise SystemExit(item["message"])
+            if item["status"] == "sam" or waiting:
+                waiting.append((j, item))
+                if sum(it["status"] == "sam" for _, it in waiting) >= self.sam.batch:
+                    self.settle(waiting, out)
+            else:
+                self.take(j, item, out)
+        self.settle(waiting, out)
+        self.on_device(out.queue.flush)
+        image_feat, regions = np.zeros((n, dim), np.float16), []
+        for j in sorted(out.queue.out):
+            rows = out.queue.take(j)
+            image_feat[j] = self.features.mean_of(rows[1:]) if self.features.image_from_regions and len(rows) > 1 \
+                else rows[0]
+            if out.status[j] != REGION_STATUS.index("too_small"):
+                regions.append(rows[1:])
+        self.table.release()
+        cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
+        return {"status": out.status, "box_source": out.source, "region_counts": out.counts,
+                "image_features": image_feat, "boxes": cat(out.boxes, (0, 4), np.float32),
+                "scores": cat(out.scores, (0,), np.float32), "areas": cat(out.areas, (0,), np.float32),
+                "region_features": cat(regions, (0, dim), np.float16)}
+
+    def take(self, j, item, out):
+        """One prepared item into the chunk: its status and boxes, its crops to the feature queue."""
+        if item["status"] == "error":
+            print(f"[rank {self.rank}] error on {item['message']}", file=sys.stderr, flush=True)
+        if "rows" not in item:                 # skipped, decode_error, error: no feature
+            out.status[j] = REGION_STATUS.index(item["status"])
+            return
+        if item["status"] == "too_small":      # its whole-image feature only
+            out.status[j] = REGION_STATUS.index("too_small")
+        else:
+            out.status[j] = REGION_STATUS.index("ok" if item["regions"] else "no_regions")
+            out.source[j] = BOX_SOURCE.index(item["source"])
+            out.counts[j] = item["regions"]
+            out.boxes.append(item["boxes"]), out.scores.append(item["scores"]), out.areas.append(item["areas"])
+        self.on_device(out.queue.add, j, item["rows"])
+
+    def settle(self, waiting, out):
+        """SAM on the waiting images that need it (one batch), then every waiting item in order."""
+        from PIL import Image
+        need = [item for _, item in waiting if item["status"] == "sam"]
+        images = [Image.fromarray(item["image"]) for item in need]
+        for item, image, found in zip(need, images, self.on_device(self.sam, images) if need else []):
+            if isinstance(found, Exception):   # one failing image in the batch: its own error
+                item.update(status="error", message=f"{item['path']}: {type(found).__name__}: {found}")
+                del item["rows"]
+            else:
+                item.update(status="ok", **self.prepare.finish(image, *found, "sam", item["rows"]))
+            del item["image"]
+        for j, item in waiting:
+            self.take(j, item, out)
+        waiting.clear()
+
+    def on_device(self, fn, *a):
         """fn(*a); a GPU failure is the device's, not an image's: stop, and the next run redoes the chunk."""
         try:
             return fn(*a)
         except Exception as e:
             if device_failure(e):
-                raise SystemExit(f"error: [rank {rank}] {type(e).__name__} on {device}: {str(e)[:300]}; this "
-                                 "process stops and its unfinished chunk is redone by the next run") from None
+                raise SystemExit(f"error: [rank {self.rank}] {type(e).__name__} on {self.device}: {str(e)[:300]}; "
+                                 "this process stops and its unfinished chunk is redone by the next run") from None
             raise
 
-    def process(start, end):
-        """Rows [start, end): loader workers decode and prepare the images ahead (PrepareImage); here SAM runs
-        on batches of the images that need it and CLIP on batches gathered across images (FeatureQueue)."""
-        from PIL import Image
-        n = end - start
-        status = np.zeros(n, np.uint8)
-        source = np.zeros(n, np.uint8)
-        counts = np.zeros(n, np.int64)
-        image_feat = np.zeros((n, features.dim), np.float16)
-        boxes, scores, areas, regions = [], [], [], []
-        queue = FeatureQueue(features, args.feature_batch, features.dim)
-        waiting = []                 # from the first image waiting for SAM on, every item in order (so the
-                                     # feature batches, and the bytes, do not depend on --sam-batch)
 
-        def take(j, item):
-            if item["status"] == "error":
-                print(f"[rank {rank}] error on {item['message']}", file=sys.stderr, flush=True)
-            if "rows" not in item:             # skipped, decode_error, error: no feature
-                status[j] = REGION_STATUS.index(item["status"])
-                return
-            if item["status"] == "too_small":  # its whole-image feature only
-                status[j] = REGION_STATUS.index("too_small")
-            else:
-                status[j] = REGION_STATUS.index("ok" if item["regions"] else "no_regions")
-                source[j] = BOX_SOURCE.index(item["source"])
-                counts[j] = item["regions"]
-                boxes.append(item["boxes"]), scores.append(item["scores"]), areas.append(item["areas"])
-            on_device(queue.add, j, item["rows"])
+def regions_manifest(folder, args, rows, features, table) -> dict:
+    """(rank 0) The manifest of the merged arrays: settings, box sources, feature model, status counts."""
+    return {"stage": "regions", "config": {k: v for k, v in vars(args).items() if k not in ("force",)},
+            "rows": {"images": len(table), **rows}, "source": "boxes" if args.boxes else f"sam:{args.sam_model}",
+            "box_sources": workdir.count_values(workdir.load(folder, "box_source"), BOX_SOURCE),
+            "features": {"kind": args.features, "dim": int(features.dim), "model": feature_model(args)},
+            "image_table": workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
+            "status_names": REGION_STATUS,
+            "status_counts": workdir.count_values(workdir.load(folder, "status"), REGION_STATUS)}
 
-        def settle():
-            need = [item for _, item in waiting if item["status"] == "sam"]
-            images = [Image.fromarray(item["image"]) for item in need]
-            for item, image, found in zip(need, images, on_device(sam, images) if need else []):
-                if isinstance(found, Exception):
-                    item.update(status="error", message=f"{item['path']}: {type(found).__name__}: {found}")
-                    del item["rows"]
-                else:
-                    item.update(status="ok", **prepare.finish(image, *found, "sam", item["rows"]))
-                del item["image"]
-            for j, item in waiting:
-                take(j, item)
-            waiting.clear()
 
-        for j, item in enumerate(chunk_engine.prefetched(start, end, prepare, workers)):
-            if item["status"] == "stop":
-                raise SystemExit(item["message"])
-            if item["status"] == "sam" or waiting:
-                waiting.append((j, item))
-                if sum(it["status"] == "sam" for _, it in waiting) >= sam.batch:
-                    settle()
-            else:
-                take(j, item)
-        settle()
-        on_device(queue.flush)
-        for j in sorted(queue.out):
-            rows = queue.take(j)
-            image_feat[j] = features.mean_of(rows[1:]) if features.image_from_regions and len(rows) > 1 else rows[0]
-            if status[j] != REGION_STATUS.index("too_small"):
-                regions.append(rows[1:])
-        table.release()
-        cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
-        return {"status": status, "box_source": source, "region_counts": counts, "image_features": image_feat,
-                "boxes": cat(boxes, (0, 4), np.float32), "scores": cat(scores, (0,), np.float32),
-                "areas": cat(areas, (0,), np.float32), "region_features": cat(regions, (0, features.dim), np.float16)}
-
-    key = {k: v for k, v in vars(args).items() if k not in NOT_IN_OUTPUT + ("images",)}
-    key["image_table"] = workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"]
-    key["features_model"] = feature_model(args)
-    key["max_pixels"] = table.max_pixels
-    num_chunks, _ = chunk_engine.run_chunks(folder, len(table), args.chunk_size, process, "regions", key)
-    rows = chunk_engine.merge_chunks(folder, num_chunks, ["status", "box_source", "image_features"],
-                                {name: "region_counts" for name in ("boxes", "scores", "areas", "region_features")})
-    manifest = None
-    if rank == 0:
-        counts = workdir.count_values(workdir.load(folder, "status"), REGION_STATUS)
-        sources = workdir.count_values(workdir.load(folder, "box_source"), BOX_SOURCE)
-        config = {k: v for k, v in vars(args).items() if k not in ("force",)}
-        manifest = {"stage": "regions", "config": config, "rows": {"images": len(table), **rows},
-                    "source": "boxes" if args.boxes else f"sam:{args.sam_model}", "box_sources": sources,
-                    "features": {"kind": args.features, "dim": int(features.dim),
-                                 "model": feature_model(args)},
-                    "image_table": workdir.read_manifest(os.path.join(args.work, "images"))["fingerprint"],
-                    "status_names": REGION_STATUS, "status_counts": counts}
-        manifest = workdir.finish_stage(folder, manifest)
-        elapsed = time.time() - t0
-        ok = counts["ok"]
-        print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
-              + workdir.counts_line(counts)
-              + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v)
-              + (" (none: not read, too small, or no entry in --boxes)" if sources["none"] else "")
-              + f"; {elapsed:.1f} s, {len(table) / max(elapsed, 1e-9):.1f} images/s", flush=True)
-        too_small, readable = counts["too_small"], len(table) - counts["skipped"] - counts["decode_error"]
-        if readable and too_small * 2 > readable:
-            print(f"warning: {too_small} of {readable} readable images ({100 * too_small / readable:.0f}%) are "
-                  f"below --min-image-side {args.min_image_side} px on their short side and have no regions",
-                  file=sys.stderr, flush=True)
-        searched = counts["ok"] + counts["no_regions"]
-        if searched and rows["boxes"] == 0:          # every box was filtered out, or SAM found no mask at all
-            sam_note = (f"; from SAM: random or wrong weights (--sam-checkpoint), or thresholds too strict for them "
-                        f"(--pred-iou-thresh {args.pred_iou_thresh}, --stability-score-thresh "
-                        f"{args.stability_score_thresh})" if sources["sam"] else "")
-            print(f"warning: no region on any of the {searched} images searched: every box was below --min-box-side "
-                  f"{args.min_box_side:g} px on its short side or absent" + sam_note, file=sys.stderr, flush=True)
-    workdir.barrier()
-    return manifest
+def summarize(manifest, args, elapsed):
+    """(rank 0) The summary line, and a warning when most images are too small or no image has a region."""
+    counts, sources, rows = manifest["status_counts"], manifest["box_sources"], manifest["rows"]
+    images, ok = rows["images"], counts["ok"]
+    print(f"regions: {rows['boxes']} boxes on {ok} images ({rows['boxes'] / max(ok, 1):.1f} per image); "
+          + workdir.counts_line(counts)
+          + "; boxes from " + ", ".join(f"{k} {v}" for k, v in sources.items() if v)
+          + (" (none: not read, too small, or no entry in --boxes)" if sources["none"] else "")
+          + f"; {elapsed:.1f} s, {images / max(elapsed, 1e-9):.1f} images/s", flush=True)
+    too_small, readable = counts["too_small"], images - counts["skipped"] - counts["decode_error"]
+    if readable and too_small * 2 > readable:
+        print(f"warning: {too_small} of {readable} readable images ({100 * too_small / readable:.0f}%) are "
+              f"below --min-image-side {args.min_image_side} px on their short side and have no regions",
+              file=sys.stderr, flush=True)
+    searched = counts["ok"] + counts["no_regions"]
+    if searched and rows["boxes"] == 0:          # every box was filtered out, or SAM found no mask at all
+        sam_note = (f"; from SAM: random or wrong weights (--sam-checkpoint), or thresholds too strict for them "
+                    f"(--pred-iou-thresh {args.pred_iou_thresh}, --stability-score-thresh "
+                    f"{args.stability_score_thresh})" if sources["sam"] else "")
+        print(f"warning: no region on any of the {searched} images searched: every box was below --min-box-side "
+              f"{args.min_box_side:g} px on its short side or absent" + sam_note, file=sys.stderr, flush=True)
 
 
 def device_failure(e: BaseException) -> bool:
