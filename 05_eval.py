@@ -226,6 +226,7 @@ class Data:
     source: dict
     table: object = None        # tar-shard inputs: the image table in <out>/images (rows: its row per item)
     rows: np.ndarray | None = None
+    split: np.ndarray | None = None     # int8 (n,): 0 probe-train, 1 its validation part, 2 probe-test (load_eval_data)
 
 
 def attach_shards(data: Data, images: str, out: str, max_pixels: int | None = None) -> Data:
@@ -968,21 +969,53 @@ def main(argv=None):
     rank, world = workdir.init_dist()
     t_start = time.time()
     device = workdir.stage_device(args.device)
-    encoders = [parse_encoder(e) for e in args.encoder]
+    encoders = check_encoders(args.encoder)
+    open_out(args)
+    data = load_eval_data(args)
+    features, infos = {}, {}
+    for name, spec in encoders:
+        features[name], infos[name] = extract(name, spec, data, args, device)
+    report = None
+    if rank == 0:
+        key = jsonable({"settings": {k: v for k, v in vars(args).items() if k != "force"},
+                        "features": {nm: infos[nm]["key"] for nm in infos}})
+        report = replay_report(args, infos, key)
+        if report is None:
+            report = probe_all(args, data, encoders, features, infos, key, device, world)
+            report = jsonable({**report, "elapsed_s": round(time.time() - t_start, 2)})
+            write_report(args, report, infos)
+    workdir.barrier()
+    return report
+
+
+def check_encoders(specs) -> list[tuple[str, str]]:
+    """--encoder NAME=SPEC, each named once; a missing path is the user's to fix, before any work."""
+    encoders = [parse_encoder(e) for e in specs]
     names = [n for n, _ in encoders]
     if len(set(names)) < len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"error: two encoders named {dup[0]}: name them with --encoder NAME=SPEC")
-    for name, spec in encoders:                     # a missing path is the user's to fix, before any work
+    for name, spec in encoders:
         body = spec[len("random:"):] if spec.startswith("random:") else spec
         if not spec.startswith("openclip:") and not os.path.exists(body):
             raise SystemExit(f"error: --encoder {name}={spec}: no such file or folder {body}")
+    return encoders
+
+
+def open_out(args) -> None:
+    """The lock of --out, and the one rule of every stage for its report: a finished report made with other
+    probe settings is refused naming them (workdir.refuse_changed); --force replaces it."""
     workdir.lock_stage(args.out, "05_eval.py", "wait for it to end, or use another --out")
     previous = workdir.read_manifest(args.out, "report.json")
-    if previous and not args.force:         # the one rule of every stage (workdir.refuse_changed)
+    if previous and not args.force:
         compared = [k for k in vars(args) if k not in NOT_IN_REPORT]
         workdir.refuse_changed(args.out, "a report", workdir.changed_settings(previous.get("settings", {}), args,
                                                                               compared), elsewhere="use another --out")
+
+
+def load_eval_data(args) -> Data:
+    """The images and their annotations (--image-folder, or --images with --coco and --masks), and the seeded
+    probe-train / val / test split of the images (Data.split)."""
     data = read_image_folder(args.image_folder) if args.image_folder else \
         read_coco(args.images, args.coco, args.masks, args.text_category)
     fields = {"class"} | {k for c in data.categories.values() for k in c if k not in ("id", "name")}
@@ -991,43 +1024,68 @@ def main(argv=None):
                          f"auto or one of {', '.join(sorted(fields))})")
     if args.images and image_io.resolve_source(args.images).kind == "tar":
         data = attach_shards(data, args.images, args.out, args.max_pixels)
-    n = len(data.files)
-    split = split_images(n, args.test_fraction, args.val_fraction, args.seed)
+    data.split = split_images(len(data.files), args.test_fraction, args.val_fraction, args.seed)
+    return data
 
-    features, infos = {}, {}
-    for name, spec in encoders:
-        features[name], infos[name] = extract(name, spec, data, args, device)
-    if rank != 0:
-        workdir.barrier()
-        return None
-    # the same features and settings as the finished report: nothing to recompute, print it again
-    key = jsonable({"settings": {k: v for k, v in vars(args).items() if k != "force"},
-                    "features": {nm: infos[nm]["key"] for nm in names}})
+
+def replay_report(args, infos, key) -> dict | None:
+    """(rank 0) The finished report, printed again, when it was made from these features with these settings:
+    nothing to recompute (report.md is written again from report.json, whatever happened to it)."""
     old = os.path.join(args.out, "report.json")
-    if all(infos[nm]["reused"] for nm in names) and os.path.exists(old):
-        with open(old) as fh:
-            previous = json.load(fh)
-        if previous.get("key") == key:
-            md = markdown(previous)
-            write_report_md(args.out, md)         # report.md of this report.json, whatever happened to it
-            print(f"{args.out}: report complete for these features and settings\n\n{md}",
-                  flush=True)
-            workdir.barrier()
-            return previous
+    if not all(info["reused"] for info in infos.values()) or not os.path.exists(old):
+        return None
+    with open(old) as fh:
+        previous = json.load(fh)
+    if previous.get("key") != key:
+        return None
+    md = markdown(previous)
+    write_report_md(args.out, md)
+    print(f"{args.out}: report complete for these features and settings\n\n{md}", flush=True)
+    return previous
 
-    # images readable for every encoder (the same set unless files changed between extractions)
+
+def probe_all(args, data, encoders, features, infos, key, device, world) -> dict:
+    """(rank 0) Every probe of every encoder on the images readable for all of them: the report."""
+    names = [n for n, _ in encoders]
     status = np.stack([features[nm]["status"] for nm in names])
-    ok = (status == 0).all(0)
-    sizes = features[names[0]]["size"]
-    A = len(data.category)
+    ok = (status == 0).all(0)               # the same set unless files changed between extractions
+    kept, data_report = annotation_counts(data, ok, status[0], features[names[0]], args)
+    if data_report["images"]["ok"] == 0:
+        raise SystemExit("error: no readable image among the inputs: nothing to probe "
+                         f"({data_report['images']['status']})")
+    bad = {k: v for k, v in data_report["images"]["status"].items() if k != "ok"}
+    if bad:
+        print(f"note: {sum(bad.values())} unreadable images left out: {bad}", flush=True)
+    tokenizer = losses.ClipTokens(args.max_tokens) if not args.image_folder and data.is_text.any() else None
+    report = {"settings": jsonable({**vars(args), "c_grid": probes.C_GRID, "recall_at": probes.RECALL_AT,
+                                    "tokenizer": tokenizer.name if tokenizer else None, "world": world}),
+              "key": key, "data": data_report, "encoders": {}}
+    settings = probes.ProbeSettings(knn_k=args.knn_k, knn_temperature=args.knn_temperature, c_refine=args.c_refine,
+                                    probe_iters=args.probe_iters, dense_max_patches=args.dense_max_patches,
+                                    seed=args.seed, device=device)
+    token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
+    contents = image_contents(data) if not args.image_folder and "contents" in args.probes else None
+    for name, spec in encoders:
+        t_enc = time.time()
+        results, tsne = probe_encoder(name, features[name], data, ok, kept, token_lists, contents, settings, args)
+        report["encoders"][name] = {"spec": spec, "encoder": {k: v for k, v in infos[name].items() if k != "key"},
+                                    "probes": results, "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
+    say_small_probes(report, args.knn_k)
+    return report
+
+
+def annotation_counts(data, ok, status, first, args):
+    """(the annotations kept for the region probes: on readable images, visible enough after the centre crop,
+    not crowd; the data section of the report: images by status, the split, annotations kept and dropped)"""
+    n, split = len(data.files), data.split
     ann_image = np.repeat(np.arange(n), np.diff(data.ann_offsets))
-    visible = np.zeros(A)
+    visible = np.zeros(len(data.category))
     for i in np.flatnonzero(ok):
         a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
-        visible[a:b] = visible_share(data.boxes[a:b], *sizes[i])
+        visible[a:b] = visible_share(data.boxes[a:b], *first["size"][i])
     kept = ok[ann_image] & (visible >= args.min_visible) & ~data.crowd
-    status_counts = {s: int((status[0] == k).sum()) for k, s in enumerate(EVAL_STATUS)}
-    data_report = {
+    status_counts = {s: int((status == k).sum()) for k, s in enumerate(EVAL_STATUS)}
+    report = {
         "source": data.source,
         "images": {"total": n, "ok": int(ok.sum()), "status": {k: v for k, v in status_counts.items() if v}},
         "split": {"train": int(((split == 0) & ok).sum()), "val": int(((split == 1) & ok).sum()),
@@ -1036,94 +1094,76 @@ def main(argv=None):
     }
     if not args.image_folder:
         obj, txt = ~data.is_text, data.is_text
-        data_report["objects"] = {"annotations": int(obj.sum()), "kept": int((obj & kept).sum()),
-                                  "crowd": int((obj & ok[ann_image] & data.crowd).sum()),
-                                  "dropped_crop": int((obj & ok[ann_image] & ~kept & ~data.crowd).sum()),
-                                  "on_unreadable": int((obj & ~ok[ann_image]).sum()),
-                                  "classes": int(len(set(data.category[obj].tolist())))}
+        report["objects"] = {"annotations": int(obj.sum()), "kept": int((obj & kept).sum()),
+                             "crowd": int((obj & ok[ann_image] & data.crowd).sum()),
+                             "dropped_crop": int((obj & ok[ann_image] & ~kept & ~data.crowd).sum()),
+                             "on_unreadable": int((obj & ~ok[ann_image]).sum()),
+                             "classes": int(len(set(data.category[obj].tolist())))}
         has_word = np.array([w is not None for w in data.words], bool)
-        data_report["text_boxes"] = {"annotations": int(txt.sum()), "kept": int((txt & kept & has_word).sum()),
-                                     "dropped_crop": int((txt & ok[ann_image] & ~kept & ~data.crowd).sum()),
-                                     "on_unreadable": int((txt & ~ok[ann_image]).sum()),
-                                     "without_word": int((txt & ~has_word).sum())}
+        report["text_boxes"] = {"annotations": int(txt.sum()), "kept": int((txt & kept & has_word).sum()),
+                                "dropped_crop": int((txt & ok[ann_image] & ~kept & ~data.crowd).sum()),
+                                "on_unreadable": int((txt & ~ok[ann_image]).sum()),
+                                "without_word": int((txt & ~has_word).sum())}
         if data.masks:
-            ms = features[names[0]]["mask_status"]
-            data_report["masks"] = {s: int((ms[ok] == k).sum()) for k, s in enumerate(MASK_STATUS)
-                                    if (ms[ok] == k).any()}
-    if data_report["images"]["ok"] == 0:
-        raise SystemExit("error: no readable image among the inputs: nothing to probe "
-                         f"({data_report['images']['status']})")
-    bad = {k: v for k, v in status_counts.items() if v and k != "ok"}
-    if bad:
-        print(f"note: {sum(bad.values())} unreadable images left out: {bad}", flush=True)
+            ms = first["mask_status"]
+            report["masks"] = {s: int((ms[ok] == k).sum()) for k, s in enumerate(MASK_STATUS) if (ms[ok] == k).any()}
+    return kept, report
 
-    contents, object_count = image_contents(data) if not args.image_folder else ({}, None)
-    tokenizer = losses.ClipTokens(args.max_tokens) if not args.image_folder and data.is_text.any() else None
-    token_lists = [tokenizer(w) if (tokenizer and w) else [] for w in data.words]
-    report = {"settings": jsonable({**vars(args), "c_grid": probes.C_GRID, "recall_at": probes.RECALL_AT,
-                                    "tokenizer": tokenizer.name if tokenizer else None, "world": world}),
-              "key": key, "data": data_report, "encoders": {}}
-    settings = probes.ProbeSettings(knn_k=args.knn_k, knn_temperature=args.knn_temperature, c_refine=args.c_refine,
-                                    probe_iters=args.probe_iters, dense_max_patches=args.dense_max_patches,
-                                    seed=args.seed, device=device)
-    for name in names:
-        f, t_enc = features[name], time.time()
-        results = {}
-        img_sel = ok & (data.image_label >= 0)
-        if "image" in args.probes or args.image_folder:
-            results["image"] = probes.classification_probe(probes.unit(f["image_features"][img_sel]),
-                                                           data.image_label[img_sel], split[img_sel], settings)
-        tsne = None
-        if not args.image_folder:
-            if "contents" in args.probes:
-                # what MLCD's image-level labels are about: which objects an image holds, and how many
-                x_img = probes.unit(f["image_features"][ok])
-                for what, sets in contents.items():
-                    results[f"present_{what}"] = probes.multilabel_probe(
-                        x_img, [sets[i] for i in np.flatnonzero(ok)], split[ok], settings)
-                results["object_count"] = probes.classification_probe(x_img, object_count[ok], split[ok], settings)
-            obj = kept & ~data.is_text
-            txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
-            kinds = (["region"] if "region" in f else []) + ["pooled"]
-            for kind in kinds:
-                feats = f[kind]
-                if "objects" in args.probes:
-                    results[f"objects_{kind}"] = probes.classification_probe(
-                        probes.unit(feats[obj]), data.category[obj], split[ann_image[obj]], settings)
-                sel = np.flatnonzero(txt)
-                if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
-                    continue
-                results[f"ocr_{kind}"] = probes.ocr_probe(
-                    probes.unit(feats[txt]), [token_lists[i] for i in sel],
-                    np.array([data.words[i].lower() for i in sel], dtype=object), split[ann_image[txt]], settings)
-            tsne_sel = obj & (split[ann_image] == 2)
-            if args.tsne_max > 0 and "objects" in args.probes:
-                tsne = tsne_figure(os.path.join(args.out, f"tsne_{name}.png"), name, kinds[0],
-                                   probes.unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
-            if data.masks and "dense" in args.probes:
-                po = f["patch_offsets"]
-                patch_image = np.repeat(np.arange(n), np.diff(po))
-                use = ok[patch_image]
-                results["dense"] = probes.dense_probe(np.asarray(f["dense_tokens"], np.float32)[use],
-                                                      np.asarray(f["dense_labels"])[use], split[patch_image[use]],
-                                                      settings)
-        info = {k: v for k, v in infos[name].items() if k != "key"}
-        report["encoders"][name] = {"spec": dict(encoders)[name], "encoder": info, "probes": results,
-                                    "tsne": tsne, "probe_s": round(time.time() - t_enc, 2)}
-    report["elapsed_s"] = round(time.time() - t_start, 2)
-    if rank == 0:
-        say_small_probes(report, args.knn_k)
-    report = jsonable(report)
+
+def probe_encoder(name, f, data, ok, kept, token_lists, contents, settings, args):
+    """One encoder's probes on its features f -> (results by probe, t-SNE figure info or None)."""
+    n, split, results, tsne = len(data.files), data.split, {}, None
+    ann_image = np.repeat(np.arange(n), np.diff(data.ann_offsets))
+    img_sel = ok & (data.image_label >= 0)
+    if "image" in args.probes or args.image_folder:
+        results["image"] = probes.classification_probe(probes.unit(f["image_features"][img_sel]),
+                                                       data.image_label[img_sel], split[img_sel], settings)
+    if args.image_folder:
+        return results, tsne
+    if contents is not None:
+        # what MLCD's image-level labels are about: which objects an image holds, and how many
+        present, object_count = contents
+        x_img = probes.unit(f["image_features"][ok])
+        for what, sets in present.items():
+            results[f"present_{what}"] = probes.multilabel_probe(
+                x_img, [sets[i] for i in np.flatnonzero(ok)], split[ok], settings)
+        results["object_count"] = probes.classification_probe(x_img, object_count[ok], split[ok], settings)
+    obj = kept & ~data.is_text
+    txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
+    kinds = (["region"] if "region" in f else []) + ["pooled"]
+    for kind in kinds:
+        feats = f[kind]
+        if "objects" in args.probes:
+            results[f"objects_{kind}"] = probes.classification_probe(
+                probes.unit(feats[obj]), data.category[obj], split[ann_image[obj]], settings)
+        sel = np.flatnonzero(txt)
+        if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
+            continue
+        results[f"ocr_{kind}"] = probes.ocr_probe(
+            probes.unit(feats[txt]), [token_lists[i] for i in sel],
+            np.array([data.words[i].lower() for i in sel], dtype=object), split[ann_image[txt]], settings)
+    tsne_sel = obj & (split[ann_image] == 2)
+    if args.tsne_max > 0 and "objects" in args.probes:
+        tsne = tsne_figure(os.path.join(args.out, f"tsne_{name}.png"), name, kinds[0],
+                           probes.unit(f[kinds[0]][tsne_sel]), data.category[tsne_sel], data, args)
+    if data.masks and "dense" in args.probes:
+        patch_image = np.repeat(np.arange(n), np.diff(f["patch_offsets"]))
+        use = ok[patch_image]
+        results["dense"] = probes.dense_probe(np.asarray(f["dense_tokens"], np.float32)[use],
+                                              np.asarray(f["dense_labels"])[use], split[patch_image[use]], settings)
+    return results, tsne
+
+
+def write_report(args, report, infos) -> None:
+    """report.md (before report.json: a kill between leaves the old key), report.json, the printed table."""
     md = markdown(report)
-    write_report_md(args.out, md)                 # before report.json: a kill between leaves the old key
+    write_report_md(args.out, md)
     workdir.write_json(os.path.join(args.out, "report.json"), report)
     timing = ", ".join(f"{nm}: features " + ("reused" if infos[nm].get("reused") else f"{infos[nm]['extract_s']} s")
-                       + f", probes {report['encoders'][nm]['probe_s']} s" for nm in names)
+                       + f", probes {report['encoders'][nm]['probe_s']} s" for nm in report["encoders"])
     print(f"\n{md}\n{args.out}/report.json, report.md" +
           "".join(f", {e['tsne']['file']}" for e in report["encoders"].values() if e.get("tsne")) +
           f"; {timing}; total {report['elapsed_s']} s", flush=True)
-    workdir.barrier()
-    return report
 
 
 MIN_PROBE_TEST = 50     # below this many probe-test items a score moves by 2 points or more per item
