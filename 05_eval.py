@@ -483,29 +483,12 @@ def parse_encoder(text: str) -> tuple[str, str]:
 
 
 def checkpoint_config(path: str):
-    """The kit ViTConfig of a kit checkpoint or an HF folder, without building the model."""
+    """model.read_encoder_config, its ValueError as one line."""
     import model as kit
-    if os.path.isdir(path):
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_file):
-            raise SystemExit(f"error: {path} is a folder without config.json: not a Hugging Face model folder")
-        try:
-            with open(cfg_file) as f:
-                return kit.hf_config_to_kit(json.load(f))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {cfg_file}: {e}")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no encoder at {path}")
     try:
-        ckpt = kit.read_checkpoint(path, mmap=True)
+        return kit.read_encoder_config(path)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if not isinstance(ckpt, dict) or "encoder_config" not in ckpt:
-        raise SystemExit(f"error: {path} is not a kit checkpoint (no encoder_config)")
-    try:
-        return kit.config_from_dict(ckpt["encoder_config"])
-    except ValueError as e:
-        raise SystemExit(f"error: {path}: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def encoder_identity(spec: str, clip_config: str | None = None) -> dict:

@@ -638,6 +638,29 @@ def _safetensors(path: str, load_file) -> dict:
                          "empty, cut off or another kind of file; download or export it again") from None
 
 
+def read_encoder_config(path: str) -> ViTConfig:
+    """The ViTConfig of a kit checkpoint or a Hugging Face MLCD / CLIP folder, without building the model (a
+    ValueError naming the file for anything else)."""
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise ValueError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        try:
+            with open(cfg_file) as f:
+                return hf_config_to_kit(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
+    if not os.path.isfile(path):
+        raise ValueError(f"no encoder at {path}")
+    ckpt = read_checkpoint(path, mmap=True)
+    if not isinstance(ckpt, dict) or "encoder_config" not in ckpt:
+        raise ValueError(f"{path} is not a kit checkpoint (no encoder_config)")
+    try:
+        return config_from_dict(ckpt["encoder_config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def load_encoder(path: str, projection: bool | None = None, **overrides) -> VisionEncoder:
     """A Hugging Face folder (MLCDVisionModel, CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel) or a
     kit checkpoint file -> VisionEncoder (fp32, CPU).
