@@ -472,7 +472,7 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
                                          "note": "the world's own words (00_make_demo_data.write_ocr_stand_in)"})
 
 
-def main(argv=None):
+def parse_args(argv):
     import workdir
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=workdir.HelpFormatter)
     ap.add_argument("--out", default=OUT)
@@ -507,26 +507,35 @@ def main(argv=None):
         shares = []
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise SystemExit(f"error: --mix takes three shares OBJECTS,TEXT,BOTH that sum to 1, got {args.mix!r}")
-    mix = dict(zip(MIX, shares))
+    args.mix = dict(zip(MIX, shares))
     if not 128 <= args.size <= 4096:
         raise SystemExit("error: --size must be in [128, 4096] (the largest words need 128 px; a demo image needs "
                          "no more than 4096)")
     if args.seed < 0:
         raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
-    from tqdm import tqdm
-    if mix["text"] or mix["both"]:             # an objects-only world (--mix 1,0,0) draws no word
+    if args.mix["text"] or args.mix["both"]:    # an objects-only world (--mix 1,0,0) draws no word
         check_fonts()
     if not 1 <= args.vocab_size <= len(VOCAB):
         raise SystemExit(f"error: --vocab-size must be in [1, {len(VOCAB)}]")
-    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=mix, text_box=args.text_box,
+    return args
+
+
+def world_config(args) -> dict:
+    """What the world's bytes depend on (its manifest's config): a folder holding another world is refused."""
+    config = dict(num_images=args.num_images, size=args.size, seed=args.seed, mix=args.mix, text_box=args.text_box,
                   version=VERSION)
     if args.vocab_size != len(VOCAB):
         config["vocab_size"] = args.vocab_size
     if args.plain_words:
         config["plain_words"] = True
-    fmt, shard_size = args.format, args.shard_size
-    if fmt != "files":                               # files: the config as before, so existing worlds stay valid
-        config.update(format=fmt, shard_size=shard_size)
+    if args.format != "files":                       # files: the config as before, so existing worlds stay valid
+        config.update(format=args.format, shard_size=args.shard_size)
+    return config
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config, fmt, shard_size = world_config(args), args.format, args.shard_size
     m = read_manifest(args.out)
     if m and m.get("config") != config:
         raise SystemExit(f"error: {args.out} holds a demo world with another config ({m.get('config')}); "
@@ -543,66 +552,11 @@ def main(argv=None):
         s for s in range(n_shards) if all(os.path.exists(p) for p in shard_paths(args.out, fmt, s)))
     # an incomplete manifest first: a later run with another config cannot mix its images with these
     write_json(os.path.join(args.out, "manifest.json"), dict(stage="demo_data", config=config, complete=False))
-
     categories = [dict(id=i + 1, name=f"{c}_{s}_{t}", supercategory="object", shape=s, colour=c, texture=t)
                   for i, (s, c, t) in enumerate(CLASSES)]
     categories.append(dict(id=TEXT_CATEGORY, name="text", supercategory="text"))
-    images, annotations, gt_images, kinds = [], [], [], Counter()
-    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size,
-                            mix=mix, plain=args.plain_words, text_box=args.text_box, fmt=fmt, shard_size=shard_size,
-                            done=done)
-    write_shard = {"webdataset": write_webdataset_shard, "sa1b": write_sa1b_shard}.get(fmt)
-    pending = []                                     # the current shard's samples, written when it is full
-    # each image has its own seed, so workers change nothing but the speed; imap keeps the order, and the shards
-    # are cut and written here, in image order, so they do not depend on the workers either
-    with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))
-        for i, (anns, drawn) in enumerate(tqdm(results, total=args.num_images, desc="demo world", unit="img")):
-            name = member_name(fmt, i, shard_size)
-            images.append(dict(id=i, file_name=name, width=args.size, height=args.size))
-            gt = dict(id=i, file_name=name, objects=[], texts=[])
-            first_id = len(annotations) + 1          # COCO id of the image's mask id 1
-            for a in anns:
-                ann = dict(id=len(annotations) + 1, image_id=i, category_id=a["category_id"], bbox=a["bbox"],
-                           area=a["area"], iscrowd=0)
-                annotations.append(ann if "text" not in a else {**ann, "text": a["text"]})
-                if a["category_id"] == TEXT_CATEGORY:
-                    gt["texts"].append(dict(bbox=a["bbox"], text=a["text"], word=a["word"]))
-                else:
-                    c = categories[a["category_id"] - 1]
-                    gt["objects"].append(dict(bbox=a["bbox"], category_id=c["id"], name=c["name"],
-                                              shape=c["shape"], colour=c["colour"], texture=c["texture"]))
-            gt_images.append(gt)
-            kinds["both" if gt["objects"] and gt["texts"] else "objects" if gt["objects"] else "text"] += 1
-            if drawn is None:                        # files, or a shard that is already complete
-                continue
-            if fmt == "webdataset":
-                pending.append(dict(png=drawn["png"], meta=dict(
-                    url=URL.format(i), caption=caption(anns), key=sample_key(i, shard_size), status="success",
-                    error_message=None, width=args.size, height=args.size, original_width=args.size,
-                    original_height=args.size, exif=None, sha256=hashlib.sha256(drawn["png"]).hexdigest())))
-            else:
-                n, S = i + 1, args.size
-                pending.append(dict(name=name, jpg=drawn["jpg"], json=dict(
-                    image=dict(image_id=n, width=S, height=S, file_name=name),
-                    annotations=[dict(id=first_id + o["k"] - 1,
-                                      segmentation=dict(size=[S, S], counts=o["counts"]),
-                                      bbox=anns[o["k"] - 1]["bbox"], area=anns[o["k"] - 1]["area"],
-                                      predicted_iou=1.0, stability_score=1.0, point_coords=[o["point"]],
-                                      crop_box=[0, 0, S, S]) for o in drawn["objects"]])))
-            if (i + 1) % shard_size == 0 or i + 1 == args.num_images:
-                write_shard(args.out, i // shard_size, pending)
-                pending = []
-
-    write_json(os.path.join(args.out, "coco.json"),
-               dict(images=images, annotations=annotations, categories=categories))
-    classes = [{k: c[k] for k in ("id", "name", "shape", "colour", "texture")} for c in categories[:-1]]
-    write_json(os.path.join(args.out, "ground_truth.json"),
-               dict(classes=classes, vocabulary=VOCAB[: args.vocab_size], images=gt_images))
-    per_class = Counter(a["category_id"] for a in annotations)
-    counts = dict(images=len(images), objects=sum(len(g["objects"]) for g in gt_images),
-                  text_boxes=sum(len(g["texts"]) for g in gt_images), image_kinds=dict(sorted(kinds.items())),
-                  classes=len(CLASSES), per_class={c["name"]: per_class[c["id"]] for c in categories[:-1]})
+    images, annotations, gt_images, kinds = draw_world(args, categories, done)
+    counts = write_annotations(args, categories, images, annotations, gt_images, kinds)
     if fmt != "files":
         counts["shards"] = n_shards
     # written last and without a timestamp: its presence marks the world complete, and reruns stay identical
@@ -611,6 +565,83 @@ def main(argv=None):
     print(f"{args.out}: {counts['images']} images, {counts['objects']} objects in {len(CLASSES)} classes, "
           f"{counts['text_boxes']} words; kinds {counts['image_kinds']}"
           + ("" if fmt == "files" else f"; {n_shards} {fmt} shards of {shard_size} in {shard_dir}/"))
+
+
+def draw_world(args, categories, done):
+    """Every image drawn (render, in worker processes), its annotations and ground truth recorded, and the
+    shards cut and written here in image order. Each image has its own seed, so workers change nothing but the
+    speed; imap keeps the order. Returns (COCO images, COCO annotations, ground-truth images, kind counts)."""
+    from tqdm import tqdm
+    fmt, shard_size = args.format, args.shard_size
+    images, annotations, gt_images, kinds = [], [], [], Counter()
+    job = functools.partial(render, out=args.out, seed=args.seed, size=args.size, vocab_size=args.vocab_size,
+                            mix=args.mix, plain=args.plain_words, text_box=args.text_box, fmt=fmt,
+                            shard_size=shard_size, done=done)
+    write_shard = {"webdataset": write_webdataset_shard, "sa1b": write_sa1b_shard}.get(fmt)
+    pending = []                                     # the current shard's samples, written when it is full
+    with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(job, range(args.num_images), 16) if pool else map(job, range(args.num_images))
+        for i, (anns, drawn) in enumerate(tqdm(results, total=args.num_images, desc="demo world", unit="img")):
+            name = member_name(fmt, i, shard_size)
+            images.append(dict(id=i, file_name=name, width=args.size, height=args.size))
+            first_id = len(annotations) + 1          # COCO id of the image's mask id 1
+            gt = record_image(i, name, anns, categories, annotations)
+            gt_images.append(gt)
+            kinds["both" if gt["objects"] and gt["texts"] else "objects" if gt["objects"] else "text"] += 1
+            if drawn is None:                        # files, or a shard that is already complete
+                continue
+            pending.append(shard_sample(i, name, anns, drawn, first_id, args))
+            if (i + 1) % shard_size == 0 or i + 1 == args.num_images:
+                write_shard(args.out, i // shard_size, pending)
+                pending = []
+    return images, annotations, gt_images, kinds
+
+
+def record_image(i, name, anns, categories, annotations) -> dict:
+    """Image i's COCO annotations (appended to `annotations`) and its ground-truth entry."""
+    gt = dict(id=i, file_name=name, objects=[], texts=[])
+    for a in anns:
+        ann = dict(id=len(annotations) + 1, image_id=i, category_id=a["category_id"], bbox=a["bbox"],
+                   area=a["area"], iscrowd=0)
+        annotations.append(ann if "text" not in a else {**ann, "text": a["text"]})
+        if a["category_id"] == TEXT_CATEGORY:
+            gt["texts"].append(dict(bbox=a["bbox"], text=a["text"], word=a["word"]))
+        else:
+            c = categories[a["category_id"] - 1]
+            gt["objects"].append(dict(bbox=a["bbox"], category_id=c["id"], name=c["name"],
+                                      shape=c["shape"], colour=c["colour"], texture=c["texture"]))
+    return gt
+
+
+def shard_sample(i, name, anns, drawn, first_id, args) -> dict:
+    """Image i as a sample of its shard: img2dataset's png + json (webdataset), or SA-1B's jpg + json with
+    the objects' masks as COCO RLE (sa1b)."""
+    if args.format == "webdataset":
+        S = args.size
+        return dict(png=drawn["png"], meta=dict(
+            url=URL.format(i), caption=caption(anns), key=sample_key(i, args.shard_size), status="success",
+            error_message=None, width=S, height=S, original_width=S, original_height=S, exif=None,
+            sha256=hashlib.sha256(drawn["png"]).hexdigest()))
+    n, S = i + 1, args.size
+    return dict(name=name, jpg=drawn["jpg"], json=dict(
+        image=dict(image_id=n, width=S, height=S, file_name=name),
+        annotations=[dict(id=first_id + o["k"] - 1, segmentation=dict(size=[S, S], counts=o["counts"]),
+                          bbox=anns[o["k"] - 1]["bbox"], area=anns[o["k"] - 1]["area"], predicted_iou=1.0,
+                          stability_score=1.0, point_coords=[o["point"]], crop_box=[0, 0, S, S])
+                     for o in drawn["objects"]]))
+
+
+def write_annotations(args, categories, images, annotations, gt_images, kinds) -> dict:
+    """coco.json and ground_truth.json; returns the world's counts."""
+    write_json(os.path.join(args.out, "coco.json"),
+               dict(images=images, annotations=annotations, categories=categories))
+    classes = [{k: c[k] for k in ("id", "name", "shape", "colour", "texture")} for c in categories[:-1]]
+    write_json(os.path.join(args.out, "ground_truth.json"),
+               dict(classes=classes, vocabulary=VOCAB[: args.vocab_size], images=gt_images))
+    per_class = Counter(a["category_id"] for a in annotations)
+    return dict(images=len(images), objects=sum(len(g["objects"]) for g in gt_images),
+                text_boxes=sum(len(g["texts"]) for g in gt_images), image_kinds=dict(sorted(kinds.items())),
+                classes=len(CLASSES), per_class={c["name"]: per_class[c["id"]] for c in categories[:-1]})
 
 
 if __name__ == "__main__":
