@@ -435,9 +435,9 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
     engine: for tests and benchmarks of the stages after 02 (02 has its own; RapidOCR is the slow part). Lines:
     the COCO text boxes with their word; token ids: the word's letters (300 + ord, unique, at most M = 10).
     objects_as_text: without drawn words (no font), each image's first object stands in as a line."""
-    import workdir
     import image_io
     import losses
+    import stage_folders
     table = image_io.read_image_table(work)
     with open(coco_path) as f:
         coco = json.load(f)
@@ -446,30 +446,18 @@ def write_ocr_stand_in(work: str, coco_path: str, objects_as_text: bool = False)
     for a in coco["annotations"]:
         if "text" in a or (objects_as_text and a["image_id"] not in words):
             words.setdefault(a["image_id"], []).append({**a, "text": a.get("text", f"w{a['category_id']}")})
-    counts, boxes, tok_counts, tokens = [], [], [], []
+    per_image = []
     for i in range(len(table)):
         name = table.name(i)
-        lines = words.get(by_name.get(name, by_name.get(os.path.basename(name), -1)), [])
-        counts.append(len(lines))
-        for a in lines:
+        lines = []
+        for a in words.get(by_name.get(name, by_name.get(os.path.basename(name), -1)), []):
             x, y, w, h = a["bbox"]
-            boxes.append([x, y, x + w, y + h])
             ids = list(dict.fromkeys(300 + ord(c) for c in a["text"].lower()))[:losses.OCR_MAX_TOKENS]
-            tok_counts.append(len(ids))
-            tokens += ids
-    folder = os.path.join(work, "ocr")
-    os.makedirs(folder, exist_ok=True)
-    workdir.write_npy(os.path.join(folder, "line_offsets.npy"), workdir.offsets_from_counts(counts))
-    workdir.write_npy(os.path.join(folder, "boxes.npy"), np.asarray(boxes, np.float32).reshape(-1, 4))
-    workdir.write_npy(os.path.join(folder, "token_offsets.npy"), workdir.offsets_from_counts(tok_counts))
-    workdir.write_npy(os.path.join(folder, "tokens.npy"), np.asarray(tokens, np.int32))
-    workdir.write_npy(os.path.join(folder, "status.npy"), np.zeros(len(table), np.uint8))
-    fingerprint = workdir.read_manifest(os.path.join(work, "images"))["fingerprint"]
-    return workdir.finish_stage(folder, {"stage": "ocr", "image_table": fingerprint,
-                                         "tokenizer": {"vocab_size": 49408,      # CLIP BPE, as 02's
-                                                       "max_tokens": losses.OCR_MAX_TOKENS},
-                                         "rows": {"images": len(table), "lines": len(boxes)},
-                                         "note": "the world's own words (00_make_demo_data.write_ocr_stand_in)"})
+            lines.append(([x, y, x + w, y + h], a["text"], 1.0, ids))
+        per_image.append(lines)
+    return stage_folders.write_ocr(work, per_image, {
+        "tokenizer": {"vocab_size": losses.CLIP_BPE_VOCAB, "max_tokens": losses.OCR_MAX_TOKENS},
+        "note": "the world's own words (00_make_demo_data.write_ocr_stand_in)"})
 
 
 def parse_args(argv):

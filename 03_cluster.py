@@ -89,6 +89,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workdir  # noqa: E402
+import stage_folders  # noqa: E402
 import chunk_engine  # noqa: E402
 import losses  # noqa: E402
 
@@ -677,40 +678,16 @@ def nearest(index, x, topl, chunk=ASSIGN_CHUNK):
 
 
 def read_regions(work, image_statuses):
-    """The regions folder, checked: arrays (memmaps), sizes, labelled images and the inputs' fingerprint."""
-    folder = os.path.join(work, "regions")
-    m = workdir.read_manifest(folder)
-    if not os.path.isdir(folder) or m is None:
-        raise SystemExit(f"error: {folder} has no manifest: run 01_mine_regions.py --work {work} first")
-    if not m.get("complete"):
-        raise SystemExit(f"error: {folder} is incomplete: rerun 01_mine_regions.py --work {work} to finish it")
-    try:
-        a = {name: workdir.load(folder, name) for name in
-             ("region_features", "image_features", "status", "region_offsets")}
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
-    rf, imf, status, offsets = a["region_features"], a["image_features"], a["status"], a["region_offsets"]
-    if rf.ndim != 2 or imf.ndim != 2 or rf.shape[1] != imf.shape[1]:
-        raise SystemExit(f"error: {folder}: region_features {rf.shape} and image_features {imf.shape} must be "
-                         "(rows, C) with the same feature dimension C")
-    n, r = len(imf), len(rf)
-    if status.shape != (n,) or offsets.shape != (n + 1,) or (n and (offsets[0] != 0 or offsets[-1] != r)):
-        raise SystemExit(f"error: {folder}: status {status.shape} and region_offsets {offsets.shape} do not match "
-                         f"{n} images and {r} regions: rerun 01_mine_regions.py --force")
-    rows = m.get("rows", {})
-    dim = m.get("features", {}).get("dim", imf.shape[1])
-    if rows.get("images", n) != n or rows.get("region_features", r) != r or dim != imf.shape[1]:
-        raise SystemExit(f"error: {folder}: the manifest says {rows.get('images')} images, "
-                         f"{rows.get('region_features')} regions, dim {dim}; the arrays hold {n}, {r}, "
-                         f"{imf.shape[1]}: rerun 01_mine_regions.py --force")
-    names = m.get("status_names", ["ok", "skipped", "too_small", "no_regions", "error"])
+    """01's regions (stage_folders.read_regions: checked), the images labelled by --image-statuses, and the
+    inputs' fingerprint."""
+    reg = stage_folders.read_regions(work, against_table=False)
+    names = reg.status_names()
     wanted = [s for s in image_statuses.split(",") if s]
     if any(s not in names for s in wanted):
         raise SystemExit(f"error: --image-statuses {image_statuses}: the regions statuses are {names}")
-    labelled = np.isin(np.asarray(status), [names.index(s) for s in wanted])
-    fingerprint = workdir.regions_fingerprint(m)
-    return dict(folder=folder, regions=rf, images=imf, status=status, labelled=labelled, R=r, n=n,
-                C=int(imf.shape[1]), fingerprint=fingerprint)
+    labelled = np.isin(np.asarray(reg.status), [names.index(s) for s in wanted])
+    return dict(folder=reg.folder, regions=reg.region_features, images=reg.image_features, status=reg.status,
+                labelled=labelled, R=reg.R, n=reg.n, C=reg.C, fingerprint=reg.fingerprint)
 
 
 def sample_indices(total, n, seed):

@@ -120,6 +120,7 @@ import torch.distributed as dist
 import losses
 import workdir
 import image_io
+import stage_folders
 from losses import CentreBank
 from model import ViTConfig, VisionEncoder, flops_per_image, load_encoder, preset, read_checkpoint
 from model import peak_tflops as model_peak_tflops
@@ -137,7 +138,6 @@ EPS = 1e-6
 WARMUP = 2000                 # MLCD Tab. 10
 NUM_REGIONS = 10              # RICE Tab. 5a
 IMAGE_TOPL = losses.IMAGE_TOPL  # MLCD Sec. 4.1: l = 8
-OCR_VOCAB = losses.CLIP_BPE_VOCAB   # CLIP BPE, 02_extract_ocr.py's labels
 RHO, SCALE, MARGIN = losses.RHO, losses.SCALE, losses.MARGIN   # RICE Sec. 3.3 and 4.1
 NO_DECAY = ("class_embedding", "class_pos_emb", "position_embedding")   # as MAE / timm: tokens and positions
 INIT_BLOCK = 65536            # bank rows are initialised in blocks seeded by (seed, block): any world size agrees
@@ -254,61 +254,21 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def complete_manifest(work, stage, hint, folder=None):
-    folder = folder or os.path.join(work, stage)
-    m = workdir.read_manifest(folder)
-    if m is None or not m.get("complete"):
-        fail(f"{folder}/ is missing or unfinished: run {hint} first")
-    return folder, m
-
-
-def array(folder, name, shape=None, what=""):
-    path = os.path.join(folder, name + ".npy")
-    if not os.path.exists(path):
-        fail(f"{path} is missing ({what}): rerun that stage with --force")
-    a = workdir.load(folder, name)
-    if shape is not None and (len(shape) != a.ndim or any(s is not None and s != t for s, t in zip(shape, a.shape))):
-        fail(f"{path} has shape {a.shape}, expected {tuple('?' if s is None else s for s in shape)} ({what}): "
-             f"the stage outputs do not belong together; rerun the stages in order with --force")
-    return a
-
-
-def check_ids(a, low, high, path, what):
-    """min/max over a memmap in blocks (it can be billions of rows)."""
-    for s in range(0, len(a), 1 << 24):
-        block = np.asarray(a[s: s + (1 << 24)])
-        if block.size and (block.min() < low or block.max() >= high):
-            bad = block[(block < low) | (block >= high)][:5]
-            fail(f"{path}: {what} must be in [{low}, {high}); found {bad.tolist()}")
-
-
 def load_stage_outputs(args, rows_path) -> dict:
     """Paths and sizes of everything the dataset reads; the image-table rows that train are streamed to
     rows_path (int64 .npy, in blocks: memory does not grow with the data). Exits with a clear message on any
     inconsistency."""
     work = args.work
-    img_folder, img_m = complete_manifest(work, "images", "01_mine_regions.py (it writes the image table)")
+    img_m = stage_folders.image_table_manifest(work)
     table = image_io.read_image_table(work)
     n = len(table)
-    reg_folder, reg_m = complete_manifest(work, "regions", "01_mine_regions.py")
-    cl_folder, cl_m = complete_manifest(work, "clusters", "03_cluster.py", args.clusters)
-    if reg_m.get("image_table") != img_m.get("fingerprint"):
-        fail(f"{reg_folder} was made from another image table than {img_folder}: rerun 01_mine_regions.py --force")
-    regions_fp = workdir.regions_fingerprint(reg_m)
-    if cl_m.get("inputs", {}).get("regions") != regions_fp:
-        fail(f"{cl_folder} was clustered from other region features than {reg_folder} now holds "
-             f"(01 was rerun after 03): rerun 03_cluster.py --force")
-    K = int(cl_m["k"])
-    reg_off = array(reg_folder, "region_offsets", (n + 1,), "one offset per image + 1")
-    R = int(reg_off[-1]) if n else 0
-    boxes = array(reg_folder, "boxes", (R, 4), "one box per region")
-    reg_status = array(reg_folder, "status", (n,), "one status per image")
-    region_labels = array(cl_folder, "region_labels", (R,), "one label per region")
-    image_labels = array(cl_folder, "image_labels", (n, None), "top-l labels per image")
-    if args.object_weight:
-        check_ids(region_labels, 0, K, os.path.join(cl_folder, "region_labels.npy"), "region labels")
+    reg = stage_folders.read_regions(work)
+    reg.boxes()                                          # there, with one box per region
+    cl = stage_folders.read_clusters(args.clusters or os.path.join(work, "clusters"), reg,
+                                     check_region_labels=bool(args.object_weight),
+                                     check_image_labels=bool(args.image_weight))
+    K, reg_off, image_labels = cl["K"], reg.offsets, cl["image_labels"]
     if args.image_weight:
-        check_ids(image_labels.reshape(-1), -1, K, os.path.join(cl_folder, "image_labels.npy"), "image labels")
         if image_labels.shape[1] < args.image_topl:
             print(f"note: 03 kept {image_labels.shape[1]} labels per image; --image-topl {args.image_topl} uses "
                   f"{image_labels.shape[1]}", flush=True)
@@ -318,21 +278,10 @@ def load_stage_outputs(args, rows_path) -> dict:
                   f"(--image-topl): no centre is left as a negative, so MLCD's loss (Eq. 5) learns from positives "
                   f"only; cluster into K > {positives} centres (03 --k) or lower --image-topl", file=sys.stderr,
                   flush=True)
-
     ocr = None
     if args.ocr_weight:
-        ocr_folder, ocr_m = complete_manifest(work, "ocr", "02_extract_ocr.py (or pass --ocr-weight 0)")
-        if ocr_m.get("image_table") != img_m.get("fingerprint"):
-            fail(f"{ocr_folder} was made from another image table than {img_folder}: rerun 02_extract_ocr.py --force")
-        line_off = array(ocr_folder, "line_offsets", (n + 1,), "one offset per image + 1")
-        L = int(line_off[-1]) if n else 0
-        array(ocr_folder, "boxes", (L, 4), "one box per text line")
-        tok_off = array(ocr_folder, "token_offsets", (L + 1,), "one offset per line + 1")
-        tokens = array(ocr_folder, "tokens", (int(tok_off[-1]) if L + 1 else 0,), "token ids")
-        vocab = int(ocr_m.get("tokenizer", {}).get("vocab_size", OCR_VOCAB))
-        check_ids(tokens, 0, vocab, os.path.join(ocr_folder, "tokens.npy"), "OCR token ids")
-        ocr = dict(folder=ocr_folder, vocab=vocab, lines=L,
-                   max_tokens=int(ocr_m.get("tokenizer", {}).get("max_tokens", 10)))
+        ocr = stage_folders.read_ocr(work, "02_extract_ocr.py (or pass --ocr-weight 0)")
+        line_off, tok_off = ocr["line_offsets"], ocr["token_offsets"]
 
     # the training rows, in blocks of images: memory is the rows themselves, not a few arrays per image
     rows, sums = image_io.NpyAppender(rows_path, np.int64), {"status_ok": 0, "object_regions": 0, "text_regions": 0,
@@ -368,10 +317,12 @@ def load_stage_outputs(args, rows_path) -> dict:
     if not rows.n:
         fail(f"no image has a label for the enabled terms (object {args.object_weight}, ocr {args.ocr_weight}, "
              f"image {args.image_weight}); {counts}")
-    del reg_status, boxes
-    return dict(work=work, n=n, K=K, n_train=rows.n, counts=counts, ocr=ocr, clusters=cl_folder, regions=reg_folder,
-                fingerprints={"images": img_m.get("fingerprint"), "regions": regions_fp,
-                              "clusters": cl_m.get("finished"),
+    ocr_m = ocr and ocr["manifest"]
+    return dict(work=work, n=n, K=K, n_train=rows.n, counts=counts,
+                ocr=ocr and {k: ocr[k] for k in ("folder", "vocab", "lines", "max_tokens")},
+                clusters=cl["folder"], regions=reg.folder,
+                fingerprints={"images": img_m.get("fingerprint"), "regions": reg.fingerprint,
+                              "clusters": cl["manifest"].get("finished"),
                               # 02 rerun with other settings (--max-tokens, --min-score) gives other labels
                               "ocr": ({k: ocr_m.get(k) for k in ("finished", "rows", "tokenizer", "settings")}
                                       if ocr else None)})

@@ -167,6 +167,11 @@ def test_tokens_and_csr(baseline):
     assert manifest["stage"] == "ocr" and manifest["complete"] and manifest["min_score"] == 0.7
     assert manifest["rows"]["tokens"] == len(a["tokens"]) and manifest["engine"]["name"] == "rapidocr"
     assert not os.path.exists(os.path.join(folder, "chunks"))
+    # the layout stage_folders.write_ocr (the OCR stand-in of tests and benchmarks) writes is this one
+    import stage_folders
+    assert {f[:-4]: str(np.load(os.path.join(folder, f), mmap_mode="r").dtype) for f in os.listdir(folder)
+            if f.endswith(".npy")} == {k: np.dtype(v).name for k, v in stage_folders.OCR_ARRAYS.items()}
+    assert stage_folders.read_ocr(work)["lines"] == lines
 
 
 def test_complete_stage_is_reused(images, baseline, capsys):
