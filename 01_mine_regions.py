@@ -137,8 +137,7 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers that decode and preprocess ahead "
                    "of the device (-1: the process's share of the cores, at most 8; 0: in this process)")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
-                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
+    p.add_argument("--max-pixels", type=int, help=image_io.MAX_PIXELS_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help=workdir.FORCE_HELP)
     args = p.parse_args(argv)

@@ -103,8 +103,7 @@ def parse_args(argv):
     p.add_argument("--lang", default=LANG, help="paddle: PaddleOCR language")
     p.add_argument("--det-model-dir", help="paddle: text detection model folder (default: PaddleOCR downloads)")
     p.add_argument("--rec-model-dir", help="paddle: text recognition model folder (default: PaddleOCR downloads)")
-    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
-                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
+    p.add_argument("--max-pixels", type=int, help=image_io.MAX_PIXELS_HELP)
     p.add_argument("--device", default="auto", help="paddle: cpu, gpu:N, or auto (gpu:LOCAL_RANK when Paddle "
                    "has CUDA); rapidocr: auto (the CUDA provider when onnxruntime-gpu is installed), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="rapidocr: onnxruntime threads per process (0: all "

@@ -101,6 +101,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -163,8 +164,7 @@ def parse_args(argv):
     p.add_argument("--tsne-max-colours", type=int, default=TSNE_MAX_COLOURS)
     p.add_argument("--tsne-color-by", default="auto", help="auto, class, or one category field such as shape")
     p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
-    p.add_argument("--max-pixels", type=int, help="decode budget: images with more pixels get status too_large "
-                   "from their header, before any decode (default 178,956,970, PIL's limit; fixed with the table)")
+    p.add_argument("--max-pixels", type=int, help=image_io.MAX_PIXELS_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="encoder forward precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
@@ -224,28 +224,37 @@ class Data:
     masks: str | None
     fingerprint: str
     source: dict
-    table: object = None        # tar-shard inputs: the image table in <out>/images (rows: its row per item)
+    table: object = None        # the image table in <out>/images (attach_table; rows: its row per item)
     rows: np.ndarray | None = None
     split: np.ndarray | None = None     # int8 (n,): 0 probe-train, 1 its validation part, 2 probe-test (load_eval_data)
 
 
-def attach_shards(data: Data, images: str, out: str, max_pixels: int | None = None) -> Data:
-    """--images given as tar shards: build (or reuse) the image table in <out>/images and match each COCO
-    file_name to a row: the image member's name in its shard, its key, or <shard>/<member> relative to the
-    shards' folder. An evaluation set is small, so the name map is held in memory."""
+def attach_table(data: Data, images: str, out: str, max_pixels: int | None = None, force: bool = False) -> Data:
+    """Every 05 input goes through the image table, as in the other stages: build (or reuse) it in <out>/images
+    from --images or --image-folder (loose files or tar shards) and match each file_name to a row: its path
+    relative to the folder, or in shards the image member's name, its key, or <shard>/<member> relative to
+    the shards' folder. A file_name that leaves the folder (absolute, ../) is not read: status outside_root. An
+    evaluation set is small, so the name map is held in memory. --force rebuilds a table made from other
+    images."""
+    folder = os.path.join(out, "images")
+    m = workdir.read_manifest(folder)
+    if force and m and m.get("source") != os.path.abspath(images):
+        shutil.rmtree(folder)
     table = image_io.ensure_image_table(out, images, max_pixels)
     by_name = {}
     for r in range(len(table)):
         name = table.name(r)
         for k in (name, os.path.splitext(name)[0], os.path.relpath(table.path(r), table.root)):
             by_name.setdefault(k, r)
-    data.rows = np.array([by_name.get(f, by_name.get(os.path.splitext(f)[0], -1)) for f in data.files], np.int64)
+    outside = [os.path.isabs(f) or image_io.escapes(f) for f in data.files]
+    data.rows = np.array([-2 if out_ else by_name.get(f, by_name.get(os.path.splitext(f)[0], -1))
+                          for f, out_ in zip(data.files, outside)], np.int64)
     data.table = table
-    table_fp = workdir.read_manifest(os.path.join(out, "images"))["fingerprint"]
+    table_fp = workdir.read_manifest(folder)["fingerprint"]
     data.fingerprint = hashlib.sha1(f"{data.fingerprint}\0{table_fp}".encode()).hexdigest()
-    missing = int((data.rows < 0).sum())
+    missing = int((data.rows == -1).sum())
     if missing:
-        workdir.say(f"warning: {missing} of the --coco images are not in {images}: status missing")
+        workdir.say(f"warning: {missing} of the annotated images are not in {images}: status missing")
     return data
 
 
@@ -698,16 +707,8 @@ def make_process(enc, data: Data, args, amp: bool):
         dense_tok, dense_lab = [None] * n, [None] * n
         ready = []                                    # (j, pixels, boxes) of the readable images
         for j, i in enumerate(range(start, end)):
-            if data.table is not None:                # tar shards: the member, read through the image table
-                path, row = data.files[i], int(data.rows[i])
-                img, st = data.table.open(row) if row >= 0 else (None, "missing")
-            else:
-                path = os.path.join(data.root, data.files[i])
-                if os.path.isabs(data.files[i]) or image_io.escapes(data.files[i]):
-                    img, st = None, "outside_root"     # a file_name must name a file under --images
-                else:
-                    img, st = (image_io.open_image(path, args.max_pixels or image_io.MAX_PIXELS) if os.path.isfile(path)
-                               else (None, "missing"))
+            path, row = data.files[i], int(data.rows[i])       # read through the image table
+            img, st = data.table.open(row) if row >= 0 else (None, "missing" if row == -1 else "outside_root")
             if img is None:
                 status[j] = EVAL_STATUS.index(st if st in EVAL_STATUS else "missing")
                 continue
@@ -1005,8 +1006,7 @@ def load_eval_data(args) -> Data:
     if args.tsne_max and args.tsne_color_by not in fields | {"auto"}:
         raise SystemExit(f"error: --tsne-color-by {args.tsne_color_by}: not a category field of the data (choose "
                          f"auto or one of {', '.join(sorted(fields))})")
-    if args.images and image_io.resolve_source(args.images).kind == "tar":
-        data = attach_shards(data, args.images, args.out, args.max_pixels)
+    data = attach_table(data, args.image_folder or args.images, args.out, args.max_pixels, args.force)
     data.split = split_images(len(data.files), args.test_fraction, args.val_fraction, args.seed)
     return data
 

@@ -106,6 +106,8 @@ class Source:
     list_file: str | None       # kind files: a text file with one path per line, else None (a folder walk)
 
 
+MAX_PIXELS_HELP = ("decode budget: images with more pixels get status too_large from their header, before any decode "
+                   "(default 178,956,970, PIL's limit; fixed with the table)")
 IMAGES_HELP = ("tar shards (a brace pattern, a glob, a folder of .tar, a list of .tar paths), a folder of images "
                "(recursive) or a text file of paths; optional once <work>/images exists")
 

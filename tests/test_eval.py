@@ -197,7 +197,7 @@ def test_each_encoder_gets_its_own_preprocessing(world, tmp_path):
     shutil.copy(world / "tiny_clip.pt", local / "open_clip_pytorch_model.bin")
     args = ev.parse_args(["--images", str(tmp_path / "im"), "--coco", str(tmp_path / "coco.json"), "--encoder", "x",
                           "--out", str(tmp_path / "o")])
-    data = ev.read_coco(args.images, args.coco, None, "text")
+    data = ev.load_eval_data(args)                         # read, matched to the image table, split
     arrays, info = ev.extract("sq", f"openclip:local-dir:{local}:none", data, args, torch.device("cpu"))
     assert info["preprocess"]["source"] == "open_clip transform" and info["preprocess"]["resize"] == "squash"
     assert info["preprocess"]["mean"] == [0.5, 0.4, 0.3] and info["preprocess"]["resample"] == 2
@@ -459,6 +459,9 @@ def test_image_folder_mode(world, tmp_path, capsys):
     c = probes["image"]["counts"]
     assert c["train"] + c["val"] + c["test"] == 36 and 0 <= probes["image"]["linear"]["top1"] <= 1
     assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
+    # loose files are read through the image table, as every stage reads them
+    table = json.loads((tmp_path / "o" / "images" / "manifest.json").read_text())
+    assert table["complete"] and table["kind"] == "files" and table["rows"] == 36
     # a rerun only prints the finished report (and writes report.md again if a kill took it); other probe
     # settings reuse the features; a touched file with the same bytes too; other weights of the same size and
     # mtime (the cache is keyed by content) recompute them
