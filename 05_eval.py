@@ -32,9 +32,10 @@ open_clip models always run at their configured size (their position embeddings 
 status (as in the image table) and are left out of every probe; they never stop a run.
 
 Data: --images DIR + --coco FILE (COCO detection; file_name relative to --images), or --images as tar shards
-(as 01 takes them: a brace pattern, a glob, a folder of .tar files, a list file), read through an image table
-built in <out>/images/ (image_io.ensure_image_table), file_name matching the image member's name in its shard
-(or its key). Annotations of the category
+(as 01 takes them: a brace pattern, a glob, a folder of .tar files, a list file). Every input, --image-folder
+too, is read through an image table built in <out>/images/ (image_io.ensure_image_table, as every stage reads
+images), file_name matching a loose file's path under the folder, or the image member's name in its shard (or
+its key). Annotations of the category
 named --text-category ("text") are text boxes, with the word in their "text" field; the others are objects
 (iscrowd boxes are groups, not objects: left out of the probes).
 Optional --masks DIR: per image a uint8 PNG of the same name, 0 = background, k = the image's k-th annotation
