@@ -663,7 +663,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
         os.makedirs(folder, exist_ok=True)
         info = enc.info()
         amp = (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"))
-        process = make_process(enc, data, args, amp)
+        process = FeatureChunk(enc, data, args, amp)
         num_chunks, _ = chunk_engine.run_chunks(folder, len(data.files), args.chunk_size, process,
                                            f"features {name}", {**key, "chunk_size": args.chunk_size})
         per_row = {"pooled": "ann_counts"}
@@ -688,27 +688,43 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     return arrays, info
 
 
-def make_process(enc, data: Data, args, amp: bool):
-    """The per-chunk work for chunk_engine.run_chunks: decode, resize/crop, batch, encode, pool in boxes."""
-    import torch
-    S, p, pre = enc.size, enc.patch, enc.preprocess
-    grid = S // p
-    category_lut = data.category
+class FeatureChunk:
+    """Items [start, end) -> the chunk's feature arrays (chunk_engine.run_chunks): decode through the image
+    table, resize / crop with the encoder's own preprocessing (the boxes and mask labels with the pixels),
+    encode in batches of --batch-size, pool the patch tokens in each box."""
 
-    def process(start, end):
-        n = end - start
-        status = np.zeros(n, np.uint8)
-        size = np.zeros((n, 2), np.int32)
-        image_feats = np.zeros((n, enc.image_dim), np.float32)
+    def __init__(self, enc, data: Data, args, amp: bool):
+        self.enc, self.data, self.args, self.amp = enc, data, args, amp
+        self.grid = enc.size // enc.patch
+
+    def __call__(self, start, end):
+        enc, data, n = self.enc, self.data, end - start
         counts = np.diff(data.ann_offsets[start: end + 1]).astype(np.int64)
-        A0 = data.ann_offsets[start]
-        pooled = np.zeros((int(counts.sum()), enc.token_dim), np.float32)
-        region = np.zeros((int(counts.sum()), enc.region_dim), np.float32) if enc.has_region else None
+        out = {"status": np.zeros(n, np.uint8), "size": np.zeros((n, 2), np.int32),
+               "image_features": np.zeros((n, enc.image_dim), np.float32), "ann_counts": counts,
+               "pooled": np.zeros((int(counts.sum()), enc.token_dim), np.float32)}
+        if enc.has_region:
+            out["region"] = np.zeros((int(counts.sum()), enc.region_dim), np.float32)
         mask_status = np.full(n, MASK_STATUS.index("none"), np.uint8)
         dense_tok, dense_lab = [None] * n, [None] * n
-        ready = []                                    # (j, pixels, boxes) of the readable images
+        ready = self.read(start, end, out["status"], out["size"], mask_status, dense_lab)
+        for s in range(0, len(ready), self.args.batch_size):
+            self.encode(ready[s: s + self.args.batch_size], start, out, dense_lab, dense_tok)
+        if data.masks:
+            have = [j for j in range(n) if dense_tok[j] is not None]
+            out["mask_status"] = mask_status
+            out["patch_counts"] = np.array([self.grid ** 2 if dense_tok[j] is not None else 0 for j in range(n)],
+                                           np.int64)
+            out["dense_tokens"] = (np.concatenate([dense_tok[j] for j in have]) if have
+                                   else np.zeros((0, enc.token_dim), np.float16))
+            out["dense_labels"] = (np.concatenate([dense_lab[j] for j in have]) if have else np.zeros(0, np.int32))
+        return out
+
+    def read(self, start, end, status, size, mask_status, dense_lab):
+        """(j, pixels, boxes) of the readable items; the others get their status (never a stop)."""
+        data, pre, ready = self.data, self.enc.preprocess, []
         for j, i in enumerate(range(start, end)):
-            path, row = data.files[i], int(data.rows[i])       # read through the image table
+            path, row = data.files[i], int(data.rows[i])
             img, st = data.table.open(row) if row >= 0 else (None, "missing" if row == -1 else "outside_root")
             if img is None:
                 status[j] = EVAL_STATUS.index(st if st in EVAL_STATUS else "missing")
@@ -718,51 +734,40 @@ def make_process(enc, data: Data, args, amp: bool):
                 pixels, boxes = pre.pixels(img), pre.boxes(data.boxes[a:b], *img.size)
                 size[j] = img.size
                 if data.masks:
-                    dense_lab[j] = read_patch_labels(data, i, img.size, pre, p, mask_status, j, category_lut)
+                    dense_lab[j] = read_patch_labels(data, i, img.size, pre, self.enc.patch, mask_status, j,
+                                                     data.category)
                 ready.append((j, pixels, boxes))
             except Exception as e:                   # one odd image must not stop the run: record it
                 status[j] = EVAL_STATUS.index("error")
                 print(f"error on {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        for s in range(0, len(ready), args.batch_size):
-            batch = ready[s: s + args.batch_size]
-            B, N = len(batch), max(len(bx) for _, _, bx in batch)
-            pixels = torch.stack([px for _, px, _ in batch])
-            boxes = torch.zeros(B, N, 4)
-            valid = torch.zeros(B, N, dtype=torch.bool)
-            for k, (_, _, bx) in enumerate(batch):
-                boxes[k, :len(bx)] = torch.from_numpy(bx)
-                valid[k, :len(bx)] = True
-            with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=amp):
-                img_f, tokens, regions = enc(pixels, boxes.to(enc.device) if N else None,
-                                             valid.to(enc.device) if N else None)
-                tokens = tokens.float()
-                pool = pool_in_boxes(tokens, boxes.to(tokens.device), grid, p) if N else None
-            img_f = img_f.float().cpu().numpy()
-            tokens_np = tokens.cpu().numpy()
-            for k, (j, _, bx) in enumerate(batch):
-                image_feats[j] = img_f[k]
-                lo = data.ann_offsets[start + j] - A0
-                if len(bx):
-                    pooled[lo: lo + len(bx)] = pool[k, :len(bx)].cpu().numpy()
-                    if region is not None:
-                        region[lo: lo + len(bx)] = regions[k, :len(bx)].float().cpu().numpy()
-                if data.masks and dense_lab[j] is not None:
-                    dense_tok[j] = tokens_np[k].astype(np.float16)
-        out = {"status": status, "size": size, "image_features": image_feats, "ann_counts": counts,
-               "pooled": pooled}
-        if region is not None:
-            out["region"] = region
-        if data.masks:
-            have = [j for j in range(n) if dense_tok[j] is not None]
-            out["mask_status"] = mask_status
-            out["patch_counts"] = np.array([grid * grid if dense_tok[j] is not None else 0 for j in range(n)],
-                                           np.int64)
-            out["dense_tokens"] = (np.concatenate([dense_tok[j] for j in have]) if have
-                                   else np.zeros((0, enc.token_dim), np.float16))
-            out["dense_labels"] = (np.concatenate([dense_lab[j] for j in have]) if have else np.zeros(0, np.int32))
-        return out
+        return ready
 
-    return process
+    def encode(self, batch, start, out, dense_lab, dense_tok):
+        """One batch through the encoder: image features, box-pooled patch tokens, region features, and the
+        patch tokens of the items with mask labels."""
+        import torch
+        enc, data = self.enc, self.data
+        B, N = len(batch), max(len(bx) for _, _, bx in batch)
+        pixels = torch.stack([px for _, px, _ in batch])
+        boxes, valid = torch.zeros(B, N, 4), torch.zeros(B, N, dtype=torch.bool)
+        for k, (_, _, bx) in enumerate(batch):
+            boxes[k, :len(bx)] = torch.from_numpy(bx)
+            valid[k, :len(bx)] = True
+        with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=self.amp):
+            img_f, tokens, regions = enc(pixels, boxes.to(enc.device) if N else None,
+                                         valid.to(enc.device) if N else None)
+            tokens = tokens.float()
+            pool = pool_in_boxes(tokens, boxes.to(tokens.device), self.grid, enc.patch) if N else None
+        img_f, tokens_np, A0 = img_f.float().cpu().numpy(), tokens.cpu().numpy(), data.ann_offsets[start]
+        for k, (j, _, bx) in enumerate(batch):
+            out["image_features"][j] = img_f[k]
+            lo = data.ann_offsets[start + j] - A0
+            if len(bx):
+                out["pooled"][lo: lo + len(bx)] = pool[k, :len(bx)].cpu().numpy()
+                if "region" in out:
+                    out["region"][lo: lo + len(bx)] = regions[k, :len(bx)].float().cpu().numpy()
+            if data.masks and dense_lab[j] is not None:
+                dense_tok[j] = tokens_np[k].astype(np.float16)
 
 
 def read_patch_labels(data: Data, i: int, image_size, pre: Preprocess, p: int, mask_status, j: int, category_lut):
