@@ -196,6 +196,15 @@ def main(argv=None):
                          f"{worst:.3g} > {TOLERANCE:g} (last_hidden_state "
                          f"{check['max_abs_diff_last_hidden_state']:.3g}, pooler_output "
                          f"{check['max_abs_diff_pooler_output']:.3g})")
+    say_exported(args, encoder, size, others, check, time.time() - t0)
+    return {"checkpoint": args.checkpoint, "out": args.out, "image_size": size, "files": list(EXPORT_FILES),
+            "head_dropped": bool(cfg.embed_dim), "other_files": others, "write_s": round(t_write, 2),
+            "elapsed_s": round(time.time() - t0, 2), **check}
+
+
+def say_exported(args, encoder, size, others, check, elapsed):
+    """What was exported, what was left out, and how the export was verified."""
+    cfg = encoder.cfg
     params = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("head."))
     print(f"exported {args.checkpoint} -> {args.out}: {HF_CLASS[cfg.arch]}, {params / 1e6:.2f}M parameters, width "
           f"{cfg.width}, {cfg.layers} layers, patch {cfg.patch_size}, image size {size}; "
@@ -213,10 +222,7 @@ def main(argv=None):
           f"{check['preprocess_test_image'][0]}x{check['preprocess_test_image'][1]} image: max "
           f"{check['preprocess_max_abs_diff']:.4f} ({check['preprocess_max_uint8_levels']} uint8 levels), "
           f"{100 * check['preprocess_share_of_values_differing']:.2f}% of values differ; "
-          f"{time.time() - t0:.1f} s")
-    return {"checkpoint": args.checkpoint, "out": args.out, "image_size": size, "files": list(EXPORT_FILES),
-            "head_dropped": bool(cfg.embed_dim), "other_files": others, "write_s": round(t_write, 2),
-            "elapsed_s": round(time.time() - t0, 2), **check}
+          f"{elapsed:.1f} s")
 
 
 if __name__ == "__main__":
