@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workdir  # noqa: E402
 import image_io  # noqa: E402
+import stage_folders  # noqa: E402
 
 REGION_COLOUR, OCR_COLOUR, WIDTH = (0, 200, 0), (255, 140, 0), 2
 
@@ -35,45 +36,40 @@ def parse_args(argv):
     return args
 
 
-def finished(folder):
-    m = workdir.read_manifest(folder)
-    return m if m and m.get("complete") else None
+def read_folders(work, clusters):
+    """The stage folders that are finished, each through its checked reader (stage_folders), or None."""
+    def finished(folder):
+        return (workdir.read_manifest(folder) or {}).get("complete")
+    reg = stage_folders.read_regions(work) if finished(os.path.join(work, "regions")) else None
+    return {"regions": reg,
+            "ocr": stage_folders.read_ocr(work, check_tokens=False) if finished(os.path.join(work, "ocr")) else None,
+            "clusters": stage_folders.read_clusters(clusters, reg) if reg and finished(clusters) else None}
 
 
-def csr_rows(offsets, i):
-    return int(offsets[i]), int(offsets[i + 1])
-
-
-def describe(work, clusters, i):
+def describe(folders, i):
     """Everything known about table row i: {"regions": [(box, score, label)], "ocr": [(box, text, tokens)],
     "image_labels": [...], "missing": [stage, ...]}."""
     out = {"regions": [], "ocr": [], "image_labels": [], "missing": []}
-    reg = os.path.join(work, "regions")
-    cl = finished(clusters)
-    if finished(reg):
-        a, b = csr_rows(workdir.load(reg, "region_offsets"), i)
-        boxes, scores = workdir.load(reg, "boxes")[a:b], workdir.load(reg, "scores")[a:b]
-        labels = workdir.load(clusters, "region_labels")[a:b] if cl and cl.get("rows", {}).get("regions") else \
-            [None] * (b - a)
+    reg, ocr, cl = folders["regions"], folders["ocr"], folders["clusters"]
+    if reg:
+        a, b = int(reg.offsets[i]), int(reg.offsets[i + 1])
+        labels = cl["region_labels"][a:b] if cl and reg.R else [None] * (b - a)
         out["regions"] = [(tuple(map(float, bx)), float(s), None if lb is None else int(lb))
-                          for bx, s, lb in zip(boxes, scores, labels)]
+                          for bx, s, lb in zip(reg.boxes()[a:b], reg.scores()[a:b], labels)]
     else:
         out["missing"].append("regions (01_mine_regions.py)")
-    ocr = os.path.join(work, "ocr")
-    if finished(ocr):
-        a, b = csr_rows(workdir.load(ocr, "line_offsets"), i)
-        boxes = workdir.load(ocr, "boxes")
-        to, tb = workdir.load(ocr, "text_offsets"), workdir.load(ocr, "text_bytes")
-        ko, tokens = workdir.load(ocr, "token_offsets"), workdir.load(ocr, "tokens")
-        for k in range(a, b):
+    if ocr:
+        to, tb, ko = ocr["text_offsets"], ocr["text_bytes"], ocr["token_offsets"]
+        for k in range(int(ocr["line_offsets"][i]), int(ocr["line_offsets"][i + 1])):
             text = bytes(tb[to[k]:to[k + 1]]).decode("utf-8", "replace")
-            out["ocr"].append((tuple(map(float, boxes[k])), text, [int(t) for t in tokens[ko[k]:ko[k + 1]]]))
+            out["ocr"].append((tuple(map(float, ocr["boxes"][k])), text,
+                               [int(t) for t in ocr["tokens"][ko[k]:ko[k + 1]]]))
     else:
         out["missing"].append("ocr (02_extract_ocr.py)")
     if cl:
-        out["image_labels"] = [int(x) for x in workdir.load(clusters, "image_labels")[i] if x >= 0]
+        out["image_labels"] = [int(x) for x in cl["image_labels"][i] if x >= 0]
     else:
-        out["missing"].append(f"clusters (03_cluster.py, {clusters})")
+        out["missing"].append("clusters (03_cluster.py)")
     return out
 
 
@@ -126,12 +122,12 @@ def main(argv=None):
             raise SystemExit(f"error: --rows {args.rows}: rows are 0..{len(table) - 1}")
     out = args.out or os.path.join(args.work, "show")
     os.makedirs(out, exist_ok=True)
-    written = []
+    written, folders = [], read_folders(args.work, clusters)
     for i in rows:
         image, _ = table.open(i)
         if image is None:
             raise SystemExit(f"error: row {i} ({table.name(i)}) cannot be decoded")
-        found = describe(args.work, clusters, i)
+        found = describe(folders, i)
         base = os.path.join(out, f"row_{i:08d}")
         draw(image, found).save(base + ".png")
         text = as_text(f"row {i}: {table.path(i)}", found)

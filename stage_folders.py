@@ -108,9 +108,10 @@ def read_regions(work: str, against_table: bool = True) -> Regions:
                    image_features=image_features, fingerprint=workdir.regions_fingerprint(m))
 
 
-def read_ocr(work: str, hint: str = "02_extract_ocr.py") -> dict:
+def read_ocr(work: str, hint: str = "02_extract_ocr.py", check_tokens: bool = True) -> dict:
     """02's ocr/ of `work`, checked against the image table: line_offsets (n + 1), boxes (L, 4), the text
-    (CSR bytes) and the token ids (CSR, each in [0, vocab))."""
+    (CSR bytes) and the token ids (CSR; each in [0, vocab), unless check_tokens is off: a reader of a few
+    lines, show.py, need not read them all)."""
     folder = os.path.join(work, "ocr")
     img_m = image_table_manifest(work)
     m = complete_manifest(folder, hint)
@@ -124,7 +125,8 @@ def read_ocr(work: str, hint: str = "02_extract_ocr.py") -> dict:
     tokens = array(folder, "tokens", (int(token_offsets[-1]) if L + 1 else 0,), "token ids")
     import losses                               # the vocabulary's home (and torch's: imported when needed)
     vocab = int(m.get("tokenizer", {}).get("vocab_size", losses.CLIP_BPE_VOCAB))
-    check_ids(tokens, 0, vocab, os.path.join(folder, "tokens.npy"), "OCR token ids")
+    if check_tokens:
+        check_ids(tokens, 0, vocab, os.path.join(folder, "tokens.npy"), "OCR token ids")
     return dict(folder=folder, manifest=m, lines=L, vocab=vocab,
                 max_tokens=int(m.get("tokenizer", {}).get("max_tokens", losses.OCR_MAX_TOKENS)), line_offsets=line_offsets,
                 boxes=array(folder, "boxes", (L, 4), "one box per text line"), token_offsets=token_offsets,
