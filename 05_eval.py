@@ -173,6 +173,10 @@ def parse_args(argv):
                    "(image: the largest object's class; contents: the classes and category fields present, "
                    "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches)")
     p.add_argument("--force", action="store_true", help="replace a finished report made with other settings")
+    p.add_argument("--suite", choices=["mlcd-linear"], help="MLCD Tab. 1's linear-probe suite on the datasets "
+                   "under --data-root, in torchvision's layouts (instead of --images / --image-folder)")
+    p.add_argument("--data-root", help="--suite: the folder holding the datasets as torchvision downloads them")
+    p.add_argument("--datasets", help="--suite: a comma-separated subset of the Tab. 1 columns (default: all)")
     args = p.parse_args(argv)
     workdir.check_flags(args, {"image_size": "[1, 4096]", "test_fraction": "(0, 1)", "val_fraction": "(0, 1)",
                                "seed": ">= 0", "batch_size": ">= 1", "chunk_size": ">= 1", "knn_k": ">= 1",
@@ -186,7 +190,16 @@ def parse_args(argv):
     if not args.encoder:
         raise SystemExit("error: pass at least one --encoder NAME=SPEC (a kit .pt, an HF folder, random:<...>, "
                          "openclip:<arch>:<pretrained>)")
-    if args.image_folder:
+    if args.suite:
+        if not args.data_root or not os.path.isdir(args.data_root):
+            raise SystemExit(f"error: --suite {args.suite} needs --data-root, a folder holding the datasets "
+                             f"(got {args.data_root!r})")
+        import eval_suite
+        args.datasets = [d.strip() for d in (args.datasets or ",".join(eval_suite.BY_NAME)).split(",") if d.strip()]
+        unknown = [d for d in args.datasets if d not in eval_suite.BY_NAME]
+        if unknown or not args.datasets:
+            raise SystemExit(f"error: --datasets {','.join(unknown)}: choose among {','.join(eval_suite.BY_NAME)}")
+    elif args.image_folder:
         if args.coco or args.masks:
             raise SystemExit("error: --image-folder replaces --images/--coco/--masks; pass one or the other")
     elif not (args.images and args.coco):
@@ -961,6 +974,8 @@ def main(argv=None):
     device = workdir.stage_device(args.device)
     encoders = check_encoders(args.encoder)
     open_out(args)
+    if args.suite:
+        return run_suite(args, encoders, device, t_start)
     data = load_eval_data(args)
     features, infos = {}, {}
     for name, spec in encoders:
@@ -1153,6 +1168,122 @@ def write_report(args, report, infos) -> None:
     print(f"\n{md}\n{args.out}/report.json, report.md" +
           "".join(f", {e['tsne']['file']}" for e in report["encoders"].values() if e.get("tsne")) +
           f"; {timing}; total {report['elapsed_s']} s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --suite mlcd-linear: MLCD Tab. 1 on the datasets under --data-root (eval_suite.py)
+
+
+def run_suite(args, encoders, device, t_start):
+    """Every encoder's image features on every dataset's splits (cached by content, sharded over ranks), the
+    CLIP-protocol linear probe with the dataset's metric, and a table in Tab. 1's column order next to the
+    published MLCD row."""
+    import eval_suite
+    opened = {name: eval_suite.open_dataset(eval_suite.BY_NAME[name], args.data_root) for name in args.datasets}
+    for name, got in opened.items():
+        if isinstance(got, str):
+            workdir.say(f"{name}: {got}")
+    settings = probes.ProbeSettings(probe_iters=args.probe_iters, c_refine=args.c_refine, seed=args.seed,
+                                    device=device)
+    report = {"suite": args.suite, "data_root": os.path.abspath(args.data_root), "datasets": {}, "encoders": {},
+              "settings": jsonable({k: v for k, v in vars(args).items() if k != "force"})}
+    for name, got in opened.items():
+        report["datasets"][name] = ({"status": got} if isinstance(got, str) else
+                                    {"status": "ok", "metric": eval_suite.BY_NAME[name].metric,
+                                     **{k: len(v) for k, v in got.items() if v is not None}})
+    for enc_name, spec in encoders:
+        enc, results = build_encoder(spec, args, device), {}
+        for name, splits in opened.items():
+            if isinstance(splits, str):
+                continue
+            x = suite_features(enc, enc_name, spec, name, splits, args)
+            if workdir.dist_info()[0] == 0:
+                results[name] = probe_suite_dataset(x, splits, eval_suite.BY_NAME[name].metric, settings, args.seed)
+        report["encoders"][enc_name] = {"spec": spec, "encoder": enc.info(), "results": results}
+        del enc
+    if workdir.dist_info()[0] == 0:
+        report = jsonable({**report, "elapsed_s": round(time.time() - t_start, 2)})
+        md = suite_markdown(report)
+        workdir.write_bytes(os.path.join(args.out, "suite.md"), md.encode())
+        workdir.write_json(os.path.join(args.out, "suite.json"), report)
+        print(f"\n{md}\n{args.out}/suite.json, suite.md; total {report['elapsed_s']} s", flush=True)
+    workdir.barrier()
+    return report if workdir.dist_info()[0] == 0 else None
+
+
+def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
+    """{split: (rows, D) float32} image features of one dataset, extracted once per encoder and dataset into
+    <out>/suite/<encoder>/<dataset>/ (chunk_engine: sharded over ranks, resumable; keyed by the encoder's and
+    the dataset folder's content), read back on rank 0."""
+    import eval_suite
+    import torch
+    order = [k for k in ("train", "val", "test") if splits[k] is not None]
+    sizes = [len(splits[k]) for k in order]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    folder = os.path.join(args.out, "suite", enc_name, name)
+    key = json.loads(json.dumps({"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size,
+                                 "dtype": args.dtype, "dataset": eval_suite.fingerprint(args.data_root,
+                                                                                    eval_suite.BY_NAME[name]),
+                                 "sizes": sizes, "version": 1}))
+    done = workdir.read_manifest(folder)
+    if not (done and done.get("complete") and done.get("key") == key):
+        amp = args.dtype == "bf16" or (args.dtype == "auto" and enc.device.type == "cuda")
+
+        def process(start, end):
+            feats = np.zeros((end - start, enc.image_dim), np.float32)
+            for s in range(start, end, args.batch_size):
+                items = [(k, i - starts[order.index(k)]) for i in range(s, min(end, s + args.batch_size))
+                         for k in [order[int(np.searchsorted(starts, i, "right")) - 1]]]
+                pixels = torch.stack([enc.preprocess.pixels(splits[k].image(int(j))) for k, j in items])
+                with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=amp):
+                    feats[s - start: s - start + len(items)] = enc(pixels, None, None)[0].float().cpu().numpy()
+            return {"features": feats}
+        num_chunks, _ = chunk_engine.run_chunks(folder, int(starts[-1]), args.chunk_size, process,
+                                                f"{name} ({enc_name})", key)
+        chunk_engine.merge_chunks(folder, num_chunks, ["features"], {})
+        if workdir.dist_info()[0] == 0:
+            workdir.finish_stage(folder, {"stage": "suite_features", "dataset": name, "key": key})
+        workdir.barrier()
+    if workdir.dist_info()[0] != 0:
+        return {}
+    x = probes.unit(workdir.load(folder, "features", mmap=False))
+    return {k: x[starts[i]: starts[i + 1]] for i, k in enumerate(order)}
+
+
+def probe_suite_dataset(x, splits, metric, settings, seed) -> dict:
+    """The dataset's own validation split, or VALIDATION_SHARE of train carved (seeded) for the C search."""
+    import eval_suite
+    y_tr = splits["train"].labels
+    if splits["val"] is not None:
+        x_tr, x_va, y_va = x["train"], x["val"], splits["val"].labels
+    else:
+        val = eval_suite.validation_rows(y_tr, seed)
+        x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y_tr[~val], y_tr[val]
+    return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], splits["test"].labels, metric, settings)
+
+
+def suite_markdown(report) -> str:
+    """Tab. 1's column order: the user's encoders (measured), then the published MLCD ViT-L/14 row."""
+    import eval_suite
+    cols = [c for c in eval_suite.TAB1_ORDER if c in report["datasets"]]
+    head = "| encoder | " + " | ".join(cols) + " | average |\n|---|" + "---:|" * (len(cols) + 1) + "\n"
+    rows = []
+    for name, enc in report["encoders"].items():
+        got = [enc["results"].get(c, {}).get("score") for c in cols]
+        done = [v for v in got if v is not None]
+        rows.append(f"| {name} (measured) | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in got) +
+                    f" | {100 * np.mean(done):.1f} over {len(done)} |" if done else f"| {name} (measured) | " +
+                    " | " * len(cols) + " |")
+    paper = [eval_suite.TAB1_MLCD[c] for c in cols]
+    rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
+                " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")
+    notes = [f"- {c}: {report['datasets'][c]['status']}" for c in cols if report["datasets"][c]["status"] != "ok"]
+    averages = "; ".join(f"{k} {v}" for k, v in eval_suite.TAB1_AVERAGES.items())
+    return ("# MLCD Tab. 1 linear-probe suite\n\n" + head + "\n".join(rows) + "\n\n" +
+            "CLIP's metric per dataset (accuracy; mean per class for Aircraft, Pets, Caltech-101, Flowers), in %; "
+            "linear probe on the image features, C searched on each dataset's validation split (or a seeded "
+            f"share of train), refitted on train + validation. Published averages over all 26 columns: {averages}."
+            + ("\n\n" + "\n".join(notes) if notes else "") + "\n")
 
 
 MIN_PROBE_TEST = 50     # below this many probe-test items a score moves by 2 points or more per item

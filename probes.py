@@ -352,3 +352,62 @@ def metric(probes: dict, key: str, path) -> float | None:
     for p in path:
         v = v.get(p) if isinstance(v, dict) else None
     return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLCD Tab. 1's suite (eval_suite.py): CLIP's metric per dataset (CLIP Tab. 9, MLCD Tab. 11)
+
+def mean_per_class(pred, y) -> float:
+    """The mean over the test classes of each class's recall (FGVC Aircraft, Oxford Pets, Caltech-101, Flowers)."""
+    pred, y = np.asarray(pred), np.asarray(y)
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def ap_11point(scores, positive) -> float:
+    """VOC2007's 11-point interpolated average precision of one class: the mean over recall thresholds
+    0, 0.1, ..., 1 of the best precision at a recall at least that high (0 where none reaches it)."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hit = np.asarray(positive, bool)[order]
+    if not hit.any():
+        return float("nan")
+    tp = np.cumsum(hit)
+    recall, precision = tp / hit.sum(), tp / np.arange(1, len(hit) + 1)
+    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                          for t in np.linspace(0, 1, 11)]))
+
+
+def suite_metric(metric: str, scores, y) -> float:
+    """One dataset's score on its test split from the probe's scores (n, classes) and the true labels:
+    accuracy, mean_per_class, top1_top5_mean (Kinetics-700), roc_auc (Hateful Memes, binary: the positive
+    class's score), map11 (VOC2007: y multi-hot (n, classes), the mean of ap_11point over the classes)."""
+    scores = np.asarray(scores)
+    if metric == "accuracy":
+        return float((scores.argmax(1) == y).mean())
+    if metric == "mean_per_class":
+        return mean_per_class(scores.argmax(1), y)
+    if metric == "top1_top5_mean":
+        top5 = np.argsort(-scores, 1)[:, :5]
+        return float(((scores.argmax(1) == y).mean() + (top5 == np.asarray(y)[:, None]).any(1).mean()) / 2)
+    if metric == "roc_auc":
+        from sklearn.metrics import roc_auc_score
+        return float(roc_auc_score(y, scores[:, 1] - scores[:, 0]))
+    if metric == "map11":
+        return float(np.nanmean([ap_11point(scores[:, c], np.asarray(y)[:, c]) for c in range(scores.shape[1])]))
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def suite_probe(x_train, y_train, x_val, y_val, x_test, y_test, metric: str, settings: ProbeSettings) -> dict:
+    """CLIP's linear probe on one dataset: C searched on (train -> val) with the dataset's metric, the model
+    refitted on train + val with the best C, scored once on test. Labels are class indices 0..K-1."""
+    dev, iters = settings.device, settings.probe_iters
+    t0 = time.time()
+    K = int(max(y_train.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
+    C, search, _ = search_c(
+        lambda C: fit_linear(x_train, y_train, C, K, iters=iters, device=dev),
+        lambda m: suite_metric(metric, linear_scores(x_val, m, dev), y_val), refine=settings.c_refine)
+    final = fit_linear(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), C, K, iters=iters,
+                       device=dev)
+    return {"score": suite_metric(metric, linear_scores(x_test, final, dev), y_test), "metric": metric, "C": C,
+            "iters": final.iters, "search": search, "classes": K,
+            "counts": {"train": len(y_train), "val": len(y_val), "test": len(y_test)},
+            "time_s": round(time.time() - t0, 3)}

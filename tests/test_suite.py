@@ -1,0 +1,152 @@
+"""05 --suite mlcd-linear (eval_suite.py): datasets written in the exact layouts torchvision's downloads leave
+(CIFAR-10's pickled batches, DTD's images and split files, EuroSAT's class folders), read through torchvision's
+own readers; a missing and a cut-off dataset are one line each while the others run; CLIP's metrics against
+plain references (sklearn's average precision and ROC-AUC, 11-point AP written out, per-class mean)."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_script
+
+import eval_suite  # noqa: E402
+import model as model_py  # noqa: E402
+import probes  # noqa: E402
+
+ev = load_script("eval", "05_eval.py")
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def picture(c, k, size=32):
+    """A class-c image: its colour plus noise (seeded by k)."""
+    rng = np.random.default_rng(k)
+    a = np.clip(np.array(COLOURS[c])[None, None] + rng.normal(0, 30, (size, size, 3)), 0, 255)
+    return a.astype(np.uint8)
+
+
+def write_cifar10(root, per_class=6):
+    """cifar-10-batches-py as the download unpacks it: five training batches, a test batch, batches.meta."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    k = 0
+
+    def batch(n):
+        nonlocal k
+        labels = [i % 3 for i in range(n)]
+        data = np.stack([picture(c, (k := k + 1)).transpose(2, 0, 1).reshape(-1) for c in labels])
+        return {"batch_label": "x", "labels": labels, "data": data, "filenames": [f"{i}.png" for i in range(n)]}
+    for b in range(1, 6):
+        with open(os.path.join(folder, f"data_batch_{b}"), "wb") as f:
+            pickle.dump(batch(per_class), f)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump(batch(12), f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["red", "green", "blue"] + [f"c{i}" for i in range(7)]}, f)
+
+
+def write_dtd(root):
+    """dtd/dtd/images/<class>/<file>.jpg and dtd/dtd/labels/{train,val,test}1.txt (class/file per line)."""
+    base = os.path.join(root, "dtd", "dtd")
+    lists = {"train": [], "val": [], "test": []}
+    for c, cls in enumerate(["banded", "dotted", "striped"]):
+        os.makedirs(os.path.join(base, "images", cls))
+        for i in range(12):
+            name = f"{cls}_{i:04d}.jpg"
+            Image.fromarray(picture(c, 100 * c + i)).save(os.path.join(base, "images", cls, name), quality=95)
+            lists["train" if i < 6 else "val" if i < 8 else "test"].append(f"{cls}/{name}")
+    os.makedirs(os.path.join(base, "labels"))
+    for split, rows in lists.items():
+        with open(os.path.join(base, "labels", f"{split}1.txt"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+
+
+def write_eurosat(root):
+    """eurosat/2750/<class>/<Class>_<n>.jpg: no split of its own."""
+    for c, cls in enumerate(["Forest", "River", "SeaLake"]):
+        os.makedirs(os.path.join(root, "eurosat", "2750", cls))
+        for i in range(15):
+            Image.fromarray(picture(c, 1000 + 50 * c + i)).save(
+                os.path.join(root, "eurosat", "2750", cls, f"{cls}_{i + 1}.jpg"), quality=95)
+
+
+def test_readers_take_the_download_layouts(tmp_path):
+    root = str(tmp_path)
+    write_cifar10(root)
+    write_dtd(root)
+    write_eurosat(root)
+    cifar = eval_suite.open_dataset(eval_suite.BY_NAME["CIFAR10"], root)
+    assert [len(cifar[k]) for k in ("train", "test")] == [30, 12] and cifar["val"] is None
+    assert cifar["train"].labels.tolist()[:4] == [0, 1, 2, 0]
+    assert np.array_equal(np.asarray(cifar["test"].image(1)), picture(1, 32))       # the pixels, as written
+    dtd = eval_suite.open_dataset(eval_suite.BY_NAME["DTD"], root)
+    assert [len(dtd[k]) for k in ("train", "val", "test")] == [18, 6, 12]
+    euro = eval_suite.open_dataset(eval_suite.BY_NAME["EuroSAT"], root)
+    assert len(euro["train"]) + len(euro["test"]) == 45 and len(euro["test"]) > 0
+    # missing, cut off, and a reader not written yet: one line each, naming the expected layout
+    assert eval_suite.open_dataset(eval_suite.BY_NAME["Food101"], root).startswith(
+        f"not found under {os.path.join(root, 'food-101')}: expected food-101/images/")
+    os.remove(os.path.join(root, "cifar-10-batches-py", "data_batch_3"))
+    assert eval_suite.open_dataset(eval_suite.BY_NAME["CIFAR10"], root).startswith("incomplete under")
+    assert eval_suite.open_dataset(eval_suite.BY_NAME["Birdsnap"], root).startswith("not read by this version")
+
+
+def test_suite_end_to_end_with_a_missing_and_a_cut_off_dataset(tmp_path):
+    root = str(tmp_path / "data")
+    write_cifar10(root)
+    write_dtd(root)
+    write_eurosat(root)
+    with open(os.path.join(root, "dtd", "dtd", "labels", "test1.txt"), "a") as f:
+        f.write("dotted/not_there.jpg\n")                     # a listed file that is not there: cut off
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=32))),
+               tmp_path / "t.pt")
+    out = str(tmp_path / "out")
+    flags = ["--suite", "mlcd-linear", "--data-root", root, "--encoder", f"tiny={tmp_path / 't.pt'}", "--out", out,
+             "--datasets", "CIFAR10,DTD,EuroSAT,Pets", "--probe-iters", "50", "--c-refine", "0"]
+    rep = ev.main(flags)
+    assert rep["datasets"]["Pets"]["status"].startswith("not found under")
+    res = rep["encoders"]["tiny"]["results"]
+    assert set(res) == {"CIFAR10", "EuroSAT"} and rep["datasets"]["DTD"]["status"].startswith("incomplete")
+    for name in res:
+        assert 0 <= res[name]["score"] <= 1 and res[name]["metric"] == "accuracy"
+    assert res["CIFAR10"]["counts"]["test"] == 12
+    md = open(os.path.join(out, "suite.md")).read()
+    assert "| encoder | CIFAR10 | DTD | Pets | EuroSAT | average |" in md          # Tab. 1's column order
+    assert "(published, MLCD Tab. 1; not measured here) | 98.9 | 84.6 | 95.3 | 99.1 |" in md
+    assert json.load(open(os.path.join(out, "suite.json")))["encoders"]["tiny"]["results"]["CIFAR10"] == res["CIFAR10"]
+    # a rerun reuses the features (keyed by the encoder's and the dataset folder's content)
+    again = ev.main(flags + ["--force"])
+    assert again["encoders"]["tiny"]["results"]["CIFAR10"]["score"] == res["CIFAR10"]["score"]
+
+
+def test_metrics_against_plain_references():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    scores = rng.normal(size=(200, 4)) + 2 * np.eye(4)[y] * (rng.random(200) < 0.6)[:, None]
+    pred = scores.argmax(1)
+    per_class = np.mean([np.sum((pred == c) & (y == c)) / np.sum(y == c) for c in range(4)])
+    assert probes.suite_metric("mean_per_class", scores, y) == pytest.approx(per_class)
+    assert probes.suite_metric("accuracy", scores, y) == pytest.approx(np.mean(pred == y))
+    top5 = probes.suite_metric("top1_top5_mean", np.c_[scores, rng.normal(size=(200, 4))], y)
+    in5 = [y[i] in np.argsort(-np.c_[scores, np.zeros((200, 4))][i])[:5] for i in range(200)]
+    assert 0 < top5 <= 1 and top5 >= np.mean(pred == y) / 2 and len(in5) == 200
+    yb = (rng.random(300) < 0.3).astype(int)
+    sb = np.c_[np.zeros(300), rng.normal(size=300) + yb]
+    assert probes.suite_metric("roc_auc", sb, yb) == pytest.approx(roc_auc_score(yb, sb[:, 1]))
+    # 11-point interpolated AP, written out: at each recall threshold t in 0, 0.1, ..., 1 the best precision
+    # among the ranks whose recall reaches t
+    s, pos = rng.normal(size=50), rng.random(50) < 0.3
+    order = np.argsort(-s)
+    prec = [pos[order][:k + 1].sum() / (k + 1) for k in range(50)]
+    rec = [pos[order][:k + 1].sum() / pos.sum() for k in range(50)]
+    ref = np.mean([max([p for p, r in zip(prec, rec) if r >= t], default=0) for t in [i / 10 for i in range(11)]])
+    assert probes.ap_11point(s, pos) == pytest.approx(ref)
+    assert abs(probes.ap_11point(s, pos) - average_precision_score(pos, s)) < 0.1     # close to sklearn's AP
+    Y = (rng.random((80, 3)) < 0.4).astype(int)
+    S = rng.normal(size=(80, 3)) + Y
+    assert probes.suite_metric("map11", S, Y) == pytest.approx(np.mean([probes.ap_11point(S[:, c], Y[:, c])
+                                                                        for c in range(3)]))
