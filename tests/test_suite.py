@@ -150,3 +150,62 @@ def test_metrics_against_plain_references():
     S = rng.normal(size=(80, 3)) + Y
     assert probes.suite_metric("map11", S, Y) == pytest.approx(np.mean([probes.ap_11point(S[:, c], Y[:, c])
                                                                         for c in range(3)]))
+
+
+def write_stl10(root):
+    """stl10_binary: uint8 images 3 x 96 x 96 stored column-major, labels 1..10, class_names.txt."""
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder)
+    for split, n in (("train", 12), ("test", 9)):
+        labels = np.array([i % 3 for i in range(n)])
+        x = np.stack([picture(c, 7 * i + (n == 9), 96).transpose(2, 1, 0) for i, c in enumerate(labels)])
+        x.tofile(os.path.join(folder, f"{split}_X.bin"))
+        (labels + 1).astype(np.uint8).tofile(os.path.join(folder, f"{split}_y.bin"))
+    open(os.path.join(folder, "unlabeled_X.bin"), "wb").close()
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(["airplane", "bird", "car"] + [f"c{i}" for i in range(7)]) + "\n")
+
+
+def write_gtsrb(root):
+    """gtsrb/GTSRB/Training/<class>/*.ppm, gtsrb/GTSRB/Final_Test/Images/*.ppm and gtsrb/GT-final_test.csv."""
+    base = os.path.join(root, "gtsrb")
+    rows = []
+    for c in range(3):
+        os.makedirs(os.path.join(base, "GTSRB", "Training", f"{c:05d}"))
+        for i in range(6):
+            Image.fromarray(picture(c, 500 + 10 * c + i)).save(
+                os.path.join(base, "GTSRB", "Training", f"{c:05d}", f"00000_{i:05d}.ppm"))
+    os.makedirs(os.path.join(base, "GTSRB", "Final_Test", "Images"))
+    for i in range(9):
+        Image.fromarray(picture(i % 3, 900 + i)).save(os.path.join(base, "GTSRB", "Final_Test", "Images", f"{i:05d}.ppm"))
+        rows.append(f"{i:05d}.ppm;32;32;0;0;31;31;{i % 3}")
+    with open(os.path.join(base, "GT-final_test.csv"), "w") as f:
+        f.write("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n" + "\n".join(rows) + "\n")
+
+
+def write_caltech101(root):
+    """caltech101/101_ObjectCategories/<class>/image_0001.jpg ..., with the BACKGROUND_Google folder."""
+    base = os.path.join(root, "caltech101", "101_ObjectCategories")
+    for c, cls in enumerate(["BACKGROUND_Google", "accordion", "airplanes", "anchor"]):
+        os.makedirs(os.path.join(base, cls))
+        for i in range(10):
+            Image.fromarray(picture(max(c - 1, 0), 2000 + 20 * c + i)).save(
+                os.path.join(base, cls, f"image_{i + 1:04d}.jpg"), quality=95)
+
+
+def test_more_readers_take_their_layouts(tmp_path):
+    root = str(tmp_path)
+    write_stl10(root)
+    write_gtsrb(root)
+    write_caltech101(root)
+    stl = eval_suite.open_dataset(eval_suite.BY_NAME["STL10"], root)
+    assert [len(stl[k]) for k in ("train", "test")] == [12, 9] and stl["train"].labels.tolist()[:3] == [0, 1, 2]
+    assert np.array_equal(np.asarray(stl["train"].image(1)), picture(1, 7, 96))
+    gtsrb = eval_suite.open_dataset(eval_suite.BY_NAME["GTSRB"], root)
+    assert [len(gtsrb[k]) for k in ("train", "test")] == [18, 9] and gtsrb["test"].labels.tolist()[:3] == [0, 1, 2]
+    cal = eval_suite.open_dataset(eval_suite.BY_NAME["Caltech101"], root)
+    assert len(cal["train"]) == 15 and len(cal["test"]) == 15          # 3 classes of 10: 5 train, 5 test each
+    assert sorted(set(cal["train"].labels.tolist())) == [0, 1, 2]       # the background folder is no class
+    # STL10 cut off: its test labels missing
+    os.remove(os.path.join(root, "stl10_binary", "test_y.bin"))
+    assert eval_suite.open_dataset(eval_suite.BY_NAME["STL10"], root).startswith("incomplete under")
