@@ -411,3 +411,81 @@ def suite_probe(x_train, y_train, x_val, y_val, x_test, y_test, metric: str, set
             "iters": final.iters, "search": search, "classes": K,
             "counts": {"train": len(y_train), "val": len(y_val), "test": len(y_test)},
             "time_s": round(time.time() - t0, 3)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attentive probe (V-JEPA's, used by OneVision-Encoder): cross-attention pooling of frozen patch tokens
+
+ATTENTIVE_HEADS = 4          # heads of the pooling attention (at most the token width allows)
+ATTENTIVE_EPOCHS = 50        # full passes over probe-train
+ATTENTIVE_LR = 1e-3          # AdamW with a cosine schedule, as V-JEPA trains its probe (Bardes et al. 2024); the
+                             # values are the kit's, for probe sets of hundreds to thousands of images
+ATTENTIVE_WD = 0.01
+ATTENTIVE_BATCH = 256
+
+
+def attentive_head(dim: int, classes: int, heads: int = ATTENTIVE_HEADS):
+    """One learnable query attends over the frozen tokens (multi-head cross-attention with its output
+    projection), then LayerNorm and a linear classifier: V-JEPA's attentive probe without the MLP."""
+    import torch
+    import torch.nn as nn
+
+    class AttentiveHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.trunc_normal_(self.query, std=0.02)
+            self.attn = nn.MultiheadAttention(dim, heads if dim % heads == 0 else 1, batch_first=True)
+            self.norm = nn.LayerNorm(dim)
+            self.fc = nn.Linear(dim, classes)
+
+        def forward(self, tokens):                       # (B, P, D) -> (B, classes)
+            pooled, _ = self.attn(self.query.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
+            return self.fc(self.norm(pooled[:, 0]))
+    return AttentiveHead()
+
+
+def attentive_probe(tokens, labels, split, settings: ProbeSettings, epochs: int = ATTENTIVE_EPOCHS) -> dict:
+    """Train attentive_head on probe-train's patch tokens (N, P, D) with AdamW and cross-entropy (batches of
+    ATTENTIVE_BATCH, smaller on small sets so an epoch is at least 8 steps), for `epochs` epochs on a cosine
+    schedule; keep the head of the epoch with the best validation accuracy (the latest among ties), score it
+    once on probe-test (top-1). The tokens stay frozen; seeded by settings.seed."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    t0 = time.time()
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+    classes, (y_tr, y_va, y_te) = encode_labels(labels[tr], labels[va], labels[te])
+    x = torch.as_tensor(np.asarray(tokens, np.float32), device=settings.device)
+    rows_tr, rows_va, rows_te = (torch.as_tensor(np.flatnonzero(m), device=settings.device) for m in (tr, va, te))
+
+    def accuracy(head, rows, y):
+        with torch.no_grad():
+            return float((head(x[rows]).argmax(1).cpu().numpy() == y).mean()) if len(rows) else 0.0
+
+    torch.manual_seed(settings.seed)
+    head = attentive_head(x.shape[2], len(classes)).to(settings.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=ATTENTIVE_LR, weight_decay=ATTENTIVE_WD)
+    batch = min(ATTENTIVE_BATCH, max(16, len(rows_tr) // 8))     # at least 8 steps an epoch on small sets
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * -(-len(rows_tr) // batch), 1))
+    g, yt = torch.Generator().manual_seed(settings.seed), torch.as_tensor(y_tr, device=settings.device)
+    best, best_epoch, best_state = -1.0, epochs, None
+    for epoch in range(1, epochs + 1):
+        for b in torch.randperm(len(rows_tr), generator=g).split(batch):
+            loss = F.cross_entropy(head(x[rows_tr[b.to(settings.device)]]), yt[b.to(settings.device)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if len(rows_va):
+            acc = accuracy(head, rows_va, y_va)
+            if acc >= best:
+                best, best_epoch, best_state = acc, epoch, copy.deepcopy(head.state_dict())
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return {"top1": accuracy(head, rows_te, y_te), "val_top1": best if len(rows_va) else None,
+            "epoch": best_epoch, "epochs": epochs, "heads": ATTENTIVE_HEADS, "lr": ATTENTIVE_LR,
+            "weight_decay": ATTENTIVE_WD, "batch": batch,
+            "counts": {"train": int(tr.sum()), "val": int(va.sum()), "test": int(te.sum()), "classes": len(classes)},
+            "time_s": round(time.time() - t0, 3)}

@@ -209,3 +209,23 @@ def test_more_readers_take_their_layouts(tmp_path):
     # STL10 cut off: its test labels missing
     os.remove(os.path.join(root, "stl10_binary", "test_y.bin"))
     assert eval_suite.open_dataset(eval_suite.BY_NAME["STL10"], root).startswith("incomplete under")
+
+
+def test_attentive_probe_reads_the_patch_a_mean_token_loses():
+    """The class is where a marker token sits (left or right half of the grid); each token carries its
+    position, as a ViT's do. The mean token is the same for both classes (the linear probe is at chance); the
+    attentive probe's query finds the marker and reads its position."""
+    rng = np.random.default_rng(0)
+    N, P, D = 360, 8, 32
+    pos, marker = rng.normal(size=(P, D)), 3 * rng.normal(size=D)
+    where = rng.integers(0, P, N)
+    tokens = rng.normal(size=(N, P, D)) * 0.5 + pos
+    tokens[np.arange(N), where] += marker
+    labels = (where >= P // 2).astype(int)
+    split = np.where(np.arange(N) < 240, 0, 2)
+    split[200:240] = 1
+    settings = probes.ProbeSettings(probe_iters=200, c_refine=0, seed=0)
+    linear = probes.classification_probe(probes.unit(tokens.mean(1)), labels, split, settings)["linear"]["top1"]
+    attentive = probes.attentive_probe(tokens, labels, split, settings)
+    print(f"mean-token linear {linear:.3f}, attentive {attentive['top1']:.3f} (epoch {attentive['epoch']})")
+    assert linear < 0.7 and attentive["top1"] > 0.9
