@@ -128,7 +128,7 @@ MAX_TOKENS = losses.OCR_MAX_TOKENS   # as 02 labels a line: unique CLIP BPE ids 
 TSNE_MAX = 2000
 TSNE_MAX_COLOURS = 20
 TEXT_CATEGORY = "text"
-PROBES = ("image", "contents", "objects", "ocr", "dense")
+PROBES = ("image", "contents", "objects", "ocr", "dense", "attentive")
 NOT_IN_REPORT = ("force", "out", "device", "batch_size", "chunk_size")     # flags that change no reported number
 
 EVAL_STATUS = ["ok", "not_image", "truncated", "unreadable", "empty_file", "too_large", "missing", "error",
@@ -169,9 +169,11 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="encoder forward precision (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    p.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)} "
+    p.add_argument("--probes", default=",".join(PROBES[:-1]), help=f"comma-separated subset of {','.join(PROBES)} "
                    "(image: the largest object's class; contents: the classes and category fields present, "
-                   "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches)")
+                   "multi-label mAP, and the object count; objects / ocr: box probes and the t-SNE; dense: patches; "
+                   "attentive: the image labels from the frozen patch tokens through probes.attentive_probe, "
+                   "which stores every image's tokens with its features)")
     p.add_argument("--force", action="store_true", help="replace a finished report made with other settings")
     p.add_argument("--suite", choices=["mlcd-linear"], help="MLCD Tab. 1's linear-probe suite on the datasets "
                    "under --data-root, in torchvision's layouts (instead of --images / --image-folder)")
@@ -660,7 +662,7 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
     identity = workdir.from_rank0(encoder_identity(spec, args.clip_config) if rank == 0 else None)
     key = {"encoder": identity, "image_size": args.image_size, "seed": args.seed,
            "data": data.fingerprint, "files": len(data.files), "dtype": args.dtype, "max_pixels": args.max_pixels,
-           "version": 3}
+           "version": 3, **({"image_tokens": True} if "attentive" in args.probes else {})}
     key = json.loads(json.dumps(key))
     done = workdir.read_manifest(folder)
     workdir.barrier()                       # every rank has read the manifest before rank 0 may remove it
@@ -684,6 +686,8 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
             per_row["region"] = "ann_counts"
         if data.masks:
             per_row.update({"dense_tokens": "patch_counts", "dense_labels": "patch_counts"})
+        if "attentive" in args.probes:
+            per_row["image_tokens"] = "token_counts"
         per_image = ["status", "size", "image_features"] + (["mask_status"] if data.masks else [])
         chunk_engine.merge_chunks(folder, num_chunks, per_image, per_row)
         if rank == 0:
@@ -695,7 +699,8 @@ def extract(name: str, spec: str, data: Data, args, device) -> tuple[dict, dict]
         return {}, info
     names = ["status", "size", "image_features", "ann_offsets", "pooled"] + \
         (["region"] if info["region_path"] else []) + \
-        (["mask_status", "patch_offsets", "dense_tokens", "dense_labels"] if data.masks else [])
+        (["mask_status", "patch_offsets", "dense_tokens", "dense_labels"] if data.masks else []) + \
+        (["token_offsets", "image_tokens"] if "attentive" in args.probes else [])
     arrays = {n: workdir.load(folder, n) for n in names}
     info = {**info, "extract_s": None if reuse else round(time.time() - t0, 2), "reused": reuse, "key": key}
     return arrays, info
@@ -719,7 +724,7 @@ class FeatureChunk:
         if enc.has_region:
             out["region"] = np.zeros((int(counts.sum()), enc.region_dim), np.float32)
         mask_status = np.full(n, MASK_STATUS.index("none"), np.uint8)
-        dense_tok, dense_lab = [None] * n, [None] * n
+        dense_tok, dense_lab, self.image_tok = [None] * n, [None] * n, [None] * n
         ready = self.read(start, end, out["status"], out["size"], mask_status, dense_lab)
         for s in range(0, len(ready), self.args.batch_size):
             self.encode(ready[s: s + self.args.batch_size], start, out, dense_lab, dense_tok)
@@ -731,6 +736,11 @@ class FeatureChunk:
             out["dense_tokens"] = (np.concatenate([dense_tok[j] for j in have]) if have
                                    else np.zeros((0, enc.token_dim), np.float16))
             out["dense_labels"] = (np.concatenate([dense_lab[j] for j in have]) if have else np.zeros(0, np.int32))
+        if "attentive" in self.args.probes:           # every image's patch tokens, for the attentive probe
+            have = [j for j in range(n) if self.image_tok[j] is not None]
+            out["token_counts"] = np.array([0 if t is None else len(t) for t in self.image_tok], np.int64)
+            out["image_tokens"] = (np.concatenate([self.image_tok[j] for j in have]) if have
+                                   else np.zeros((0, enc.token_dim), np.float16))
         return out
 
     def read(self, start, end, status, size, mask_status, dense_lab):
@@ -781,6 +791,8 @@ class FeatureChunk:
                     out["region"][lo: lo + len(bx)] = regions[k, :len(bx)].float().cpu().numpy()
             if data.masks and dense_lab[j] is not None:
                 dense_tok[j] = tokens_np[k].astype(np.float16)
+            if "attentive" in self.args.probes:
+                self.image_tok[j] = tokens_np[k].astype(np.float16)
 
 
 def read_patch_labels(data: Data, i: int, image_size, pre: Preprocess, p: int, mask_status, j: int, category_lut):
@@ -1122,6 +1134,11 @@ def probe_encoder(name, f, data, ok, kept, token_lists, contents, settings, args
     if "image" in args.probes or args.image_folder:
         results["image"] = probes.classification_probe(probes.unit(f["image_features"][img_sel]),
                                                        data.image_label[img_sel], split[img_sel], settings)
+    if "attentive" in args.probes:                  # the same images and labels, on the frozen patch tokens
+        offsets, rows = f["token_offsets"], np.flatnonzero(img_sel)
+        tokens = np.stack([np.asarray(f["image_tokens"][offsets[i]: offsets[i + 1]], np.float32) for i in rows])
+        results["image_attentive"] = probes.attentive_probe(tokens, data.image_label[img_sel], split[img_sel],
+                                                            settings)
     if args.image_folder:
         return results, tsne
     if contents is not None:

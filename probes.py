@@ -332,6 +332,7 @@ def dense_probe(tokens, labels, split, settings: ProbeSettings) -> dict:
 # the report's columns: (header, probe key, metric path); 05's markdown() writes them
 COLUMNS = [
     ("image linear", "image", ("linear", "top1")), ("image k-NN", "image", ("knn", "top1")),
+    ("image attentive", "image_attentive", ("top1",)),
     ("image mAP", "present_classes", ("linear", "map")),
     # "image mAP (<field>)" for each category field (image_contents) goes here: markdown() inserts them
     ("count linear", "object_count", ("linear", "top1")),

@@ -459,6 +459,11 @@ def test_image_folder_mode(world, tmp_path, capsys):
     c = probes["image"]["counts"]
     assert c["train"] + c["val"] + c["test"] == 36 and 0 <= probes["image"]["linear"]["top1"] <= 1
     assert "| tiny |" in (tmp_path / "o" / "report.md").read_text()
+    # the attentive probe on the same images, from the frozen patch tokens stored with the features
+    att = ev.main([*flags, "--probes", "image,attentive", "--out", str(tmp_path / "att")])
+    a = att["encoders"]["tiny"]["probes"]["image_attentive"]
+    assert 0 <= a["top1"] <= 1 and a["counts"]["test"] == c["test"] and "| image attentive |" in \
+        (tmp_path / "att" / "report.md").read_text()
     # loose files are read through the image table, as every stage reads them
     table = json.loads((tmp_path / "o" / "images" / "manifest.json").read_text())
     assert table["complete"] and table["kind"] == "files" and table["rows"] == 36
