@@ -19,8 +19,7 @@ test; Caltech-101 the usual 30 training images per class, seeded. RESISC45 has n
 class folders go through torchvision's ImageFolder.
 
 Not yet read here (reported as such, with the layout they will need): Birdsnap, Stanford Cars, VOC2007,
-Flowers, FER2013, KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), CLEVR counts,
-Hateful Memes, and ImageNet.
+FER2013, KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), Hateful Memes, and ImageNet.
 """
 from __future__ import annotations
 
@@ -186,6 +185,21 @@ def read_stl10(root):
     return _splits(lambda s: cls(root, split=s, download=False))
 
 
+def read_flowers(root):
+    """Oxford Flowers-102: jpg/, imagelabels.mat and setid.mat (their md5 check replaced by a presence check)."""
+    import torchvision.datasets as tvd
+    cls = type("Flowers102", (tvd.Flowers102,), {"_check_integrity": lambda self: self._images_folder.is_dir() and all(
+        (self._base_folder / self._file_dict[k][0]).is_file() for k in ("label", "setid"))})
+    return _splits(lambda s: cls(root, split=s, download=False), val="val")
+
+
+def read_clevr(root):
+    """CLEVR counts (the number of objects): its test split has no scenes, so val is the test split, as in
+    CLIP's CLEVR Counts."""
+    import torchvision.datasets as tvd
+    return _splits(lambda s: tvd.CLEVRClassification(root, split=s, download=False), test="val")
+
+
 def read_gtsrb(root):
     import torchvision.datasets as tvd
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
@@ -220,7 +234,8 @@ SUITE = [
          "mean_per_class", read_pets),
     Spec("Caltech101", "caltech101", "caltech101/101_ObjectCategories/<class>/image_NNNN.jpg (with "
          "BACKGROUND_Google)", "mean_per_class", read_caltech101),
-    Spec("Flowers", "flowers-102", "flowers-102/{jpg,imagelabels.mat,setid.mat}", "mean_per_class"),
+    Spec("Flowers", "flowers-102", "flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}", "mean_per_class",
+         read_flowers),
     Spec("MNIST", "MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", "accuracy", read_mnist),
     Spec("FER2013", "fer2013", "fer2013/{train,test}.csv", "accuracy"),
     Spec("STL10", "stl10_binary", "stl10_binary/{train,test}_{X,y}.bin", "accuracy", read_stl10),
@@ -233,7 +248,8 @@ SUITE = [
     Spec("PCAM", "pcam", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5", "accuracy"),
     Spec("UCF101", "ucf101", "ucf101/{UCF-101,ucfTrainTestlist}", "accuracy"),
     Spec("K700", "kinetics700", "kinetics700/{train,val}/<class>/*.mp4", "top1_top5_mean"),
-    Spec("CLEVR", "clevr", "clevr/CLEVR_v1.0/{images,scenes}", "accuracy"),
+    Spec("CLEVR", "clevr", "clevr/CLEVR_v1.0/images/{train,val}/*.png and clevr/CLEVR_v1.0/scenes/"
+         "CLEVR_{train,val}_scenes.json", "accuracy", read_clevr),
     Spec("HatefulMemes", "hateful_memes", "hateful_memes/{img,train.jsonl,dev_seen.jsonl}", "roc_auc"),
     Spec("SST2", "rendered-sst2", "rendered-sst2/{train,valid,test}/{negative,positive}/*.png", "accuracy",
          read_sst2),

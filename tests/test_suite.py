@@ -229,3 +229,44 @@ def test_attentive_probe_reads_the_patch_a_mean_token_loses():
     attentive = probes.attentive_probe(tokens, labels, split, settings)
     print(f"mean-token linear {linear:.3f}, attentive {attentive['top1']:.3f} (epoch {attentive['epoch']})")
     assert linear < 0.7 and attentive["top1"] > 0.9
+
+
+def write_flowers(root):
+    """flowers-102/jpg/image_NNNNN.jpg, imagelabels.mat (labels 1..102) and setid.mat (trnid, valid, tstid)."""
+    from scipy.io import savemat
+    base = os.path.join(root, "flowers-102")
+    os.makedirs(os.path.join(base, "jpg"))
+    labels = [i % 3 + 1 for i in range(24)]
+    for i, c in enumerate(labels):
+        Image.fromarray(picture(c - 1, 3000 + i)).save(os.path.join(base, "jpg", f"image_{i + 1:05d}.jpg"), quality=95)
+    savemat(os.path.join(base, "imagelabels.mat"), {"labels": np.array([labels])})
+    ids = np.arange(1, 25)
+    savemat(os.path.join(base, "setid.mat"), {"trnid": ids[:12][None], "valid": ids[12:15][None],
+                                              "tstid": ids[15:][None]})
+
+
+def write_clevr(root):
+    """clevr/CLEVR_v1.0/images/{train,val}/CLEVR_<split>_NNNNNN.png and scenes/CLEVR_<split>_scenes.json."""
+    base = os.path.join(root, "clevr", "CLEVR_v1.0")
+    for split, n in (("train", 12), ("val", 6)):
+        os.makedirs(os.path.join(base, "images", split))
+        scenes = []
+        for i in range(n):
+            name = f"CLEVR_{split}_{i:06d}.png"
+            Image.fromarray(picture(i % 3, 4000 + i + (split == "val") * 100)).save(os.path.join(base, "images", split, name))
+            scenes.append({"image_filename": name, "objects": [{}] * (3 + i % 3)})
+        os.makedirs(os.path.join(base, "scenes"), exist_ok=True)
+        with open(os.path.join(base, "scenes", f"CLEVR_{split}_scenes.json"), "w") as f:
+            json.dump({"scenes": scenes}, f)
+    os.makedirs(os.path.join(base, "images", "test"))
+
+
+def test_flowers_and_clevr_layouts(tmp_path):
+    root = str(tmp_path)
+    write_flowers(root)
+    write_clevr(root)
+    fl = eval_suite.open_dataset(eval_suite.BY_NAME["Flowers"], root)
+    assert [len(fl[k]) for k in ("train", "val", "test")] == [12, 3, 9] and fl["train"].labels.tolist()[:3] == [0, 1, 2]
+    assert eval_suite.BY_NAME["Flowers"].metric == "mean_per_class"
+    cl = eval_suite.open_dataset(eval_suite.BY_NAME["CLEVR"], root)
+    assert len(cl["train"]) == 12 and len(cl["test"]) == 6 and cl["test"].labels.tolist()[:3] == [3, 4, 5]
