@@ -144,7 +144,13 @@ def parse_args(argv):
     p.add_argument("--images", help="image folder (COCO file_name entries are relative to it), or tar shards "
                                     "(a pattern, a folder of .tar, a list): file_name is the member's name")
     p.add_argument("--coco", help="COCO detection JSON with the boxes and categories")
-    p.add_argument("--masks", help="folder of per-image instance-id PNGs (00_make_demo_data.py's masks/)")
+    p.add_argument("--masks", help="folder of per-image mask PNGs: instance ids (00_make_demo_data.py's masks/, with "
+                   "--coco) or class indices (--mask-format classes: ADE20K, VOC SegmentationClass)")
+    p.add_argument("--mask-format", default="instances", choices=["instances", "classes"],
+                   help="instances: k = the image's k-th COCO annotation; classes: each pixel its class index (then "
+                   "--coco may be left out: the dense probe only)")
+    p.add_argument("--mask-ignore", default="255", help="classes: comma-separated pixel values that are no class "
+                   "(VOC's 255 boundary; ADE20K: 0,255, its 0 being 'other')")
     p.add_argument("--image-folder", help="instead of --images/--coco: ROOT/<class>/<image> (image probe only)")
     p.add_argument("--text-category", default=TEXT_CATEGORY, help="COCO category name of the text boxes")
     p.add_argument("--out", default=OUT)
@@ -204,8 +210,17 @@ def parse_args(argv):
     elif args.image_folder:
         if args.coco or args.masks:
             raise SystemExit("error: --image-folder replaces --images/--coco/--masks; pass one or the other")
+    elif args.mask_format == "classes" and args.images and args.masks and not args.coco:
+        args.probes = ["dense"]                   # class-index masks alone: a semantic segmentation set
     elif not (args.images and args.coco):
-        raise SystemExit("error: pass --images DIR and --coco FILE (or --image-folder ROOT)")
+        raise SystemExit("error: pass --images DIR and --coco FILE (or --image-folder ROOT, or --images with "
+                         "--masks and --mask-format classes)")
+    try:
+        args.mask_ignore = sorted({int(v) for v in args.mask_ignore.split(",") if v.strip()})
+    except ValueError:
+        raise SystemExit(f"error: --mask-ignore {args.mask_ignore}: comma-separated pixel values 0..255") from None
+    if any(not 0 <= v <= 255 for v in args.mask_ignore):
+        raise SystemExit(f"error: --mask-ignore {args.mask_ignore}: pixel values are 0..255")
     for flag in ("image_folder", "masks"):
         path = getattr(args, flag)
         if path and not os.path.isdir(path):
@@ -240,6 +255,8 @@ class Data:
     masks: str | None
     fingerprint: str
     source: dict
+    mask_format: str = "instances"     # --mask-format: instance ids (with the COCO file) or class indices
+    mask_ignore: tuple = ()            # classes: pixel values that are no class (--mask-ignore)
     table: object = None        # the image table in <out>/images (attach_table; rows: its row per item)
     rows: np.ndarray | None = None
     split: np.ndarray | None = None     # int8 (n,): 0 probe-train, 1 its validation part, 2 probe-test (load_eval_data)
@@ -335,6 +352,25 @@ def _read_coco(images: str, coco_path: str, masks: str | None, text_category: st
                 masks=masks, fingerprint=fp.hexdigest(),
                 source={"images": os.path.abspath(images), "coco": os.path.abspath(coco_path),
                         "masks": os.path.abspath(masks) if masks else None})
+
+
+def read_segmentation_folder(images: str, masks: str) -> Data:
+    """--images with --masks of class indices and no COCO file (ADE20K's images/ and annotations/, VOC's
+    JPEGImages/ and SegmentationClass/): every image with a mask of the same stem, for the dense probe."""
+    root_abs, paths = image_io.list_inputs(images)
+    stems = {os.path.splitext(os.path.relpath(os.path.join(d, f), masks))[0]
+             for d, _, fs in os.walk(masks) for f in fs if f.lower().endswith(".png")}
+    files = [p for p in paths if os.path.splitext(p)[0] in stems]
+    if not files:
+        raise SystemExit(f"error: --masks {masks}: no mask named as an image of --images {images} (<stem>.png)")
+    if len(files) < len(paths):
+        workdir.say(f"note: {len(paths) - len(files)} images of {images} have no mask in {masks}: left out")
+    fp = hashlib.sha1(("\0".join([root_abs, os.path.abspath(masks)] + files)).encode()).hexdigest()
+    return Data(root=root_abs, files=files, ann_offsets=np.zeros(len(files) + 1, np.int64),
+                boxes=np.zeros((0, 4), np.float32), category=np.zeros(0, np.int64), is_text=np.zeros(0, bool),
+                words=[], area=np.zeros(0), crowd=np.zeros(0, bool), image_label=np.full(len(files), -1, np.int64),
+                class_names={}, categories={}, masks=masks, fingerprint=fp,
+                source={"images": root_abs, "masks": os.path.abspath(masks)})
 
 
 def read_image_folder(root: str) -> Data:
@@ -813,10 +849,14 @@ def read_patch_labels(data: Data, i: int, image_size, pre: Preprocess, p: int, m
     if inst.shape != (image_size[1], image_size[0]):
         mask_status[j] = MASK_STATUS.index("wrong_size")
         return None
-    a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
-    lut = np.full(256, -1, np.int64)               # instance id -> category id; ids past the annotations: unknown
-    lut[0] = 0
-    lut[1: 1 + min(b - a, 255)] = category_lut[a: a + min(b - a, 255)]
+    if data.mask_format == "classes":              # the pixel is its class; the ignored values are none
+        lut = np.arange(256, dtype=np.int64)
+        lut[list(data.mask_ignore)] = -1
+    else:
+        a, b = data.ann_offsets[i], data.ann_offsets[i + 1]
+        lut = np.full(256, -1, np.int64)           # instance id -> category id; ids past the annotations: unknown
+        lut[0] = 0
+        lut[1: 1 + min(b - a, 255)] = category_lut[a: a + min(b - a, 255)]
     mask_status[j] = MASK_STATUS.index("ok")
     return patch_labels(inst, lut, pre, p)
 
@@ -1033,8 +1073,13 @@ def open_out(args) -> None:
 def load_eval_data(args) -> Data:
     """The images and their annotations (--image-folder, or --images with --coco and --masks), and the seeded
     probe-train / val / test split of the images (Data.split)."""
-    data = read_image_folder(args.image_folder) if args.image_folder else \
-        read_coco(args.images, args.coco, args.masks, args.text_category)
+    if args.image_folder:
+        data = read_image_folder(args.image_folder)
+    elif args.coco:
+        data = read_coco(args.images, args.coco, args.masks, args.text_category)
+    else:
+        data = read_segmentation_folder(args.images, args.masks)
+    data.mask_format, data.mask_ignore = args.mask_format, tuple(args.mask_ignore)
     fields = {"class"} | {k for c in data.categories.values() for k in c if k not in ("id", "name")}
     if args.tsne_max and args.tsne_color_by not in fields | {"auto"}:
         raise SystemExit(f"error: --tsne-color-by {args.tsne_color_by}: not a category field of the data (choose "
@@ -1108,7 +1153,7 @@ def annotation_counts(data, ok, status, first, args):
                   "test": int(((split == 2) & ok).sum()), "seed": args.seed, "test_fraction": args.test_fraction,
                   "val_fraction": args.val_fraction},
     }
-    if not args.image_folder:
+    if not args.image_folder and len(data.category):
         obj, txt = ~data.is_text, data.is_text
         report["objects"] = {"annotations": int(obj.sum()), "kept": int((obj & kept).sum()),
                              "crowd": int((obj & ok[ann_image] & data.crowd).sum()),
@@ -1120,9 +1165,9 @@ def annotation_counts(data, ok, status, first, args):
                                 "dropped_crop": int((txt & ok[ann_image] & ~kept & ~data.crowd).sum()),
                                 "on_unreadable": int((txt & ~ok[ann_image]).sum()),
                                 "without_word": int((txt & ~has_word).sum())}
-        if data.masks:
-            ms = first["mask_status"]
-            report["masks"] = {s: int((ms[ok] == k).sum()) for k, s in enumerate(MASK_STATUS) if (ms[ok] == k).any()}
+    if data.masks:
+        ms = first["mask_status"]
+        report["masks"] = {s: int((ms[ok] == k).sum()) for k, s in enumerate(MASK_STATUS) if (ms[ok] == k).any()}
     return kept, report
 
 

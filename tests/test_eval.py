@@ -555,3 +555,35 @@ def test_two_process_torchrun_equals_one(report, world, tmp_path):
         assert list(metrics(probe)), key
         for m, v in metrics(probe):
             assert dict(metrics(two["encoders"]["kit"]["probes"][key]))[m] == pytest.approx(v, abs=1e-9), (key, m)
+
+
+def test_class_index_masks_without_a_coco_file(tmp_path):
+    """--masks of class indices (VOC SegmentationClass: palette PNGs, 255 the boundary) with --images and no COCO
+    file: the dense probe over the dataset's classes; ignored pixels are no class; images without a mask are left
+    out."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (3 * 253)
+    for i in range(24):
+        cls = np.zeros((64, 64), np.uint8)
+        c = 1 + i % 2
+        cls[:, 32:] = c                                          # right half: the image's class, left: background
+        cls[:, 24:40] = 255                                      # the boundary VOC marks as void
+        rgb = np.where(cls[..., None] == 0, 60, np.where(cls[..., None] == 1, [200, 40, 40], [40, 200, 40]))
+        Image.fromarray((rgb + rng.normal(0, 10, rgb.shape)).clip(0, 255).astype(np.uint8)).save(
+            tmp_path / "JPEGImages" / f"2007_{i:06d}.jpg", quality=95)
+        m = Image.fromarray(cls, "P")
+        m.putpalette(palette)
+        m.save(tmp_path / "SegmentationClass" / f"2007_{i:06d}.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "JPEGImages" / "2007_999999.jpg")   # no mask
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=64))),
+               tmp_path / "t.pt")
+    rep = ev.main(["--images", str(tmp_path / "JPEGImages"), "--masks", str(tmp_path / "SegmentationClass"),
+                   "--mask-format", "classes", "--encoder", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"),
+                   "--probe-iters", "50", "--c-refine", "0"])
+    dense = rep["encoders"]["t"]["probes"]["dense"]
+    assert list(rep["encoders"]["t"]["probes"]) == ["dense"] and rep["data"]["images"]["total"] == 24
+    assert dense["counts"]["classes"] == 3 and 0 <= dense["linear"]["miou"] <= 1     # 0, 1, 2: never 255
+    labels = np.load(tmp_path / "o" / "features" / "t" / "dense_labels.npy")
+    assert set(np.unique(labels).tolist()) <= {-1, 0, 1, 2} and (labels == -1).any()
