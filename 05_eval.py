@@ -299,12 +299,30 @@ def read_coco(images: str, coco_path: str, masks: str | None, text_category: str
                          f"{str(e)[:100]})") from None
 
 
+def text_json_as_coco(t: dict, text_category: str = TEXT_CATEGORY) -> dict:
+    """COCO-Text v2 (cocotext.v2.json) or TextOCR (TextOCR_0.1_*.json): {"imgs": {id: image}, "anns": {id:
+    {"image_id", "bbox" x y w h, "utf8_string", ...}}} -> a COCO detection dict whose words are text boxes
+    (category `text_category`, the word in "text"). Illegible words carry no text: COCO-Text's legibility
+    "illegible" and TextOCR's "." are boxes without a word, which the OCR probe leaves out (counted)."""
+    images = [{"id": str(k), "file_name": im["file_name"], "width": im.get("width"), "height": im.get("height")}
+              for k, im in t["imgs"].items()]
+    annotations = []
+    for k, a in t["anns"].items():
+        word = a.get("utf8_string")
+        legible = a.get("legibility", "legible") == "legible" and word not in (None, "", ".")
+        annotations.append({"id": str(k), "image_id": str(a["image_id"]), "category_id": 1, "bbox": a["bbox"],
+                            "area": a.get("area"), **({"text": word} if legible else {})})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": text_category}]}
+
+
 def _read_coco(images: str, coco_path: str, masks: str | None, text_category: str) -> Data:
     try:
         with open(coco_path, "rb") as f:
             coco = json.loads(f.read())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --coco {coco_path}: not readable JSON ({e})") from None
+    if isinstance(coco, dict) and "imgs" in coco and "anns" in coco:     # COCO-Text v2 or TextOCR
+        coco = text_json_as_coco(coco, text_category)
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
         raise SystemExit(f"error: --coco {coco_path} is not a COCO detection file (needs images, annotations, "
                          "categories)")

@@ -587,3 +587,38 @@ def test_class_index_masks_without_a_coco_file(tmp_path):
     assert dense["counts"]["classes"] == 3 and 0 <= dense["linear"]["miou"] <= 1     # 0, 1, 2: never 255
     labels = np.load(tmp_path / "o" / "features" / "t" / "dense_labels.npy")
     assert set(np.unique(labels).tolist()) <= {-1, 0, 1, 2} and (labels == -1).any()
+
+
+def test_coco_text_and_textocr_json_give_the_same_ocr_probe(world, tmp_path):
+    """The world's words written as COCO-Text v2 (legibility, int ids) and as TextOCR (string ids, "." for an
+    illegible word): the OCR probe reads them as the same text boxes as a COCO file of those words alone,
+    to the last digit; illegible words are boxes without a word."""
+    c = coco(world)
+    text_id = next(k["id"] for k in c["categories"] if k["name"] == "text")
+    words = [a for a in c["annotations"] if a["category_id"] == text_id]
+    only_text = {"images": c["images"], "annotations": words, "categories": [{"id": text_id, "name": "text"}]}
+    cocotext = {"imgs": {str(im["id"]): {**im, "set": "train"} for im in c["images"]},
+                "anns": {str(a["id"]): {"image_id": a["image_id"], "bbox": a["bbox"], "utf8_string": a["text"],
+                                        "legibility": "legible", "language": "english", "class": "machine printed"}
+                         for a in words}, "imgToAnns": {}, "cats": {}}
+    textocr = {"imgs": {f"img{im['id']}": {"id": f"img{im['id']}", "file_name": im["file_name"],
+                                           "width": im["width"], "height": im["height"], "set": "train"}
+                        for im in c["images"]},
+               "anns": {f"img{a['image_id']}_{k}": {"id": f"img{a['image_id']}_{k}", "image_id": f"img{a['image_id']}",
+                                                    "bbox": a["bbox"], "utf8_string": a["text"]}
+                        for k, a in enumerate(words)}, "img2Anns": {}}
+    first = next(iter(cocotext["anns"]))
+    cocotext_illegible = json.loads(json.dumps(cocotext))
+    cocotext_illegible["anns"][first]["legibility"] = "illegible"
+    results = {}
+    for name, content in (("coco", only_text), ("cocotext", cocotext), ("textocr", textocr),
+                          ("illegible", cocotext_illegible)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+        rep = ev.main(["--images", str(world / "data" / "images"), "--coco", str(tmp_path / f"{name}.json"),
+                       "--encoder", str(world / "tiny.pt"), "--out", str(tmp_path / name), "--probes", "ocr",
+                       "--tsne-max", "0", *FAST])
+        results[name] = (rep["encoders"]["tiny"]["probes"], rep["data"]["text_boxes"])
+    strip = lambda p: {k: {kk: vv for kk, vv in v.items() if kk != "time_s"} for k, v in p.items()}   # noqa: E731
+    assert "ocr_pooled" in results["coco"][0] and "recall@5" in results["coco"][0]["ocr_pooled"]["linear"]
+    assert strip(results["cocotext"][0]) == strip(results["coco"][0]) == strip(results["textocr"][0])
+    assert results["coco"][1]["kept"] == len(words) and results["illegible"][1]["without_word"] == 1
