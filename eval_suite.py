@@ -18,8 +18,11 @@ Datasets without a split of their own (EuroSAT, SUN397, RESISC45) get a seeded C
 test; Caltech-101 the usual 30 training images per class, seeded. RESISC45 has no torchvision reader: its
 class folders go through torchvision's ImageFolder.
 
+FER2013 and Hateful Memes have readers of the kit's own (torchvision has none for Hateful Memes, and its
+FER2013 reader checks md5 sums in its constructor).
+
 Not yet read here (reported as such, with the layout they will need): Birdsnap, Stanford Cars, VOC2007,
-FER2013, KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), Hateful Memes, and ImageNet.
+KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), and ImageNet.
 """
 from __future__ import annotations
 
@@ -200,6 +203,63 @@ def read_clevr(root):
     return _splits(lambda s: tvd.CLEVRClassification(root, split=s, download=False), test="val")
 
 
+class _Listed:
+    """A split held as (image source, label) pairs: a file path, or a uint8 array (FER2013's 48 x 48 faces)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        src, label = self.items[i]
+        return (Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)), label
+
+
+def _listed(items) -> Split:
+    return Split(_Listed(items), np.asarray([y for _, y in items], np.int64))
+
+
+def read_fer2013(root):
+    """FER2013 as Kaggle releases it: fer2013/fer2013.csv (emotion, pixels, Usage) or icml_face_data.csv;
+    Training is train, PublicTest the validation split, PrivateTest the test split. torchvision's reader
+    checks md5 sums inside its constructor, so the kit reads the csv itself. Kaggle's train.csv / test.csv
+    pair has no test labels: it is refused with that reason."""
+    import csv
+    base = os.path.join(root, "fer2013")
+    for name, pixels, usage in (("fer2013.csv", "pixels", "Usage"), ("icml_face_data.csv", " pixels", " Usage")):
+        if os.path.isfile(os.path.join(base, name)):
+            break
+    else:
+        raise FileNotFoundError("fer2013.csv (or icml_face_data.csv) is not there; Kaggle's train.csv / test.csv "
+                                "have no test labels")
+    parts = {"Training": [], "PublicTest": [], "PrivateTest": []}
+    with open(os.path.join(base, name), newline="") as f:
+        for row in csv.DictReader(f):
+            face = np.asarray(row[pixels].split(), np.uint8).reshape(48, 48)
+            parts[row[usage]].append((face, int(row["emotion"])))
+    return {"train": _listed(parts["Training"]), "val": _listed(parts["PublicTest"]),
+            "test": _listed(parts["PrivateTest"])}
+
+
+def read_hateful_memes(root):
+    """Hateful Memes as released: hateful_memes/{img/, train.jsonl, dev_seen.jsonl (or dev.jsonl)}; the
+    image alone, train against dev (its test set has no labels), scored by ROC-AUC as in CLIP."""
+    import json
+    base = os.path.join(root, "hateful_memes")
+
+    def split(*names):
+        for name in names:
+            if os.path.isfile(os.path.join(base, name)):
+                with open(os.path.join(base, name)) as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+                return _listed([(os.path.join(base, r["img"]), int(r["label"])) for r in rows])
+        raise FileNotFoundError(f"{' or '.join(names)} is not there")
+    return {"train": split("train.jsonl"), "val": None, "test": split("dev_seen.jsonl", "dev.jsonl")}
+
+
 def read_gtsrb(root):
     import torchvision.datasets as tvd
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
@@ -237,7 +297,8 @@ SUITE = [
     Spec("Flowers", "flowers-102", "flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}", "mean_per_class",
          read_flowers),
     Spec("MNIST", "MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", "accuracy", read_mnist),
-    Spec("FER2013", "fer2013", "fer2013/{train,test}.csv", "accuracy"),
+    Spec("FER2013", "fer2013", "fer2013/fer2013.csv (emotion, pixels, Usage) or icml_face_data.csv", "accuracy",
+         read_fer2013),
     Spec("STL10", "stl10_binary", "stl10_binary/{train,test}_{X,y}.bin", "accuracy", read_stl10),
     Spec("EuroSAT", "eurosat", "eurosat/2750/<class>/*.jpg", "accuracy", read_eurosat),
     Spec("RESISC45", "NWPU-RESISC45", "NWPU-RESISC45/<class>/*.jpg", "accuracy", read_resisc45),
@@ -250,7 +311,8 @@ SUITE = [
     Spec("K700", "kinetics700", "kinetics700/{train,val}/<class>/*.mp4", "top1_top5_mean"),
     Spec("CLEVR", "clevr", "clevr/CLEVR_v1.0/images/{train,val}/*.png and clevr/CLEVR_v1.0/scenes/"
          "CLEVR_{train,val}_scenes.json", "accuracy", read_clevr),
-    Spec("HatefulMemes", "hateful_memes", "hateful_memes/{img,train.jsonl,dev_seen.jsonl}", "roc_auc"),
+    Spec("HatefulMemes", "hateful_memes", "hateful_memes/{img/*.png,train.jsonl,dev_seen.jsonl}", "roc_auc",
+         read_hateful_memes),
     Spec("SST2", "rendered-sst2", "rendered-sst2/{train,valid,test}/{negative,positive}/*.png", "accuracy",
          read_sst2),
 ]
@@ -281,6 +343,8 @@ def open_dataset(spec: Spec, root: str):
 def listed_files(ds) -> list:
     """The image files a torchvision reader listed (its split files, or its class folders), to check they are
     there before any feature is extracted; none for readers that hold arrays (CIFAR, MNIST)."""
+    if isinstance(ds, _Listed):
+        return [src for src, _ in ds.items if isinstance(src, str)]
     for attr in ("_image_files", "_images", "_samples", "samples"):
         if hasattr(ds, attr):
             return [x[0] if isinstance(x, tuple) else x for x in getattr(ds, attr)]

@@ -403,9 +403,12 @@ def suite_probe(x_train, y_train, x_val, y_val, x_test, y_test, metric: str, set
     dev, iters = settings.device, settings.probe_iters
     t0 = time.time()
     K = int(max(y_train.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
-    C, search, _ = search_c(
-        lambda C: fit_linear(x_train, y_train, C, K, iters=iters, device=dev),
-        lambda m: suite_metric(metric, linear_scores(x_val, m, dev), y_val), refine=settings.c_refine)
+    if len(set(np.asarray(y_val).tolist())) >= 2:
+        C, search, _ = search_c(
+            lambda C: fit_linear(x_train, y_train, C, K, iters=iters, device=dev),
+            lambda m: suite_metric(metric, linear_scores(x_val, m, dev), y_val), refine=settings.c_refine)
+    else:                                       # a validation split too small to score (one class): no search
+        C, search = 1.0, []
     final = fit_linear(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), C, K, iters=iters,
                        device=dev)
     return {"score": suite_metric(metric, linear_scores(x_test, final, dev), y_test), "metric": metric, "C": C,

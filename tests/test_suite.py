@@ -270,3 +270,45 @@ def test_flowers_and_clevr_layouts(tmp_path):
     assert eval_suite.BY_NAME["Flowers"].metric == "mean_per_class"
     cl = eval_suite.open_dataset(eval_suite.BY_NAME["CLEVR"], root)
     assert len(cl["train"]) == 12 and len(cl["test"]) == 6 and cl["test"].labels.tolist()[:3] == [3, 4, 5]
+
+
+def write_fer2013(root):
+    """fer2013/fer2013.csv as Kaggle releases it: emotion, pixels (48 x 48 grey values), Usage."""
+    os.makedirs(os.path.join(root, "fer2013"))
+    rows = ["emotion,pixels,Usage"]
+    for i in range(30):
+        face = picture(i % 3, 5000 + i, 48).mean(2).astype(np.uint8)
+        usage = "Training" if i < 18 else "PublicTest" if i < 24 else "PrivateTest"
+        rows.append(f"{i % 3},{' '.join(map(str, face.reshape(-1)))},{usage}")
+    with open(os.path.join(root, "fer2013", "fer2013.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def write_hateful_memes(root):
+    """hateful_memes/img/NNNNN.png, train.jsonl and dev_seen.jsonl (id, img, label, text)."""
+    base = os.path.join(root, "hateful_memes")
+    os.makedirs(os.path.join(base, "img"))
+    for split, n, start in (("train", 24, 10000), ("dev_seen", 12, 20000)):
+        with open(os.path.join(base, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                Image.fromarray(picture(i % 2, start + i)).save(os.path.join(base, "img", f"{start + i}.png"))
+                f.write(json.dumps({"id": start + i, "img": f"img/{start + i}.png", "label": i % 2, "text": "w"}) + "\n")
+
+
+def test_fer2013_and_hateful_memes_through_the_suite(tmp_path):
+    root = str(tmp_path / "data")
+    write_fer2013(root)
+    write_hateful_memes(root)
+    fer = eval_suite.open_dataset(eval_suite.BY_NAME["FER2013"], root)
+    assert [len(fer[k]) for k in ("train", "val", "test")] == [18, 6, 6] and fer["test"].image(0).size == (48, 48)
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=32))),
+               tmp_path / "t.pt")
+    rep = ev.main(["--suite", "mlcd-linear", "--data-root", root, "--encoder", f"tiny={tmp_path / 't.pt'}",
+                   "--out", str(tmp_path / "out"), "--datasets", "FER2013,HatefulMemes", "--probe-iters", "50",
+                   "--c-refine", "0"])
+    res = rep["encoders"]["tiny"]["results"]
+    assert res["HatefulMemes"]["metric"] == "roc_auc" and 0 <= res["HatefulMemes"]["score"] <= 1
+    assert res["FER2013"]["counts"] == {"train": 18, "val": 6, "test": 6}
+    # Kaggle's train.csv / test.csv pair has no test labels: one line saying so
+    os.rename(os.path.join(root, "fer2013", "fer2013.csv"), os.path.join(root, "fer2013", "train.csv"))
+    assert "have no test labels" in eval_suite.open_dataset(eval_suite.BY_NAME["FER2013"], root)
