@@ -21,8 +21,7 @@ class folders go through torchvision's ImageFolder.
 FER2013 and Hateful Memes have readers of the kit's own (torchvision has none for Hateful Memes, and its
 FER2013 reader checks md5 sums in its constructor).
 
-Not yet read here (reported as such, with the layout they will need): Birdsnap, Stanford Cars, VOC2007,
-KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), and ImageNet.
+Not yet read here (reported as such, with the layout they will need): Birdsnap, Stanford Cars, KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), and ImageNet.
 """
 from __future__ import annotations
 
@@ -260,6 +259,29 @@ def read_hateful_memes(root):
     return {"train": split("train.jsonl"), "val": None, "test": split("dev_seen.jsonl", "dev.jsonl")}
 
 
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def read_voc2007(root):
+    """VOC2007 classification: VOCdevkit/VOC2007 through torchvision's VOCDetection (train, val, test image
+    sets); each image's labels are the classes of its objects not marked difficult, multi-hot over the 20
+    classes, scored by the 11-point mAP (probes.ap_11point)."""
+    import xml.etree.ElementTree as ET
+
+    import torchvision.datasets as tvd
+
+    def split(image_set):
+        ds = tvd.VOCDetection(root, year="2007", image_set=image_set, download=False)
+        y = np.zeros((len(ds.annotations), len(VOC_CLASSES)), np.int64)
+        for i, path in enumerate(ds.annotations):
+            for obj in ET.parse(path).getroot().iter("object"):
+                if obj.findtext("difficult", "0").strip() != "1" and obj.findtext("name") in VOC_CLASSES:
+                    y[i, VOC_CLASSES.index(obj.findtext("name"))] = 1
+        return Split(ds, y)
+    return {"train": split("train"), "val": split("val"), "test": split("test")}
+
+
 def read_gtsrb(root):
     import torchvision.datasets as tvd
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
@@ -287,7 +309,8 @@ SUITE = [
     Spec("Cars", "stanford_cars", "stanford_cars/{cars_train,cars_test,devkit}", "accuracy"),
     Spec("Aircraft", "fgvc-aircraft-2013b", "fgvc-aircraft-2013b/data/{images,images_variant_*.txt,variants.txt}",
          "mean_per_class", read_aircraft),
-    Spec("VOC2007", "VOCdevkit/VOC2007", "VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main}", "map11"),
+    Spec("VOC2007", "VOCdevkit/VOC2007", "VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main/{train,val,"
+         "test}.txt}", "map11", read_voc2007),
     Spec("DTD", "dtd", "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt", "accuracy",
          read_dtd),
     Spec("Pets", "oxford-iiit-pet", "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/{trainval,test}.txt",
@@ -345,7 +368,7 @@ def listed_files(ds) -> list:
     there before any feature is extracted; none for readers that hold arrays (CIFAR, MNIST)."""
     if isinstance(ds, _Listed):
         return [src for src, _ in ds.items if isinstance(src, str)]
-    for attr in ("_image_files", "_images", "_samples", "samples"):
+    for attr in ("_image_files", "_images", "_samples", "samples", "images"):
         if hasattr(ds, attr):
             return [x[0] if isinstance(x, tuple) else x for x in getattr(ds, attr)]
     return []

@@ -402,15 +402,18 @@ def suite_probe(x_train, y_train, x_val, y_val, x_test, y_test, metric: str, set
     refitted on train + val with the best C, scored once on test. Labels are class indices 0..K-1."""
     dev, iters = settings.device, settings.probe_iters
     t0 = time.time()
-    K = int(max(y_train.max(), y_val.max() if len(y_val) else 0, y_test.max())) + 1
-    if len(set(np.asarray(y_val).tolist())) >= 2:
+    multilabel = np.ndim(y_train) == 2          # VOC2007: multi-hot rows, one BCE output per class
+    K = y_train.shape[1] if multilabel else int(max(y_train.max(), y_val.max() if len(y_val) else 0,
+                                                    y_test.max())) + 1
+    scorable = (np.asarray(y_val).sum(0) > 0).any() if multilabel else len(set(np.asarray(y_val).tolist())) >= 2
+    if len(y_val) and scorable:
         C, search, _ = search_c(
-            lambda C: fit_linear(x_train, y_train, C, K, iters=iters, device=dev),
+            lambda C: fit_linear(x_train, y_train, C, K, multilabel, iters=iters, device=dev),
             lambda m: suite_metric(metric, linear_scores(x_val, m, dev), y_val), refine=settings.c_refine)
     else:                                       # a validation split too small to score (one class): no search
         C, search = 1.0, []
-    final = fit_linear(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), C, K, iters=iters,
-                       device=dev)
+    final = fit_linear(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), C, K, multilabel,
+                       iters=iters, device=dev)
     return {"score": suite_metric(metric, linear_scores(x_test, final, dev), y_test), "metric": metric, "C": C,
             "iters": final.iters, "search": search, "classes": K,
             "counts": {"train": len(y_train), "val": len(y_val), "test": len(y_test)},

@@ -312,3 +312,41 @@ def test_fer2013_and_hateful_memes_through_the_suite(tmp_path):
     # Kaggle's train.csv / test.csv pair has no test labels: one line saying so
     os.rename(os.path.join(root, "fer2013", "fer2013.csv"), os.path.join(root, "fer2013", "train.csv"))
     assert "have no test labels" in eval_suite.open_dataset(eval_suite.BY_NAME["FER2013"], root)
+
+
+def write_voc2007(root):
+    """VOCdevkit/VOC2007: JPEGImages/NNNNNN.jpg, Annotations/NNNNNN.xml (objects, difficult flags) and
+    ImageSets/Main/{train,val,test}.txt."""
+    base = os.path.join(root, "VOCdevkit", "VOC2007")
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(base, sub))
+    sets = {"train": [], "val": [], "test": []}
+    for i in range(36):
+        name = f"{i + 1:06d}"
+        c = i % 3                                         # colour 0 / 1 / 2: cat / dog / cat + dog
+        Image.fromarray(picture(c, 6000 + i)).save(os.path.join(base, "JPEGImages", name + ".jpg"), quality=95)
+        objects = {0: [("cat", 0)], 1: [("dog", 0)], 2: [("cat", 0), ("dog", 0), ("person", 1)]}[c]
+        xml = "<annotation><filename>%s.jpg</filename>%s</annotation>" % (name, "".join(
+            f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
+            f"<xmax>20</xmax><ymax>20</ymax></bndbox></object>" for n, d in objects))
+        with open(os.path.join(base, "Annotations", name + ".xml"), "w") as f:
+            f.write(xml)
+        sets["train" if i < 18 else "val" if i < 24 else "test"].append(name)
+    for split, names in sets.items():
+        with open(os.path.join(base, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
+
+
+def test_voc2007_multilabel_through_the_suite(tmp_path):
+    root = str(tmp_path / "data")
+    write_voc2007(root)
+    voc = eval_suite.open_dataset(eval_suite.BY_NAME["VOC2007"], root)
+    y = voc["train"].labels
+    cat, dog, person = (eval_suite.VOC_CLASSES.index(n) for n in ("cat", "dog", "person"))
+    assert y.shape == (18, 20) and y[2, cat] == y[2, dog] == 1 and y[:, person].sum() == 0    # difficult: no label
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=32))),
+               tmp_path / "t.pt")
+    rep = ev.main(["--suite", "mlcd-linear", "--data-root", root, "--encoder", f"tiny={tmp_path / 't.pt'}",
+                   "--out", str(tmp_path / "out"), "--datasets", "VOC2007", "--probe-iters", "50", "--c-refine", "0"])
+    res = rep["encoders"]["tiny"]["results"]["VOC2007"]
+    assert res["metric"] == "map11" and 0 <= res["score"] <= 1 and res["classes"] == 20
