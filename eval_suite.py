@@ -21,7 +21,10 @@ class folders go through torchvision's ImageFolder.
 FER2013 and Hateful Memes have readers of the kit's own (torchvision has none for Hateful Memes, and its
 FER2013 reader checks md5 sums in its constructor).
 
-Not yet read here (reported as such, with the layout they will need): Birdsnap, Stanford Cars, KITTI, PCAM, UCF101 and Kinetics-700 (their middle frame, as CLIP did), and ImageNet.
+ImageNet-1k (MLCD Tab. 4's linear probe) runs after the Tab. 1 columns, from class folders.
+
+Not yet read here (reported as such, with the layout they will need): Birdsnap, KITTI, PCAM (its h5 files need
+h5py), UCF101 and Kinetics-700 (their middle frame, as CLIP did).
 """
 from __future__ import annotations
 
@@ -282,6 +285,20 @@ def read_voc2007(root):
     return {"train": split("train"), "val": split("val"), "test": split("test")}
 
 
+def read_cars(root):
+    """Stanford Cars: stanford_cars/{cars_train,cars_test}, devkit/{cars_meta,cars_train_annos}.mat and
+    cars_test_annos_withlabels.mat (the test labels, released separately), through torchvision's reader."""
+    import torchvision.datasets as tvd
+    return _splits(lambda s: tvd.StanfordCars(root, split=s, download=False))
+
+
+def read_imagenet(root):
+    """ImageNet-1k as imagenet/{train,val}/<wnid>/*.JPEG (val sorted into its class folders, as the usual
+    valprep.sh does): torchvision's ImageFolder; val is the test split (ImageNet's test labels are not public)."""
+    import torchvision.datasets as tvd
+    return _splits(lambda s: tvd.ImageFolder(os.path.join(root, "imagenet", s)), test="val")
+
+
 def read_gtsrb(root):
     import torchvision.datasets as tvd
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
@@ -306,7 +323,8 @@ SUITE = [
     Spec("Birdsnap", "birdsnap", "birdsnap/download/images/<species>/*.jpg and birdsnap/test_images.txt", "accuracy"),
     Spec("SUN397", "SUN397", "SUN397/<letter>/<class>/sun_*.jpg and SUN397/ClassName.txt", "accuracy",
          read_sun397),
-    Spec("Cars", "stanford_cars", "stanford_cars/{cars_train,cars_test,devkit}", "accuracy"),
+    Spec("Cars", "stanford_cars", "stanford_cars/{cars_train,cars_test,devkit/cars_meta.mat,devkit/"
+         "cars_train_annos.mat,cars_test_annos_withlabels.mat}", "accuracy", read_cars),
     Spec("Aircraft", "fgvc-aircraft-2013b", "fgvc-aircraft-2013b/data/{images,images_variant_*.txt,variants.txt}",
          "mean_per_class", read_aircraft),
     Spec("VOC2007", "VOCdevkit/VOC2007", "VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main/{train,val,"
@@ -339,6 +357,11 @@ SUITE = [
     Spec("SST2", "rendered-sst2", "rendered-sst2/{train,valid,test}/{negative,positive}/*.png", "accuracy",
          read_sst2),
 ]
+# ImageNet-1k's linear probe is MLCD Tab. 4's (84.6 for MLCD ViT-L/14), not a Tab. 1 column: after them
+SUITE.append(Spec("ImageNet", "imagenet", "imagenet/{train,val}/<wnid>/*.JPEG (val in class folders)", "accuracy",
+                  read_imagenet))
+TAB1_ORDER.append("ImageNet")
+TAB1_MLCD["ImageNet"] = 84.6
 BY_NAME = {s.name: s for s in SUITE}
 
 

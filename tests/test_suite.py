@@ -350,3 +350,42 @@ def test_voc2007_multilabel_through_the_suite(tmp_path):
                    "--out", str(tmp_path / "out"), "--datasets", "VOC2007", "--probe-iters", "50", "--c-refine", "0"])
     res = rep["encoders"]["tiny"]["results"]["VOC2007"]
     assert res["metric"] == "map11" and 0 <= res["score"] <= 1 and res["classes"] == 20
+
+
+def write_cars(root):
+    """stanford_cars: cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat and
+    cars_test_annos_withlabels.mat (struct arrays with fname and class, classes from 1)."""
+    from scipy.io import savemat
+    base = os.path.join(root, "stanford_cars")
+    for sub in ("cars_train", "cars_test", "devkit"):
+        os.makedirs(os.path.join(base, sub))
+    for split, n, mat in (("train", 12, os.path.join("devkit", "cars_train_annos.mat")),
+                          ("test", 6, "cars_test_annos_withlabels.mat")):
+        rec = np.zeros(n, dtype=[("fname", "O"), ("class", "O")])
+        for i in range(n):
+            Image.fromarray(picture(i % 3, 7000 + i + 100 * (split == "test"))).save(
+                os.path.join(base, f"cars_{split}", f"{i + 1:05d}.jpg"), quality=95)
+            rec[i] = (f"{i + 1:05d}.jpg", i % 3 + 1)
+        savemat(os.path.join(base, mat), {"annotations": rec})
+    savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": np.array(["a", "b", "c"], dtype=object)})
+
+
+def write_imagenet(root):
+    """imagenet/{train,val}/<wnid>/*.JPEG."""
+    for split, n in (("train", 6), ("val", 3)):
+        for c, wnid in enumerate(["n01440764", "n01443537", "n01484850"]):
+            os.makedirs(os.path.join(root, "imagenet", split, wnid))
+            for i in range(n):
+                Image.fromarray(picture(c, 8000 + 10 * c + i + 100 * (split == "val"))).save(
+                    os.path.join(root, "imagenet", split, wnid, f"{wnid}_{i}.JPEG"), format="JPEG", quality=95)
+
+
+def test_cars_and_imagenet_layouts(tmp_path):
+    root = str(tmp_path)
+    write_cars(root)
+    write_imagenet(root)
+    cars = eval_suite.open_dataset(eval_suite.BY_NAME["Cars"], root)
+    assert [len(cars[k]) for k in ("train", "test")] == [12, 6] and cars["train"].labels.tolist()[:3] == [0, 1, 2]
+    inet = eval_suite.open_dataset(eval_suite.BY_NAME["ImageNet"], root)
+    assert [len(inet[k]) for k in ("train", "test")] == [18, 9] and inet["val"] is None
+    assert eval_suite.TAB1_ORDER[-1] == "ImageNet" and eval_suite.TAB1_MLCD["ImageNet"] == 84.6
