@@ -23,8 +23,8 @@ FER2013 reader checks md5 sums in its constructor).
 
 ImageNet-1k (MLCD Tab. 4's linear probe) runs after the Tab. 1 columns, from class folders.
 
-Not yet read here (reported as such, with the layout they will need): Birdsnap, KITTI, PCAM (its h5 files need
-h5py), UCF101 and Kinetics-700 (their middle frame, as CLIP did).
+Not yet read here (reported as such, with the layout they will need): Birdsnap, KITTI, UCF101 and
+Kinetics-700 (their middle frame, as CLIP did).
 """
 from __future__ import annotations
 
@@ -299,6 +299,19 @@ def read_imagenet(root):
     return _splits(lambda s: tvd.ImageFolder(os.path.join(root, "imagenet", s)), test="val")
 
 
+def read_pcam(root):
+    """PatchCamelyon: pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 through torchvision's reader
+    (h5py); the labels read from the y files directly."""
+    import h5py
+    import torchvision.datasets as tvd
+
+    def split(s):
+        ds = tvd.PCAM(root, split=s, download=False)
+        with h5py.File(os.path.join(root, "pcam", ds._FILES[s]["targets"][0])) as f:
+            return Split(ds, np.asarray(f["y"][:, 0, 0, 0], np.int64))
+    return {"train": split("train"), "val": split("val"), "test": split("test")}
+
+
 def read_gtsrb(root):
     import torchvision.datasets as tvd
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
@@ -347,7 +360,7 @@ SUITE = [
          "gtsrb/GT-final_test.csv", "accuracy", read_gtsrb),
     Spec("KITTI", "Kitti", "Kitti/raw/{training,testing}/{image_2,label_2}", "accuracy"),
     Spec("Country211", "country211", "country211/{train,valid,test}/<country>/*.jpg", "accuracy", read_country),
-    Spec("PCAM", "pcam", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5", "accuracy"),
+    Spec("PCAM", "pcam", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5", "accuracy", read_pcam),
     Spec("UCF101", "ucf101", "ucf101/{UCF-101,ucfTrainTestlist}", "accuracy"),
     Spec("K700", "kinetics700", "kinetics700/{train,val}/<class>/*.mp4", "top1_top5_mean"),
     Spec("CLEVR", "clevr", "clevr/CLEVR_v1.0/images/{train,val}/*.png and clevr/CLEVR_v1.0/scenes/"

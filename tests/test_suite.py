@@ -389,3 +389,17 @@ def test_cars_and_imagenet_layouts(tmp_path):
     inet = eval_suite.open_dataset(eval_suite.BY_NAME["ImageNet"], root)
     assert [len(inet[k]) for k in ("train", "test")] == [18, 9] and inet["val"] is None
     assert eval_suite.TAB1_ORDER[-1] == "ImageNet" and eval_suite.TAB1_MLCD["ImageNet"] == 84.6
+
+
+def test_pcam_h5_layout(tmp_path):
+    """pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5: x (n, 96, 96, 3) uint8, y (n, 1, 1, 1)."""
+    import h5py
+    os.makedirs(tmp_path / "pcam")
+    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
+        with h5py.File(tmp_path / "pcam" / f"camelyonpatch_level_2_split_{split}_x.h5", "w") as f:
+            f["x"] = np.stack([picture(i % 2, 9000 + i, 96) for i in range(n)])
+        with h5py.File(tmp_path / "pcam" / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as f:
+            f["y"] = (np.arange(n) % 2).astype(np.uint8).reshape(n, 1, 1, 1)
+    pcam = eval_suite.open_dataset(eval_suite.BY_NAME["PCAM"], str(tmp_path))
+    assert [len(pcam[k]) for k in ("train", "val", "test")] == [8, 4, 4] and pcam["test"].labels.tolist() == [0, 1, 0, 1]
+    assert np.array_equal(np.asarray(pcam["train"].image(3)), picture(1, 9003, 96))
