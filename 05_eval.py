@@ -1279,6 +1279,8 @@ def run_suite(args, encoders, device, t_start):
             x = suite_features(enc, enc_name, spec, name, splits, args)
             if workdir.dist_info()[0] == 0:
                 results[name] = probe_suite_dataset(x, splits, eval_suite.BY_NAME[name].metric, settings, args.seed)
+                if "attentive" in args.probes and eval_suite.BY_NAME[name].metric != "map11":
+                    results[name]["attentive"] = attentive_suite_dataset(x, splits, settings, args.seed)
         report["encoders"][enc_name] = {"spec": spec, "encoder": enc.info(), "results": results}
         del enc
     if workdir.dist_info()[0] == 0:
@@ -1304,30 +1306,44 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
     key = json.loads(json.dumps({"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size,
                                  "dtype": args.dtype, "dataset": eval_suite.fingerprint(args.data_root,
                                                                                     eval_suite.BY_NAME[name]),
-                                 "sizes": sizes, "version": 1}))
+                                 "sizes": sizes, "version": 1,
+                                 **({"tokens": True} if "attentive" in args.probes else {})}))
     done = workdir.read_manifest(folder)
     if not (done and done.get("complete") and done.get("key") == key):
         amp = args.dtype == "bf16" or (args.dtype == "auto" and enc.device.type == "cuda")
 
         def process(start, end):
             feats = np.zeros((end - start, enc.image_dim), np.float32)
+            tokens = [] if "attentive" in args.probes else None
             for s in range(start, end, args.batch_size):
                 items = [(k, i - starts[order.index(k)]) for i in range(s, min(end, s + args.batch_size))
                          for k in [order[int(np.searchsorted(starts, i, "right")) - 1]]]
                 pixels = torch.stack([enc.preprocess.pixels(splits[k].image(int(j))) for k, j in items])
                 with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=amp):
-                    feats[s - start: s - start + len(items)] = enc(pixels, None, None)[0].float().cpu().numpy()
-            return {"features": feats}
+                    image_f, patch_tokens, _ = enc(pixels, None, None)
+                    feats[s - start: s - start + len(items)] = image_f.float().cpu().numpy()
+                    if tokens is not None:
+                        tokens.append(patch_tokens.float().cpu().numpy().astype(np.float16))
+            out = {"features": feats}
+            if tokens is not None:                  # every image's patch tokens, for the attentive probe
+                flat = np.concatenate(tokens).reshape(-1, enc.token_dim)
+                out.update(tokens=flat, token_counts=np.full(end - start, len(flat) // (end - start), np.int64))
+            return out
         num_chunks, _ = chunk_engine.run_chunks(folder, int(starts[-1]), args.chunk_size, process,
                                                 f"{name} ({enc_name})", key)
-        chunk_engine.merge_chunks(folder, num_chunks, ["features"], {})
+        chunk_engine.merge_chunks(folder, num_chunks, ["features"],
+                                  {"tokens": "token_counts"} if "attentive" in args.probes else {})
         if workdir.dist_info()[0] == 0:
             workdir.finish_stage(folder, {"stage": "suite_features", "dataset": name, "key": key})
         workdir.barrier()
     if workdir.dist_info()[0] != 0:
         return {}
     x = probes.unit(workdir.load(folder, "features", mmap=False))
-    return {k: x[starts[i]: starts[i + 1]] for i, k in enumerate(order)}
+    out = {k: x[starts[i]: starts[i + 1]] for i, k in enumerate(order)}
+    if "attentive" in args.probes:                  # (images, patches, width), a memmap: read by batches
+        flat = workdir.load(folder, "tokens")
+        out["tokens"] = flat.reshape(int(starts[-1]), -1, flat.shape[1]) if len(flat) else flat
+    return out
 
 
 def probe_suite_dataset(x, splits, metric, settings, seed) -> dict:
@@ -1342,6 +1358,20 @@ def probe_suite_dataset(x, splits, metric, settings, seed) -> dict:
     return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], splits["test"].labels, metric, settings)
 
 
+def attentive_suite_dataset(x, splits, settings, seed) -> dict:
+    """probes.attentive_probe on one dataset's patch tokens (train, its validation split or a seeded share of
+    train, test), top-1."""
+    import eval_suite
+    labels = [splits[k].labels for k in ("train", "val", "test") if splits[k] is not None]
+    split = [np.zeros(len(splits["train"]), np.int8)]
+    if splits["val"] is not None:
+        split.append(np.ones(len(splits["val"]), np.int8))
+    else:
+        split[0][eval_suite.validation_rows(splits["train"].labels, seed)] = 1
+    split.append(np.full(len(splits["test"]), 2, np.int8))
+    return probes.attentive_probe(x["tokens"], np.concatenate(labels), np.concatenate(split), settings)
+
+
 def suite_markdown(report) -> str:
     """Tab. 1's column order: the user's encoders (measured), then the published MLCD ViT-L/14 row."""
     import eval_suite
@@ -1354,6 +1384,10 @@ def suite_markdown(report) -> str:
         rows.append(f"| {name} (measured) | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in got) +
                     f" | {100 * np.mean(done):.1f} over {len(done)} |" if done else f"| {name} (measured) | " +
                     " | " * len(cols) + " |")
+        att = [(enc["results"].get(c, {}).get("attentive") or {}).get("top1") for c in cols]
+        if any(v is not None for v in att):
+            rows.append(f"| {name} (attentive probe, top-1) | " +
+                        " | ".join("" if v is None else f"{100 * v:.1f}" for v in att) + " | |")
     paper = [eval_suite.TAB1_MLCD[c] for c in cols]
     rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
                 " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")

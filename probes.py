@@ -456,7 +456,8 @@ def attentive_probe(tokens, labels, split, settings: ProbeSettings, epochs: int 
     """Train attentive_head on probe-train's patch tokens (N, P, D) with AdamW and cross-entropy (batches of
     ATTENTIVE_BATCH, smaller on small sets so an epoch is at least 8 steps), for `epochs` epochs on a cosine
     schedule; keep the head of the epoch with the best validation accuracy (the latest among ties), score it
-    once on probe-test (top-1). The tokens stay frozen; seeded by settings.seed."""
+    once on probe-test (top-1). The tokens stay frozen and may be a memmap (the suite's): only the rows of a
+    batch are read and moved to the device. Seeded by settings.seed."""
     import copy
 
     import torch
@@ -464,15 +465,21 @@ def attentive_probe(tokens, labels, split, settings: ProbeSettings, epochs: int 
     t0 = time.time()
     tr, va, te = (split == 0), (split == 1), (split == 2)
     classes, (y_tr, y_va, y_te) = encode_labels(labels[tr], labels[va], labels[te])
-    x = torch.as_tensor(np.asarray(tokens, np.float32), device=settings.device)
-    rows_tr, rows_va, rows_te = (torch.as_tensor(np.flatnonzero(m), device=settings.device) for m in (tr, va, te))
+    rows_tr, rows_va, rows_te = (np.flatnonzero(m) for m in (tr, va, te))
+
+    def x(rows):                                       # the tokens of these rows, on the device
+        return torch.as_tensor(np.asarray(tokens[np.asarray(rows)], np.float32), device=settings.device)
 
     def accuracy(head, rows, y):
+        if not len(rows):
+            return 0.0
         with torch.no_grad():
-            return float((head(x[rows]).argmax(1).cpu().numpy() == y).mean()) if len(rows) else 0.0
+            pred = np.concatenate([head(x(rows[s: s + 1024])).argmax(1).cpu().numpy()
+                                   for s in range(0, len(rows), 1024)])
+        return float((pred == y).mean())
 
     torch.manual_seed(settings.seed)
-    head = attentive_head(x.shape[2], len(classes)).to(settings.device)
+    head = attentive_head(tokens.shape[2], len(classes)).to(settings.device)
     opt = torch.optim.AdamW(head.parameters(), lr=ATTENTIVE_LR, weight_decay=ATTENTIVE_WD)
     batch = min(ATTENTIVE_BATCH, max(16, len(rows_tr) // 8))     # at least 8 steps an epoch on small sets
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * -(-len(rows_tr) // batch), 1))
@@ -480,7 +487,7 @@ def attentive_probe(tokens, labels, split, settings: ProbeSettings, epochs: int 
     best, best_epoch, best_state = -1.0, epochs, None
     for epoch in range(1, epochs + 1):
         for b in torch.randperm(len(rows_tr), generator=g).split(batch):
-            loss = F.cross_entropy(head(x[rows_tr[b.to(settings.device)]]), yt[b.to(settings.device)])
+            loss = F.cross_entropy(head(x(rows_tr[b.numpy()])), yt[b.to(settings.device)])
             opt.zero_grad()
             loss.backward()
             opt.step()

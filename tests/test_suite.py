@@ -403,3 +403,21 @@ def test_pcam_h5_layout(tmp_path):
     pcam = eval_suite.open_dataset(eval_suite.BY_NAME["PCAM"], str(tmp_path))
     assert [len(pcam[k]) for k in ("train", "val", "test")] == [8, 4, 4] and pcam["test"].labels.tolist() == [0, 1, 0, 1]
     assert np.array_equal(np.asarray(pcam["train"].image(3)), picture(1, 9003, 96))
+
+
+def test_attentive_probe_in_the_suite(tmp_path):
+    """--probes attentive: every image's patch tokens stored with its suite features (a memmap read by
+    batches), the attentive probe next to the linear one."""
+    root = str(tmp_path / "data")
+    write_eurosat(root)
+    torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=32))),
+               tmp_path / "t.pt")
+    rep = ev.main(["--suite", "mlcd-linear", "--data-root", root, "--encoder", f"tiny={tmp_path / 't.pt'}",
+                   "--out", str(tmp_path / "out"), "--datasets", "EuroSAT", "--probes", "attentive",
+                   "--probe-iters", "50", "--c-refine", "0"])
+    res = rep["encoders"]["tiny"]["results"]["EuroSAT"]
+    assert 0 <= res["score"] <= 1 and 0 <= res["attentive"]["top1"] <= 1
+    assert res["attentive"]["counts"]["test"] == res["counts"]["test"]
+    tokens = np.load(tmp_path / "out" / "suite" / "tiny" / "EuroSAT" / "tokens.npy", mmap_mode="r")
+    assert tokens.shape == (45 * 16, 64) and tokens.dtype == np.float16          # 4 x 4 patches of width 64
+    assert "| tiny (attentive probe, top-1) |" in open(tmp_path / "out" / "suite.md").read()
