@@ -1259,7 +1259,13 @@ def run_suite(args, encoders, device, t_start):
     CLIP-protocol linear probe with the dataset's metric, and a table in Tab. 1's column order next to the
     published MLCD row."""
     import eval_suite
-    opened = {name: eval_suite.open_dataset(eval_suite.BY_NAME[name], args.data_root) for name in args.datasets}
+    rank = workdir.dist_info()[0]
+    # rank 0 checks every listed file once; the other ranks open the readers and take its verdict
+    opened = {name: eval_suite.open_dataset(eval_suite.BY_NAME[name], args.data_root, check_files=rank == 0)
+              for name in args.datasets}
+    verdict = workdir.from_rank0({n: got if isinstance(got, str) else None for n, got in opened.items()}
+                                 if rank == 0 else None)
+    opened = {n: verdict[n] or got for n, got in opened.items()}
     for name, got in opened.items():
         if isinstance(got, str):
             workdir.say(f"{name}: {got}")
@@ -1277,10 +1283,11 @@ def run_suite(args, encoders, device, t_start):
             if isinstance(splits, str):
                 continue
             x = suite_features(enc, enc_name, spec, name, splits, args)
-            if workdir.dist_info()[0] == 0:
-                results[name] = probe_suite_dataset(x, splits, eval_suite.BY_NAME[name].metric, settings, args.seed)
+            if rank == 0:
+                results[name] = {**probe_suite_dataset(x, eval_suite.BY_NAME[name].metric, settings),
+                                 "unreadable": x["unreadable"]}
                 if "attentive" in args.probes and eval_suite.BY_NAME[name].metric != "map11":
-                    results[name]["attentive"] = attentive_suite_dataset(x, splits, settings, args.seed)
+                    results[name]["attentive"] = attentive_suite_dataset(x, settings)
         report["encoders"][enc_name] = {"spec": spec, "encoder": enc.info(), "results": results}
         del enc
     if workdir.dist_info()[0] == 0:
@@ -1294,82 +1301,101 @@ def run_suite(args, encoders, device, t_start):
 
 
 def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
-    """{split: (rows, D) float32} image features of one dataset, extracted once per encoder and dataset into
-    <out>/suite/<encoder>/<dataset>/ (chunk_engine: sharded over ranks, resumable; keyed by the encoder's and
-    the dataset folder's content), read back on rank 0."""
+    """One dataset's image features, extracted once per encoder and dataset into <out>/suite/<encoder>/<dataset>/
+    (chunk_engine: sharded over ranks, resumable; keyed by the encoder's and the dataset folder's content, both
+    read on rank 0 only). An image that fails to decode gets status 1 and is left out of the probes, counted.
+    On rank 0: {split: (rows, D) unit features, "labels": {split: labels}, "unreadable": n, and with the
+    attentive probe "tokens" (images, patches, width) memmap, "all_labels", "split" (0 / 1 / 2, -1 unreadable)}."""
     import eval_suite
     import torch
     order = [k for k in ("train", "val", "test") if splits[k] is not None]
     sizes = [len(splits[k]) for k in order]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     folder = os.path.join(args.out, "suite", enc_name, name)
-    key = json.loads(json.dumps({"encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size,
-                                 "dtype": args.dtype, "dataset": eval_suite.fingerprint(args.data_root,
-                                                                                    eval_suite.BY_NAME[name]),
-                                 "sizes": sizes, "version": 1,
-                                 **({"tokens": True} if "attentive" in args.probes else {})}))
+    attentive = "attentive" in args.probes
+    key = workdir.from_rank0(json.loads(json.dumps({
+        "encoder": encoder_identity(spec, args.clip_config), "image_size": args.image_size, "dtype": args.dtype,
+        "dataset": eval_suite.fingerprint(args.data_root, eval_suite.BY_NAME[name]), "sizes": sizes, "version": 2,
+        **({"tokens": True} if attentive else {})})) if workdir.dist_info()[0] == 0 else None)
     done = workdir.read_manifest(folder)
     if not (done and done.get("complete") and done.get("key") == key):
         amp = args.dtype == "bf16" or (args.dtype == "auto" and enc.device.type == "cuda")
+        grid = (enc.size // enc.patch) ** 2
+
+        def pixels(i):                              # item i of train + val + test; None when it cannot be read
+            s = int(np.searchsorted(starts, i, "right")) - 1
+            try:
+                return enc.preprocess.pixels(splits[order[s]].image(int(i - starts[s])))
+            except Exception as e:                  # one bad file must not stop the suite: its status
+                print(f"{name}: item {i} ({order[s]}): {type(e).__name__}: {str(e)[:160]}", file=sys.stderr,
+                      flush=True)
+                return None
 
         def process(start, end):
-            feats = np.zeros((end - start, enc.image_dim), np.float32)
-            tokens = [] if "attentive" in args.probes else None
+            n = end - start
+            out = {"features": np.zeros((n, enc.image_dim), np.float32), "status": np.zeros(n, np.uint8)}
+            if attentive:                           # every image's patch tokens (zeros for an unreadable one)
+                out.update(tokens=np.zeros((n * grid, enc.token_dim), np.float16),
+                           token_counts=np.full(n, grid, np.int64))
             for s in range(start, end, args.batch_size):
-                items = [(k, i - starts[order.index(k)]) for i in range(s, min(end, s + args.batch_size))
-                         for k in [order[int(np.searchsorted(starts, i, "right")) - 1]]]
-                pixels = torch.stack([enc.preprocess.pixels(splits[k].image(int(j))) for k, j in items])
+                got = [(i - start, pixels(i)) for i in range(s, min(end, s + args.batch_size))]
+                for j, px in got:
+                    out["status"][j] = px is None
+                got = [(j, px) for j, px in got if px is not None]
+                if not got:
+                    continue
+                rows = np.array([j for j, _ in got])
                 with torch.inference_mode(), torch.autocast(enc.device.type, torch.bfloat16, enabled=amp):
-                    image_f, patch_tokens, _ = enc(pixels, None, None)
-                    feats[s - start: s - start + len(items)] = image_f.float().cpu().numpy()
-                    if tokens is not None:
-                        tokens.append(patch_tokens.float().cpu().numpy().astype(np.float16))
-            out = {"features": feats}
-            if tokens is not None:                  # every image's patch tokens, for the attentive probe
-                flat = np.concatenate(tokens).reshape(-1, enc.token_dim)
-                out.update(tokens=flat, token_counts=np.full(end - start, len(flat) // (end - start), np.int64))
+                    image_f, patch_tokens, _ = enc(torch.stack([px for _, px in got]), None, None)
+                out["features"][rows] = image_f.float().cpu().numpy()
+                if attentive:
+                    t = patch_tokens.float().cpu().numpy().astype(np.float16)
+                    for r, j in enumerate(rows):
+                        out["tokens"][j * grid: (j + 1) * grid] = t[r]
             return out
         num_chunks, _ = chunk_engine.run_chunks(folder, int(starts[-1]), args.chunk_size, process,
                                                 f"{name} ({enc_name})", key)
-        chunk_engine.merge_chunks(folder, num_chunks, ["features"],
-                                  {"tokens": "token_counts"} if "attentive" in args.probes else {})
+        chunk_engine.merge_chunks(folder, num_chunks, ["features", "status"],
+                                  {"tokens": "token_counts"} if attentive else {})
         if workdir.dist_info()[0] == 0:
             workdir.finish_stage(folder, {"stage": "suite_features", "dataset": name, "key": key})
         workdir.barrier()
     if workdir.dist_info()[0] != 0:
         return {}
-    x = probes.unit(workdir.load(folder, "features", mmap=False))
-    out = {k: x[starts[i]: starts[i + 1]] for i, k in enumerate(order)}
-    if "attentive" in args.probes:                  # (images, patches, width), a memmap: read by batches
+    x, ok = probes.unit(workdir.load(folder, "features", mmap=False)), workdir.load(folder, "status") == 0
+    part = {k: slice(starts[i], starts[i + 1]) for i, k in enumerate(order)}
+    out = {k: x[part[k]][ok[part[k]]] for k in order}
+    out.update(labels={k: splits[k].labels[ok[part[k]]] for k in order}, unreadable=int((~ok).sum()))
+    carved = None if splits["val"] is not None else eval_suite.validation_rows(splits["train"].labels, args.seed)
+    if carved is not None:                          # the seeded validation share of train, for both probes
+        out["carved"] = carved[ok[part["train"]]]
+    if attentive:                                   # (images, patches, width), a memmap: read by batches
         flat = workdir.load(folder, "tokens")
-        out["tokens"] = flat.reshape(int(starts[-1]), -1, flat.shape[1]) if len(flat) else flat
+        split = np.concatenate([np.full(sizes[i], ("train", "val", "test").index(k), np.int8)
+                                for i, k in enumerate(order)])
+        if carved is not None:
+            split[part["train"]][carved] = 1
+        split[~ok] = -1
+        out.update(tokens=flat.reshape(int(starts[-1]), -1, flat.shape[1]), split=split,
+                   all_labels=np.concatenate([splits[k].labels for k in order]))
     return out
 
 
-def probe_suite_dataset(x, splits, metric, settings, seed) -> dict:
+def probe_suite_dataset(x, metric, settings) -> dict:
     """The dataset's own validation split, or VALIDATION_SHARE of train carved (seeded) for the C search."""
-    import eval_suite
-    y_tr = splits["train"].labels
-    if splits["val"] is not None:
-        x_tr, x_va, y_va = x["train"], x["val"], splits["val"].labels
+    y = x["labels"]
+    if "val" in y:
+        x_tr, y_tr, x_va, y_va = x["train"], y["train"], x["val"], y["val"]
     else:
-        val = eval_suite.validation_rows(y_tr, seed)
-        x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y_tr[~val], y_tr[val]
-    return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], splits["test"].labels, metric, settings)
+        val = x["carved"]
+        x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y["train"][~val], y["train"][val]
+    return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], y["test"], metric, settings)
 
 
-def attentive_suite_dataset(x, splits, settings, seed) -> dict:
-    """probes.attentive_probe on one dataset's patch tokens (train, its validation split or a seeded share of
-    train, test), top-1."""
-    import eval_suite
-    labels = [splits[k].labels for k in ("train", "val", "test") if splits[k] is not None]
-    split = [np.zeros(len(splits["train"]), np.int8)]
-    if splits["val"] is not None:
-        split.append(np.ones(len(splits["val"]), np.int8))
-    else:
-        split[0][eval_suite.validation_rows(splits["train"].labels, seed)] = 1
-    split.append(np.full(len(splits["test"]), 2, np.int8))
-    return probes.attentive_probe(x["tokens"], np.concatenate(labels), np.concatenate(split), settings)
+def attentive_suite_dataset(x, settings) -> dict:
+    """probes.attentive_probe on one dataset's patch tokens (train, its validation split or the same seeded
+    share of train as the linear probe's, test; unreadable images left out), top-1."""
+    return probes.attentive_probe(x["tokens"], x["all_labels"], x["split"], settings)
 
 
 def suite_markdown(report) -> str:
@@ -1392,6 +1418,8 @@ def suite_markdown(report) -> str:
     rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
                 " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")
     notes = [f"- {c}: {report['datasets'][c]['status']}" for c in cols if report["datasets"][c]["status"] != "ok"]
+    notes += [f"- {c} ({name}): {r['unreadable']} images that could not be read were left out"
+              for name, enc in report["encoders"].items() for c, r in enc["results"].items() if r.get("unreadable")]
     averages = "; ".join(f"{k} {v}" for k, v in eval_suite.TAB1_AVERAGES.items())
     return ("# MLCD Tab. 1 linear-probe suite\n\n" + head + "\n".join(rows) + "\n\n" +
             "CLIP's metric per dataset (accuracy; mean per class for Aircraft, Pets, Caltech-101, Flowers; 11-point "

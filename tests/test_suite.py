@@ -101,6 +101,9 @@ def test_suite_end_to_end_with_a_missing_and_a_cut_off_dataset(tmp_path):
     write_eurosat(root)
     with open(os.path.join(root, "dtd", "dtd", "labels", "test1.txt"), "a") as f:
         f.write("dotted/not_there.jpg\n")                     # a listed file that is not there: cut off
+    cut = os.path.join(root, "eurosat", "2750", "River", "River_3.jpg")
+    with open(cut, "r+b") as f:                                 # one image cut off: a status, not a stop
+        f.truncate(40)
     torch.save(model_py.encoder_checkpoint(model_py.VisionEncoder(model_py.preset("tiny", image_size=32))),
                tmp_path / "t.pt")
     out = str(tmp_path / "out")
@@ -112,10 +115,12 @@ def test_suite_end_to_end_with_a_missing_and_a_cut_off_dataset(tmp_path):
     assert set(res) == {"CIFAR10", "EuroSAT"} and rep["datasets"]["DTD"]["status"].startswith("incomplete")
     for name in res:
         assert 0 <= res[name]["score"] <= 1 and res[name]["metric"] == "accuracy"
-    assert res["CIFAR10"]["counts"]["test"] == 12
+    assert res["CIFAR10"]["counts"]["test"] == 12 and res["CIFAR10"]["unreadable"] == 0
+    assert res["EuroSAT"]["unreadable"] == 1 and sum(res["EuroSAT"]["counts"].values()) == 44
     md = open(os.path.join(out, "suite.md")).read()
     assert "| encoder | CIFAR10 | DTD | Pets | EuroSAT | average |" in md          # Tab. 1's column order
     assert "(published, MLCD Tab. 1; not measured here) | 98.9 | 84.6 | 95.3 | 99.1 |" in md
+    assert "- EuroSAT (tiny): 1 images that could not be read were left out" in md
     assert json.load(open(os.path.join(out, "suite.json")))["encoders"]["tiny"]["results"]["CIFAR10"] == res["CIFAR10"]
     # a rerun reuses the features (keyed by the encoder's and the dataset folder's content)
     again = ev.main(flags + ["--force"])
