@@ -160,6 +160,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=SEED, help="the split, random: encoders, subsamples, t-SNE")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
+    p.add_argument("--workers", type=int, default=-1, help="--suite: DataLoader workers that decode and preprocess "
+                   "the datasets' images ahead of the encoder (-1: the process's share of the cores, at most 8; 0: "
+                   "in this process)")
     p.add_argument("--knn-k", type=int, default=probes.KNN_K)
     p.add_argument("--knn-temperature", type=float, default=probes.KNN_TEMPERATURE)
     p.add_argument("--c-refine", type=int, default=probes.C_REFINE, help="halving rounds of the C search")
@@ -1276,7 +1279,8 @@ def run_suite(args, encoders, device, t_start):
     for name, got in opened.items():
         report["datasets"][name] = ({"status": got} if isinstance(got, str) else
                                     {"status": "ok", "metric": eval_suite.BY_NAME[name].metric,
-                                     **{k: len(v) for k, v in got.items() if v is not None}})
+                                     **{k: len(got[k]) for k in eval_suite.SPLITS if got[k] is not None},
+                                     **({"note": got["note"]} if got.get("note") else {})})
     for enc_name, spec in encoders:
         enc, results = build_encoder(spec, args, device), {}
         for name, splits in opened.items():
@@ -1322,14 +1326,7 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
         amp = args.dtype == "bf16" or (args.dtype == "auto" and enc.device.type == "cuda")
         grid = (enc.size // enc.patch) ** 2
 
-        def pixels(i):                              # item i of train + val + test; None when it cannot be read
-            s = int(np.searchsorted(starts, i, "right")) - 1
-            try:
-                return enc.preprocess.pixels(splits[order[s]].image(int(i - starts[s])))
-            except Exception as e:                  # one bad file must not stop the suite: its status
-                print(f"{name}: item {i} ({order[s]}): {type(e).__name__}: {str(e)[:160]}", file=sys.stderr,
-                      flush=True)
-                return None
+        prepare, workers = SuitePixels(splits, order, starts, enc.preprocess), chunk_engine.loader_workers(args.workers)
 
         def process(start, end):
             n = end - start
@@ -1337,11 +1334,14 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
             if attentive:                           # every image's patch tokens (zeros for an unreadable one)
                 out.update(tokens=np.zeros((n * grid, enc.token_dim), np.float16),
                            token_counts=np.full(n, grid, np.int64))
+            items = iter(chunk_engine.prefetched(start, end, prepare, workers))
             for s in range(start, end, args.batch_size):
-                got = [(i - start, pixels(i)) for i in range(s, min(end, s + args.batch_size))]
-                for j, px in got:
+                got = [(i - start, next(items)) for i in range(s, min(end, s + args.batch_size))]
+                for j, (px, error) in got:
                     out["status"][j] = px is None
-                got = [(j, px) for j, px in got if px is not None]
+                    if error:                       # one bad file must not stop the suite: its status
+                        print(f"{name}: item {start + j}: {error}", file=sys.stderr, flush=True)
+                got = [(j, px) for j, (px, _) in got if px is not None]
                 if not got:
                     continue
                 rows = np.array([j for j, _ in got])
@@ -1381,6 +1381,21 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
     return out
 
 
+class SuitePixels:
+    """Item i of a dataset's train + val + test -> (the encoder's input tensor, None), or (None, the reason) when
+    it cannot be read (a cut-off image, a video that does not decode): run ahead in DataLoader workers."""
+
+    def __init__(self, splits, order, starts, preprocess):
+        self.splits, self.order, self.starts, self.preprocess = splits, order, starts, preprocess
+
+    def __call__(self, i):
+        s = int(np.searchsorted(self.starts, i, "right")) - 1
+        try:
+            return self.preprocess.pixels(self.splits[self.order[s]].image(int(i - self.starts[s]))), None
+        except Exception as e:
+            return None, f"{self.order[s]}: {type(e).__name__}: {str(e)[:160]}"
+
+
 def probe_suite_dataset(x, metric, settings) -> dict:
     """The dataset's own validation split, or VALIDATION_SHARE of train carved (seeded) for the C search."""
     y = x["labels"]
@@ -1418,12 +1433,14 @@ def suite_markdown(report) -> str:
     rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
                 " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")
     notes = [f"- {c}: {report['datasets'][c]['status']}" for c in cols if report["datasets"][c]["status"] != "ok"]
+    notes += [f"- {c}: {report['datasets'][c]['note']}" for c in cols if report["datasets"][c].get("note")]
     notes += [f"- {c} ({name}): {r['unreadable']} images that could not be read were left out"
               for name, enc in report["encoders"].items() for c, r in enc["results"].items() if r.get("unreadable")]
     averages = "; ".join(f"{k} {v}" for k, v in eval_suite.TAB1_AVERAGES.items())
     return ("# MLCD Tab. 1 linear-probe suite\n\n" + head + "\n".join(rows) + "\n\n" +
             "CLIP's metric per dataset (accuracy; mean per class for Aircraft, Pets, Caltech-101, Flowers; 11-point "
-            "mAP for VOC2007; ROC-AUC for Hateful Memes), in %; linear probe on the image features, C searched on "
+            "mAP for VOC2007; ROC-AUC for Hateful Memes; the mean of top-1 and top-5 for Kinetics-700), in %; "
+            "UCF101 and Kinetics-700 on each video's middle frame; linear probe on the image features, C searched on "
             "each dataset's validation split (or a seeded share of train), refitted on train + validation. "
             f"Published averages over all 26 columns: {averages}. ImageNet's published value is MLCD Tab. 4's "
             "linear probe."

@@ -18,13 +18,15 @@ Datasets without a split of their own (EuroSAT, SUN397, RESISC45) get a seeded C
 test; Caltech-101 the usual 30 training images per class, seeded. RESISC45 has no torchvision reader: its
 class folders go through torchvision's ImageFolder.
 
-FER2013 and Hateful Memes have readers of the kit's own (torchvision has none for Hateful Memes, and its
-FER2013 reader checks md5 sums in its constructor).
+FER2013, Hateful Memes and Birdsnap have readers of the kit's own (torchvision has none for Hateful Memes and
+Birdsnap, and its FER2013 reader checks md5 sums in its constructor). KITTI is CLIP's KITTI Distance task (the
+closest vehicle's distance in four classes) on torchvision's Kitti reader, split by drive as tensorflow_datasets
+does. UCF101 and Kinetics-700 are probed on each video's middle frame, as CLIP did (middle_frame, PyAV).
+
+A reader may add a note the report prints (Birdsnap's images that were never downloaded, KITTI without its
+devkit's mapping).
 
 ImageNet-1k (MLCD Tab. 4's linear probe) runs after the Tab. 1 columns, from class folders.
-
-Not yet read here (reported as such, with the layout they will need): Birdsnap, KITTI, UCF101 and
-Kinetics-700 (their middle frame, as CLIP did).
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ class Spec:
     folder: str              # under --data-root, where torchvision's download puts it
     expected: str            # what the reader needs there, for the "not found" line
     metric: str              # "accuracy" or "mean_per_class" (CLIP Tab. 9)
-    read: object = None      # read(root) -> {"train": Split, "val": Split | None, "test": Split}
+    read: object             # read(root) -> {"train": Split, "val": Split | None, "test": Split[, "note": str]}
 
 
 def _labels(ds) -> np.ndarray:
@@ -205,8 +207,38 @@ def read_clevr(root):
     return _splits(lambda s: tvd.CLEVRClassification(root, split=s, download=False), test="val")
 
 
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm")
+
+
+def middle_frame(path: str):
+    """The frame in the middle of a video, as a PIL image: UCF101 and Kinetics-700 are probed on it, as CLIP did
+    (CLIP App. A.1). The packets are read without decoding to find the middle frame's timestamp in presentation
+    order (frame n // 2 of n), then PyAV seeks to the keyframe before it and decodes up to it. torchvision's
+    UCF101 and Kinetics readers decode through torchvision.io's video functions, which torchvision 0.29 no longer
+    has; PyAV is the library they used."""
+    import av
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stamps = sorted(p.pts if p.pts is not None else p.dts for p in container.demux(stream)
+                        if p.size and (p.pts is not None or p.dts is not None))
+        if not stamps:
+            raise ValueError("no video frame")
+        target = stamps[len(stamps) // 2]
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if frame.pts is not None and frame.pts >= target:
+                return frame.to_image()
+    with av.open(path) as container:                # no usable timestamps after the seek: count decoded frames
+        frames = [f.to_image() for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("no video frame decodes")
+    return frames[len(frames) // 2]
+
+
 class _Listed:
-    """A split held as (image source, label) pairs: a file path, or a uint8 array (FER2013's 48 x 48 faces)."""
+    """A split held as (image source, label) pairs: a file path (a video: its middle frame), or a uint8 array
+    (FER2013's 48 x 48 faces)."""
 
     def __init__(self, items):
         self.items = items
@@ -217,7 +249,9 @@ class _Listed:
     def __getitem__(self, i):
         from PIL import Image
         src, label = self.items[i]
-        return (Image.fromarray(src) if isinstance(src, np.ndarray) else Image.open(src)), label
+        if isinstance(src, np.ndarray):
+            return Image.fromarray(src), label
+        return (middle_frame(src) if src.lower().endswith(VIDEO_EXTENSIONS) else Image.open(src)), label
 
 
 def _listed(items) -> Split:
@@ -317,6 +351,129 @@ def read_gtsrb(root):
     return _splits(lambda s: tvd.GTSRB(root, split=s, download=False))
 
 
+def _tab_rows(path: str) -> list:
+    """A tab-separated file whose first line names the fields (Birdsnap's images.txt, test_images.txt)."""
+    with open(path, newline="") as f:
+        names = f.readline().rstrip("\r\n").split("\t")
+        return [dict(zip(names, line.rstrip("\r\n").split("\t"))) for line in f if line.strip()]
+
+
+def read_birdsnap(root):
+    """Birdsnap 1.1 as released (birdsnap.tgz) and fetched by its get_birdsnap.py: birdsnap/images.txt (path,
+    species_id 1..500), test_images.txt (the 2,443 test paths) and the images under birdsnap/download/images/
+    <path>. torchvision has no reader. Many of the Flickr images are gone, so a listed image that was not
+    downloaded is left out and counted in the report (CLIP had 42,283 train / 2,149 test of 47,386 / 2,443)."""
+    base = os.path.join(root, "birdsnap")
+    rows = _tab_rows(os.path.join(base, "images.txt"))
+    test_paths = {r["path"] for r in _tab_rows(os.path.join(base, "test_images.txt"))}
+    parts, missing = {"train": [], "test": []}, 0
+    for r in rows:
+        path = os.path.join(base, "download", "images", r["path"])
+        if not os.path.isfile(path):
+            missing += 1
+            continue
+        parts["test" if r["path"] in test_paths else "train"].append((path, int(r["species_id"]) - 1))
+    out = {"train": _listed(parts["train"]), "val": None, "test": _listed(parts["test"])}
+    if missing:
+        out["note"] = (f"{missing} of {len(rows)} images listed in images.txt are not under birdsnap/download/"
+                       "images (not downloaded): left out")
+    return out
+
+
+KITTI_VEHICLES = ("Car", "Van", "Truck")
+KITTI_DISTANCE_BINS = (-100.0, 8.0, 20.0, 999.0)   # metres; a frame with no vehicle counts as 1,000 m away
+KITTI_SPLIT_SEED, KITTI_SPLIT_PERCENT = 123, 10
+
+
+def kitti_distance_class(objects) -> int:
+    """CLIP's KITTI Distance (VTAB's closest_vehicle_distance): the depth z of the closest car, van or truck
+    binned at 8 m and 20 m, or 3 for a frame with no vehicle (classes: near, nearby, far, none)."""
+    z = min([o["location"][2] for o in objects if o["type"] in KITTI_VEHICLES] + [1000.0])
+    return int(sum(t < z for t in KITTI_DISTANCE_BINS)) - 1
+
+
+def kitti_drive_split(frame_drive: dict) -> tuple:
+    """{frame id: drive} -> (validation drives, test drives): KITTI_SPLIT_PERCENT of the drives each, drawn with
+    numpy's seed KITTI_SPLIT_SEED from the sorted drives exactly as tensorflow_datasets' kitti builder does, so
+    the splits are the ones behind CLIP's 6,770 train (train + validation) / 711 test images."""
+    drives = sorted(set(frame_drive.values()))
+    rng = np.random.RandomState(KITTI_SPLIT_SEED)
+    n = max(1, KITTI_SPLIT_PERCENT * len(drives) // 100)
+    test = set(rng.choice(drives, n, replace=False))
+    val = set(rng.choice(sorted(set(drives) - test), n, replace=False))
+    return val, test
+
+
+def read_kitti(root):
+    """KITTI's object training frames through torchvision's Kitti reader (Kitti/raw/training/{image_2,label_2};
+    its testing frames have no labels), labelled with kitti_distance_class. The frames are split by drive with
+    the object devkit's mapping/{train_rand,train_mapping}.txt (devkit_object.zip, found anywhere under Kitti/),
+    as tensorflow_datasets does; without it, a seeded KITTI_SPLIT_PERCENT of the frames each for validation and
+    test, and the report says so (frames of one drive then fall on both sides)."""
+    import glob
+
+    import torchvision.datasets as tvd
+    ds = tvd.Kitti(root, train=True, download=False)
+    frame = np.array([int(os.path.splitext(os.path.basename(p))[0]) for p in ds.images])
+    labels = np.array([kitti_distance_class(ds._parse_target(i)) for i in range(len(ds))], np.int64)
+    found = sorted(glob.glob(os.path.join(root, "Kitti", "**", "mapping", "train_rand.txt"), recursive=True))
+    note = None
+    if found:
+        with open(found[0]) as f:
+            line_of = [int(x) - 1 for x in f.read().split(",") if x.strip()]
+        with open(os.path.join(os.path.dirname(found[0]), "train_mapping.txt")) as f:
+            drive_of_line = [line.split()[1] for line in f if line.strip()]
+        drive = {i: drive_of_line[j] for i, j in enumerate(line_of)}
+        val_drives, test_drives = kitti_drive_split(drive)
+        part = np.array([2 if drive[f] in test_drives else 1 if drive[f] in val_drives else 0 for f in frame])
+    else:
+        u = np.random.default_rng(KITTI_SPLIT_SEED).random(len(frame))[np.argsort(np.argsort(frame))]
+        part = np.where(u < KITTI_SPLIT_PERCENT / 100, 2, np.where(u < 2 * KITTI_SPLIT_PERCENT / 100, 1, 0))
+        note = ("split by frame, seeded: the object devkit's mapping/train_rand.txt and train_mapping.txt were not "
+                "found under Kitti/ (put devkit_object.zip's mapping/ there for tensorflow_datasets' split by drive)")
+    rows = [np.flatnonzero(part == k)[np.argsort(frame[part == k])] for k in range(3)]
+    out = {"train": _Subset(ds, labels, rows[0]), "val": _Subset(ds, labels, rows[1]),
+           "test": _Subset(ds, labels, rows[2])}
+    return {**out, "note": note} if note else out
+
+
+UCF101_FOLD = 1     # the first of UCF101's three official train / test splits
+
+
+def read_ucf101(root):
+    """UCF101 as released: ucf101/UCF-101/<Class>/v_<Class>_gNN_cNN.avi and ucf101/ucfTrainTestlist/{classInd,
+    trainlist01,testlist01}.txt (the layout torchvision's UCF101 reader takes); the split lists and classInd's
+    labels, each video's middle frame (middle_frame). torchvision's reader itself decodes every video's timestamps
+    through torchvision.io's video functions, gone from torchvision 0.29."""
+    base = os.path.join(root, "ucf101")
+    lists = os.path.join(base, "ucfTrainTestlist")
+    with open(os.path.join(lists, "classInd.txt")) as f:
+        label = {name: int(i) - 1 for i, name in (line.split() for line in f if line.strip())}
+
+    def split(name):
+        with open(os.path.join(lists, f"{name}list{UCF101_FOLD:02d}.txt")) as f:
+            paths = [line.split()[0] for line in f if line.strip()]
+        return _listed([(os.path.join(base, "UCF-101", *p.split("/")), label[p.split("/")[0]]) for p in paths])
+    return {"train": split("train"), "val": None, "test": split("test")}
+
+
+def read_kinetics700(root):
+    """Kinetics-700 in the layout torchvision's Kinetics reader (and its download) uses: kinetics700/{train,val}/
+    <class>/<youtube id>_<start>_<end>.mp4; the class folders listed with torchvision's own find_classes /
+    make_dataset, each clip's middle frame (middle_frame). Its test labels are not public, so val is the test
+    split (CLIP did the same) and a seeded share of train the validation split; scored by the mean of top-1 and
+    top-5 accuracy (CLIP Tab. 9)."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+    base = os.path.join(root, "kinetics700")
+    classes, _ = find_classes(os.path.join(base, "train"))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(s):
+        return _listed(make_dataset(os.path.join(base, s), index, extensions=VIDEO_EXTENSIONS,
+                                    allow_empty=True))
+    return {"train": split("train"), "val": None, "test": split("val")}
+
+
 class _Subset(Split):
     def __init__(self, ds, labels, rows):
         super().__init__(ds, labels[rows])
@@ -333,7 +490,8 @@ SUITE = [
          "accuracy", read_cifar),
     Spec("CIFAR100", "cifar-100-python", "cifar-100-python/{train,test,meta}", "accuracy",
          lambda root: read_cifar(root, hundred=True)),
-    Spec("Birdsnap", "birdsnap", "birdsnap/download/images/<species>/*.jpg and birdsnap/test_images.txt", "accuracy"),
+    Spec("Birdsnap", "birdsnap", "birdsnap/{images.txt,test_images.txt} and the images get_birdsnap.py fetched, "
+         "birdsnap/download/images/<species>/*.jpg", "accuracy", read_birdsnap),
     Spec("SUN397", "SUN397", "SUN397/<letter>/<class>/sun_*.jpg and SUN397/ClassName.txt", "accuracy",
          read_sun397),
     Spec("Cars", "stanford_cars", "stanford_cars/{cars_train,cars_test,devkit/cars_meta.mat,devkit/"
@@ -358,11 +516,13 @@ SUITE = [
     Spec("RESISC45", "NWPU-RESISC45", "NWPU-RESISC45/<class>/*.jpg", "accuracy", read_resisc45),
     Spec("GTSRB", "gtsrb", "gtsrb/GTSRB/Training/<class>/*.ppm, gtsrb/GTSRB/Final_Test/Images/*.ppm and "
          "gtsrb/GT-final_test.csv", "accuracy", read_gtsrb),
-    Spec("KITTI", "Kitti", "Kitti/raw/{training,testing}/{image_2,label_2}", "accuracy"),
+    Spec("KITTI", "Kitti", "Kitti/raw/training/{image_2,label_2} and the object devkit's mapping/{train_rand,"
+         "train_mapping}.txt under Kitti/", "accuracy", read_kitti),
     Spec("Country211", "country211", "country211/{train,valid,test}/<country>/*.jpg", "accuracy", read_country),
     Spec("PCAM", "pcam", "pcam/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5", "accuracy", read_pcam),
-    Spec("UCF101", "ucf101", "ucf101/{UCF-101,ucfTrainTestlist}", "accuracy"),
-    Spec("K700", "kinetics700", "kinetics700/{train,val}/<class>/*.mp4", "top1_top5_mean"),
+    Spec("UCF101", "ucf101", "ucf101/UCF-101/<Class>/*.avi and ucf101/ucfTrainTestlist/{classInd,trainlist01,"
+         "testlist01}.txt", "accuracy", read_ucf101),
+    Spec("K700", "kinetics700", "kinetics700/{train,val}/<class>/*.mp4", "top1_top5_mean", read_kinetics700),
     Spec("CLEVR", "clevr", "clevr/CLEVR_v1.0/images/{train,val}/*.png and clevr/CLEVR_v1.0/scenes/"
          "CLEVR_{train,val}_scenes.json", "accuracy", read_clevr),
     Spec("HatefulMemes", "hateful_memes", "hateful_memes/{img/*.png,train.jsonl,dev_seen.jsonl}", "roc_auc",
@@ -378,12 +538,14 @@ TAB1_MLCD["ImageNet"] = 84.6
 BY_NAME = {s.name: s for s in SUITE}
 
 
+SPLITS = ("train", "val", "test")
+
+
 def open_dataset(spec: Spec, root: str, check_files: bool = True):
-    """{"train", "val", "test"} Splits of one dataset, or a one-line reason it cannot be read. check_files: stat
-    every file the reader listed (05 does it on rank 0 only: one pass over the dataset, not one per rank)."""
+    """{"train", "val", "test"} Splits of one dataset (and the reader's "note", if any), or a one-line reason
+    it cannot be read. check_files: stat every file the reader listed (05 does it on rank 0 only: one pass over
+    the dataset, not one per rank)."""
     where = os.path.join(root, spec.folder)
-    if spec.read is None:
-        return f"not read by this version of the suite (its reader is not written yet; it will read {spec.expected})"
     if not os.path.exists(where):
         return f"not found under {where}: expected {spec.expected}"
     try:
@@ -393,7 +555,7 @@ def open_dataset(spec: Spec, root: str, check_files: bool = True):
         return f"incomplete under {where} ({type(e).__name__}: {first}): expected {spec.expected}"
     if not len(splits["train"]) or not len(splits["test"]):
         return f"empty under {where}: expected {spec.expected}"
-    missing = [p for sp in splits.values() if sp is not None and check_files for p in listed_files(sp.dataset)
+    missing = [p for k in SPLITS if splits[k] is not None and check_files for p in listed_files(splits[k].dataset)
                if not os.path.isfile(p)]
     if missing:
         return (f"incomplete under {where}: {len(missing)} listed files are not there (first: {missing[0]}): "
