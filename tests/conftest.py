@@ -55,3 +55,55 @@ def tiny_world(tmp_path_factory):
         ["--out", str(out), "--num-images", "40", "--size", "128", "--seed", "0", "--vocab-size", "12",
          "--plain-words", "--workers", "1"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun launchers: one node, or several nodes on this machine meeting through a c10d rendezvous
+
+TORCHRUN_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch_nodes(script, args, nodes=2, nproc=1, max_restarts=0, log_dir=None, env=None):
+    """`nodes` torchrun launchers started on this machine as that many nodes of `nproc` workers each, meeting
+    through a c10d rendezvous at 127.0.0.1:<free port> as on a cluster (RANK and LOCAL_RANK differ, each node
+    has its own local rank 0): [(Popen, log file path)], each launcher's output in its own file."""
+    import subprocess
+    import tempfile
+    port, run_id = free_port(), f"kit-test-{os.getpid()}-{free_port()}"
+    log_dir = log_dir or tempfile.mkdtemp(prefix="nodes-")
+    full_env = {**os.environ, **TORCHRUN_ENV, **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    procs = []
+    for node in range(nodes):
+        log = os.path.join(str(log_dir), f"node{node}.log")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
+               f"--nproc_per_node={nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               f"--rdzv_id={run_id}", f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
+               os.path.join(ROOT, script), *map(str, args)]
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT), log))
+    return procs
+
+
+def wait_nodes(procs, timeout=300):
+    """Wait for every launcher of launch_nodes; on a timeout kill them all and fail. [(returncode, output)]."""
+    import time
+    deadline = time.time() + timeout
+    for p, _ in procs:
+        try:
+            p.wait(max(1, deadline - time.time()))
+        except Exception:
+            for q, _ in procs:
+                q.kill()
+            outputs = "\n".join(open(log).read()[-3000:] for _, log in procs)
+            pytest.fail(f"launchers still running after {timeout} s:\n{outputs}")
+    return [(p.returncode, open(log).read()) for p, log in procs]
+
+
+def run_nodes(script, args, nodes=2, nproc=1, timeout=300, **kw):
+    """launch_nodes, then wait_nodes; asserts that every launcher ended with 0. The launchers' outputs."""
+    got = wait_nodes(launch_nodes(script, args, nodes, nproc, **kw), timeout)
+    for rc, out in got:
+        assert rc == 0, out[-4000:]
+    return [out for _, out in got]
