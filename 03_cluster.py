@@ -419,6 +419,8 @@ def spherical_kmeans(x, k, iters, seed, tag=(0,), n_total=None, offset=0, init="
     start, state = 0, read_ckpt(ckpt)
     if state is not None:
         centres, start, stats = state
+        if log:
+            workdir.say(f"{PHASES[tag[0]]} k-means: resumed from the checkpoint of iteration {start}")
     elif not isinstance(init, str):
         centres = np.array(init, np.float32)
     else:                                       # training points drawn from the seed, whatever the ranks

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-cluster bench clean
 
 $(VENV)/.installed: requirements.txt requirements-sam2.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,11 @@ $(VENV)/.installed: requirements.txt requirements-sam2.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not cluster" tests
+
+# elastic restarts after a dead worker under torchrun (tests/test_restarts.py): minutes, so apart from `make test`
+test-cluster: $(VENV)/.installed
+	$(PY) -m pytest -q -m cluster tests
 
 # The offline demo: a generated world, every stage with its offline choice (COCO boxes instead of SAM, the
 # pixel stand-in instead of CLIP features, RapidOCR's bundled models, faiss-cpu, tiny encoders), then both

@@ -37,16 +37,138 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+PEER_TIMEOUT_S = float(os.environ.get("KIT_PEER_TIMEOUT_S", 60))   # a rank silent this long is gone
+HEARTBEAT_S = min(5.0, PEER_TIMEOUT_S / 4)
+_PEERS: dict = {}                         # the peer watchdog's store connection (watch_peers)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def lost_peer_line(error: BaseException) -> str:
+    """One line for a collective that failed because a peer left (gloo's "Connection closed by peer", NCCL's
+    abort): which ranks stopped beating within two heartbeats (or rank 0, when its store is gone too)."""
+    import time
+    rank, world = dist_info()
+    reason = next(m for m in PEER_LOST if m in str(error))
+    store, gone = _PEERS.get("store"), []
+    if store is not None:
+        try:
+            def beats():
+                return {r: store.get(f"kit/beat/{r}") if store.check([f"kit/beat/{r}"]) else b""
+                        for r in range(world) if r != rank and not store.check([f"kit/done/{r}"])}
+            before = beats()
+            time.sleep(2 * HEARTBEAT_S + 0.5)
+            after = beats()
+            gone = [f"rank {r} ({store.get(f'kit/who/{r}').decode()})" for r in before if after.get(r) == before[r]]
+        except Exception:
+            gone = [f"rank 0 (it served the group's store at {_PEERS['address']})"]
+    return (f"error: rank {rank}: the group lost {', '.join(gone) or 'a rank'} during a collective ({reason}); "
+            "under torchrun --max-restarts the group restarts and the stage resumes where it stopped")
+
+
 def init_dist(backend: str = "gloo", timeout_hours: float = 48) -> tuple[int, int]:
     """A process group when launched by torchrun (gloo for coordination; 04 asks for nccl on GPUs); nothing
-    for a plain `python` run."""
+    for a plain `python` run. The group meets in a store of this launch's own (launch_store) and every rank
+    starts a peer watchdog (watch_peers)."""
     rank, world = dist_info()
     if world > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
-            # long default timeout: ranks that finish their chunks wait at the barrier for the slowest one
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours))
+            # long collective timeout: ranks that finish their chunks wait at the barrier for the slowest one;
+            # a rank that dies or hangs is caught sooner by the peer watchdog
+            timeout = datetime.timedelta(hours=timeout_hours)
+            store, address = launch_store(rank, world)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+            watch_peers(address, rank, world)
     return rank, world
+
+
+def launch_store(rank: int, world: int):
+    """(store, "host:port") where the ranks of this launch meet. Under torchrun they would meet in the elastic
+    agent's store, which outlives a restart of the worker group (--max-restarts): the keys an earlier attempt
+    left there (each rank's gloo / NCCL address) are read by the new attempt as if current, and it connects to
+    dead ports. So rank 0 serves a fresh store on a free port for each launch and publishes its address in the
+    agent's store (or MASTER_ADDR:MASTER_PORT's); the other ranks read it, and an address that refuses the
+    connection is an earlier attempt's: they read again."""
+    import time
+
+    import torch.distributed as dist
+    base = next(dist.rendezvous("env://", timeout=datetime.timedelta(minutes=30)))[0]
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(minutes=30))
+        address = f"{host}:{store.port}"
+        base.set("kit/launch_store", address)
+        return store, address
+    deadline = time.time() + 1800
+    while True:
+        address = base.get("kit/launch_store").decode()
+        try:
+            h, port = address.rsplit(":", 1)
+            return dist.TCPStore(h, int(port), world, is_master=False,
+                                 timeout=datetime.timedelta(seconds=5)), address
+        except (RuntimeError, OSError) as e:           # an earlier attempt's store: gone
+            if time.time() > deadline:
+                raise SystemExit(f"error: rank {rank}: cannot reach rank 0's store at {address} ({e})") from None
+            time.sleep(0.5)
+
+
+def watch_peers(address: str, rank: int, world: int) -> None:
+    """A daemon thread: every HEARTBEAT_S this rank stamps its heartbeat into the launch store and reads the
+    others'. A rank whose heartbeat stops for PEER_TIMEOUT_S (env KIT_PEER_TIMEOUT_S, default 60) without having
+    ended is gone (killed, its node down, hung): this rank says which one in one line and exits with status 1,
+    instead of waiting in a collective for the group's timeout; under torchrun --max-restarts the group then
+    restarts and the stage resumes. The store itself unreachable for as long means rank 0 (which serves it) is
+    gone. A rank that ends marks itself done (atexit), so its silence is not a failure."""
+    import atexit
+    import socket
+    import threading
+    import time
+
+    import torch.distributed as dist
+    h, port = address.rsplit(":", 1)
+    store = dist.TCPStore(h, int(port), world, is_master=False, timeout=datetime.timedelta(seconds=10))
+    store.set(f"kit/who/{rank}", f"pid {os.getpid()} on {socket.gethostname()}")
+    _PEERS.update(store=store, address=address)
+    ended = threading.Event()
+
+    def end():
+        ended.set()
+        try:
+            store.set(f"kit/done/{rank}", "1")
+        except Exception:
+            pass
+
+    def beat():
+        seen, since, beats, store_lost = {}, {}, 0, None
+        while not ended.wait(HEARTBEAT_S):
+            now = time.monotonic()
+            try:
+                beats += 1
+                store.set(f"kit/beat/{rank}", str(beats))
+                for r in range(world):
+                    if r == rank or store.check([f"kit/done/{r}"]):
+                        since.pop(r, None)
+                        continue
+                    value = store.get(f"kit/beat/{r}") if store.check([f"kit/beat/{r}"]) else b""
+                    if seen.get(r) != value:
+                        seen[r], since[r] = value, now
+                    elif now - since[r] > PEER_TIMEOUT_S and not ended.is_set():
+                        who = store.get(f"kit/who/{r}").decode() if store.check([f"kit/who/{r}"]) else "?"
+                        print(f"error: rank {rank}: rank {r} ({who}) sent no heartbeat for {PEER_TIMEOUT_S:g} s: "
+                              "it is gone; stopping this rank (torchrun --max-restarts restarts the group and the "
+                              "stage resumes where it stopped)", file=sys.stderr, flush=True)
+                        os._exit(1)
+                store_lost = None
+            except Exception as e:                     # the store is rank 0's: unreachable means rank 0 is gone
+                store_lost = store_lost or now
+                if now - store_lost > PEER_TIMEOUT_S and not ended.is_set():
+                    print(f"error: rank {rank}: rank 0 (it serves the group's store at {address}) is gone "
+                          f"({type(e).__name__}); stopping this rank", file=sys.stderr, flush=True)
+                    os._exit(1)
+    atexit.register(end)
+    threading.Thread(target=beat, name="kit-peer-watchdog", daemon=True).start()
 
 
 def barrier() -> None:
@@ -512,6 +634,8 @@ def stage_main(main):
         except MissingOutput as e:                   # a hand-off file deleted since its stage finished
             raise SystemExit(f"error: {e}") from None
         except (MemoryError, RuntimeError) as e:     # host memory; the GPU's is each stage's (smaller batches)
+            if not isinstance(e, MemoryError) and dist_info()[1] > 1 and any(m in str(e) for m in PEER_LOST):
+                raise SystemExit(lost_peer_line(e)) from None
             if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
                 raise
             need = re.search(r"allocate (\d+) bytes", str(e))

@@ -83,7 +83,19 @@ def launch_nodes(script, args, nodes=2, nproc=1, max_restarts=0, log_dir=None, e
                os.path.join(ROOT, script), *map(str, args)]
         with open(log, "w") as f:
             procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT), log))
+        if node == 0:                  # node 0's agent hosts the rendezvous store, as the first node of a job does
+            wait_for_port(port, procs[0][0])
     return procs
+
+
+def wait_for_port(port, proc, timeout=60):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
 
 
 def wait_nodes(procs, timeout=300):
