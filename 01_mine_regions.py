@@ -18,6 +18,7 @@ torchrun, one node of 8 GPUs, then several nodes (ranks claim chunks of image-ta
     torchrun --nproc_per_node=8 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
     torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
+    sbatch --nodes 4 slurm/01_mine_regions.sbatch --images DIR --work runs/big --sam-checkpoint ...   # Slurm
 
 Reads: the images through the image table in <work>/images/ (image_io.ensure_image_table): tar shards (a brace
 pattern, a glob, a folder of .tar files, a list of .tar paths; webdataset / img2dataset or SA-1B), or loose

@@ -12,6 +12,7 @@ directory must be on a filesystem every node sees, rank 0 merges):
     torchrun --nproc_per_node=8 02_extract_ocr.py --images DIR --work runs/big
     torchrun --nnodes 4 --node_rank $R --nproc_per_node=8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
         02_extract_ocr.py --images DIR --work runs/big
+    sbatch --nodes 4 slurm/02_extract_ocr.sbatch --images DIR --work runs/big                # Slurm
 
 Engines (`--engine`): `rapidocr` runs the PP-OCR detection and recognition models that ship in RapidOCR's wheel
 (PP-OCRv6 small, multilingual) through onnxruntime, offline, on CPU, or on the rank's GPU through onnxruntime's

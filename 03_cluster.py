@@ -14,6 +14,7 @@ torchrun, one node of 8 GPUs, then several nodes (each rank holds a contiguous s
     torchrun --nproc_per_node=8 03_cluster.py --work runs/big --k 1000000
     torchrun --nnodes=8 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         03_cluster.py --work runs/big --k 1000000
+    sbatch --nodes 8 slurm/03_cluster.sbatch --work runs/big --k 1000000                     # Slurm
 
 Reads <work>/regions/ (01_mine_regions.py). Writes <work>/clusters/ (--out):
     centres.npy        float32 (K, C)        L2-normalised centres

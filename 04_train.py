@@ -10,6 +10,7 @@ One node, 8 GPUs (backbone data-parallel with DDP, banks sharded over the 8 rank
 Several nodes (run on every node; $R = 0..7 the node's rank, $HOST the first node):
     torchrun --nnodes=8 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
         04_train.py --work runs/big --method rice --model L/14 --batch-size 32768
+    sbatch --nodes 8 slurm/04_train.sbatch --work runs/big --method rice --model L/14 --batch-size 32768
 MLCD on its own codebook (03 --fit-on images --out runs/big/clusters_mlcd), on the paper's CLIP ViT-L/14:
     torchrun --nproc_per_node=8 04_train.py --work runs/big --method mlcd --clusters runs/big/clusters_mlcd \
         --run-dir runs/big/train_mlcd --batch-size 32768 --epochs 32

@@ -10,6 +10,7 @@ One process (GPU if there is one, else CPU):
     python 05_eval.py --image-folder /data/imagenet-subset --encoder rice=/models/rice-vit-large-patch14-560
 torchrun (feature extraction is sharded over the ranks; rank 0 merges and runs the probes):
     torchrun --nproc_per_node=8 05_eval.py --images ... --coco ... --encoder ...
+    sbatch --nodes 2 slurm/05_eval.sbatch --images ... --coco ... --encoder ...              # Slurm
 
 Encoders (`--encoder NAME=SPEC`, repeatable; a bare SPEC gets a name derived from it):
     path/to/ckpt.pt              a kit checkpoint (04's training checkpoints, model.encoder_checkpoint files)

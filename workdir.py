@@ -101,17 +101,20 @@ def launch_store(rank: int, world: int):
         address = f"{host}:{store.port}"
         base.set("kit/launch_store", address)
         return store, address
+    import socket
     deadline = time.time() + 1800
     while True:
         address = base.get("kit/launch_store").decode()
+        h, port = address.rsplit(":", 1)
         try:
-            h, port = address.rsplit(":", 1)
+            with socket.create_connection((h, int(port)), timeout=5):    # refused at once if it is gone
+                pass
             return dist.TCPStore(h, int(port), world, is_master=False,
-                                 timeout=datetime.timedelta(seconds=5)), address
-        except (RuntimeError, OSError) as e:           # an earlier attempt's store: gone
+                                 timeout=datetime.timedelta(seconds=30)), address
+        except (RuntimeError, OSError) as e:           # an earlier attempt's store: read the address again
             if time.time() > deadline:
                 raise SystemExit(f"error: rank {rank}: cannot reach rank 0's store at {address} ({e})") from None
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def watch_peers(address: str, rank: int, world: int) -> None:

@@ -1,7 +1,6 @@
 """What the test files share: the repository root on sys.path, one module object per digit-named stage script,
 a free port for torchrun, and a session-scoped tiny demo world (00's generator) for the tests that chain stages."""
 import os
-import socket
 import sys
 
 import pytest
@@ -10,18 +9,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))       # bench/stage_scripts.py: the stage scripts as modules
 
+from launch import free_port  # noqa: E402,F401    (bench/launch.py: torchrun launchers, free ports)
+
 
 def load_script(name, file):
     """The stage script `file` (e.g. "03_cluster.py") as a module, loaded once for the whole session whatever
     `name` a test file gives it (bench/stage_scripts.py, which the benchmarks use too)."""
     import stage_scripts
     return stage_scripts.load(file, name)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
@@ -57,60 +52,27 @@ def tiny_world(tmp_path_factory):
     return out
 
 
+# a sitecustomize module that slows every os.replace (the kit's atomic writes: chunk files, k-means and training
+# checkpoints) by $KIT_TEST_SLOW_REPLACE_S in the processes that have its folder on PYTHONPATH, so a test can
+# stop a run in its middle on any machine without changing the stages
+SLOW_WRITES = '''import os, time
+_replace = os.replace
+
+
+def _slow_replace(*args, **kwargs):
+    time.sleep(float(os.environ["KIT_TEST_SLOW_REPLACE_S"]))
+    return _replace(*args, **kwargs)
+
+
+if os.environ.get("KIT_TEST_SLOW_REPLACE_S"):
+    os.replace = _slow_replace
+'''
+
+
 # ----------------------------------------------------------------------------------------------------------
-# torchrun launchers: one node, or several nodes on this machine meeting through a c10d rendezvous
+# torchrun launchers (bench/launch.py: the benchmarks use them too)
 
-TORCHRUN_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def launch_nodes(script, args, nodes=2, nproc=1, max_restarts=0, log_dir=None, env=None):
-    """`nodes` torchrun launchers started on this machine as that many nodes of `nproc` workers each, meeting
-    through a c10d rendezvous at 127.0.0.1:<free port> as on a cluster (RANK and LOCAL_RANK differ, each node
-    has its own local rank 0): [(Popen, log file path)], each launcher's output in its own file."""
-    import subprocess
-    import tempfile
-    port, run_id = free_port(), f"kit-test-{os.getpid()}-{free_port()}"
-    log_dir = log_dir or tempfile.mkdtemp(prefix="nodes-")
-    full_env = {**os.environ, **TORCHRUN_ENV, **(env or {})}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(k, None)
-    procs = []
-    for node in range(nodes):
-        log = os.path.join(str(log_dir), f"node{node}.log")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
-               f"--nproc_per_node={nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               f"--rdzv_id={run_id}", f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
-               os.path.join(ROOT, script), *map(str, args)]
-        with open(log, "w") as f:
-            procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT), log))
-        if node == 0:                  # node 0's agent hosts the rendezvous store, as the first node of a job does
-            wait_for_port(port, procs[0][0])
-    return procs
-
-
-def wait_for_port(port, proc, timeout=60):
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-
-
-def wait_nodes(procs, timeout=300):
-    """Wait for every launcher of launch_nodes; on a timeout kill them all and fail. [(returncode, output)]."""
-    import time
-    deadline = time.time() + timeout
-    for p, _ in procs:
-        try:
-            p.wait(max(1, deadline - time.time()))
-        except Exception:
-            for q, _ in procs:
-                q.kill()
-            outputs = "\n".join(open(log).read()[-3000:] for _, log in procs)
-            pytest.fail(f"launchers still running after {timeout} s:\n{outputs}")
-    return [(p.returncode, open(log).read()) for p, log in procs]
+from launch import first_worker, launch_nodes, wait_nodes  # noqa: E402,F401
 
 
 def run_nodes(script, args, nodes=2, nproc=1, timeout=300, **kw):

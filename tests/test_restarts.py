@@ -3,9 +3,8 @@
 node's agent follows at the next rendezvous, the stage resumes from its chunks / checkpoints, and the final
 outputs are byte-identical to an uninterrupted run of the same world size.
 
-To stop a run in its middle on any machine, every atomic write (os.replace: chunk files, k-means and training
-checkpoints) is slowed down by a sitecustomize module on PYTHONPATH in the workers only; the stages are not
-changed for the test."""
+To stop a run in its middle on any machine, every atomic write is slowed down in the workers (conftest's
+SLOW_WRITES); the stages are not changed for the test."""
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launch_nodes, load_script, run_nodes, wait_nodes
+from conftest import SLOW_WRITES, first_worker, launch_nodes, load_script, run_nodes, wait_nodes
 
 import chunk_engine  # noqa: E402
 
@@ -24,18 +23,6 @@ demo = load_script("make_demo_data", "00_make_demo_data.py")
 mine = load_script("mine_regions", "01_mine_regions.py")
 cl = load_script("cluster", "03_cluster.py")
 
-SLOW_WRITES = '''import os, time
-_replace = os.replace
-
-
-def _slow_replace(*args, **kwargs):
-    time.sleep(float(os.environ["KIT_TEST_SLOW_REPLACE_S"]))
-    return _replace(*args, **kwargs)
-
-
-if os.environ.get("KIT_TEST_SLOW_REPLACE_S"):
-    os.replace = _slow_replace
-'''
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +49,6 @@ def mine_flags(d, work):
 
 def slow(d, seconds):
     return {"PYTHONPATH": str(d / "slow"), "KIT_TEST_SLOW_REPLACE_S": str(seconds)}
-
-
-def first_worker(script, rank):
-    """pid of the first attempt's worker process of `rank` running `script` (its parent is a torchrun agent)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = f.read().rsplit(")", 1)[1].split()[1]
-            with open(f"/proc/{ppid}/cmdline", "rb") as f:
-                parent = f.read()
-        except (OSError, IndexError):
-            continue
-        if (script.encode() in cmd and env.get(b"RANK") == str(rank).encode() and b"torch.distributed.run" in parent
-                and env.get(b"TORCHELASTIC_RESTART_COUNT") == b"0"):
-            return int(pid)
-    return None
 
 
 def kill_when(procs, script, ready, rank=1, timeout=180):
