@@ -57,6 +57,14 @@ def main(argv=None):
     import chunk_engine
     demo = stage_scripts.load("00_make_demo_data.py", "make_demo_data")
     tmp = tempfile.mkdtemp(prefix="bench-restart-")
+    try:
+        return measure(args, tmp, demo, chunk_engine, stage_scripts)
+    finally:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args, tmp, demo, chunk_engine, stage_scripts):
     demo.main(["--out", f"{tmp}/data", "--num-images", str(args.images), "--size", "128", "--workers", "1",
                "--format", "webdataset", "--shard-size", "100"])
     shards = f"{tmp}/data/shards/{{00000..{(args.images + 99) // 100 - 1:05d}}}.tar"

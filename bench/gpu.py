@@ -52,6 +52,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -189,14 +190,9 @@ def summary(name, res):
     return ""
 
 
-def run_parts(args):
-    import torch
-    tmp = tempfile.mkdtemp(prefix="gpu_bench_")
-    os.makedirs(args.out, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.smoke:
-        env["OMP_NUM_THREADS"] = "1"
-    rows, t_all = [], time.time()
+def run_plan(args, tmp, env) -> list:
+    """Each part of plan() as a subprocess under its time cap: one row per part (status, seconds, its figures)."""
+    rows = []
     for name, cmd, cap, json_file in plan(args, tmp):
         cap = SMOKE_CAP if args.smoke else cap
         t0 = time.time()
@@ -214,6 +210,21 @@ def run_parts(args):
         rows.append({"part": name, "status": status, "seconds": round(time.time() - t0, 1), "result": res,
                      "summary": summary(name, res) if status == "ok" else "", "log_tail": log[-1500:]})
         print(f"[gpu.py] {name}: {status}, {rows[-1]['seconds']} s; {rows[-1]['summary']}", flush=True)
+    return rows
+
+
+def run_parts(args):
+    import torch
+    tmp = tempfile.mkdtemp(prefix="gpu_bench_")
+    os.makedirs(args.out, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.smoke:
+        env["OMP_NUM_THREADS"] = "1"
+    rows, t_all = [], time.time()
+    try:
+        rows = run_plan(args, tmp, env)
+    finally:                                   # the generated world and the parts' files: hundreds of MB at full size
+        shutil.rmtree(tmp, ignore_errors=True)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else platform.processor() or "cpu"
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": dev,
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),

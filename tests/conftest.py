@@ -77,7 +77,9 @@ from launch import first_worker, launch_nodes, wait_nodes  # noqa: E402,F401
 
 def run_nodes(script, args, nodes=2, nproc=1, timeout=300, **kw):
     """launch_nodes, then wait_nodes; asserts that every launcher ended with 0. The launchers' outputs."""
-    got = wait_nodes(launch_nodes(script, args, nodes, nproc, **kw), timeout)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="nodes-") as logs:
+        got = wait_nodes(launch_nodes(script, args, nodes, nproc, log_dir=kw.pop("log_dir", logs), **kw), timeout)
     for rc, out in got:
         assert rc == 0, out[-4000:]
     return [out for _, out in got]
