@@ -1292,7 +1292,9 @@ def run_suite(args, encoders, device, t_start):
                 results[name] = {**probe_suite_dataset(x, eval_suite.BY_NAME[name].metric, settings),
                                  "unreadable": x["unreadable"]}
                 if "attentive" in args.probes and eval_suite.BY_NAME[name].metric != "map11":
-                    results[name]["attentive"] = attentive_suite_dataset(x, settings)
+                    # the same splits as the linear probe's (its carved validation share), unreadable images out
+                    results[name]["attentive"] = probes.attentive_probe(x["tokens"], x["all_labels"], x["split"],
+                                                                        settings)
         report["encoders"][enc_name] = {"spec": spec, "encoder": enc.info(), "results": results}
         del enc
     if workdir.dist_info()[0] == 0:
@@ -1406,12 +1408,6 @@ def probe_suite_dataset(x, metric, settings) -> dict:
         val = x["carved"]
         x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y["train"][~val], y["train"][val]
     return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], y["test"], metric, settings)
-
-
-def attentive_suite_dataset(x, settings) -> dict:
-    """probes.attentive_probe on one dataset's patch tokens (train, its validation split or the same seeded
-    share of train as the linear probe's, test; unreadable images left out), top-1."""
-    return probes.attentive_probe(x["tokens"], x["all_labels"], x["split"], settings)
 
 
 def suite_markdown(report) -> str:

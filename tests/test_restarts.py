@@ -67,6 +67,26 @@ def kill_when(procs, script, ready, rank=1, timeout=180):
     pytest.fail("the moment to kill never came")
 
 
+def regions_copy(d, dest) -> str:
+    """A work folder with the world's image table and regions only (03's input)."""
+    import shutil
+    for s in ("images", "regions"):
+        shutil.copytree(d / "work" / s, dest / s)
+    return str(dest)
+
+
+def kmeans_reached(work, iteration):
+    """A test for 03's k-means having checkpointed `iteration` iterations in `work`."""
+    state = os.path.join(work, "clusters", "ckpt", "flat.json")
+
+    def ready():
+        try:
+            return json.load(open(state))["iteration"] >= iteration
+        except (OSError, ValueError):
+            return False
+    return ready
+
+
 def npy_bytes(folder):
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".npy")}
 
@@ -95,24 +115,11 @@ def test_03_survives_a_dead_worker(world, tmp_path):
     d = world
     flags = ["--k", "12", "--iters", "30", "--assign-chunk", "64"]
 
-    def fresh(name):
-        import shutil
-        dest = tmp_path / name
-        for s in ("images", "regions"):
-            shutil.copytree(d / "work" / s, dest / s)
-        return str(dest)
-    ref, work = fresh("ref"), fresh("killed")
+    ref, work = regions_copy(d, tmp_path / "ref"), regions_copy(d, tmp_path / "killed")
     run_nodes("03_cluster.py", ["--work", ref, *flags])
     procs = launch_nodes("03_cluster.py", ["--work", work, *flags], max_restarts=2, log_dir=tmp_path,
                          env=slow(d, 0.1))
-    state = os.path.join(work, "clusters", "ckpt", "flat.json")
-
-    def ready():
-        try:
-            return json.load(open(state))["iteration"] >= 4
-        except (OSError, ValueError):
-            return False
-    kill_when(procs, "03_cluster.py", ready)
+    kill_when(procs, "03_cluster.py", kmeans_reached(work, 4))
     got = wait_nodes(procs, timeout=300)
     assert all(rc == 0 for rc, _ in got), got[0][1][-3000:] + got[1][1][-3000:]
     assert "k-means: resumed from the checkpoint of iteration" in "".join(o for _, o in got)
@@ -158,20 +165,11 @@ def test_a_rank_waiting_on_a_lost_peer_stops_with_one_line(world, tmp_path, how)
     """Without restarts: rank 1 killed (its sockets close: rank 0's collective fails at once) or stopped with
     SIGSTOP (a hung node: nothing closes) in the middle of 03's k-means. Rank 0 stops within the documented
     bound (KIT_PEER_TIMEOUT_S, here 4 s, plus two heartbeats) with one line naming rank 1."""
-    import shutil
     d = world
-    work = tmp_path / "w"
-    for s in ("images", "regions"):
-        shutil.copytree(d / "work" / s, work / s)
+    work = regions_copy(d, tmp_path / "w")
     procs = launch_nodes("03_cluster.py", ["--work", work, "--k", "12", "--iters", "30"], log_dir=tmp_path,
                          env={**slow(d, 0.1), "KIT_PEER_TIMEOUT_S": "4"})
-    state = os.path.join(work, "clusters", "ckpt", "flat.json")
-
-    def ready():
-        try:
-            return json.load(open(state))["iteration"] >= 3
-        except (OSError, ValueError):
-            return False
+    ready = kmeans_reached(work, 3)
     deadline = time.time() + 120
     while not ready() and time.time() < deadline:
         time.sleep(0.01)
