@@ -57,7 +57,9 @@ Probes (frozen features, each L2-normalised):
     objects    object boxes, two feature kinds: "region" (the region path; kit/HF encoders with region_blocks
                > 0) and "pooled" (the mean of the patch tokens whose centre lies in the box, else the patch
                holding the box centre: model.box_patch_mask's rule, for every encoder alike); linear probe
-               and k-NN over the object classes. Boxes with less than --min-visible (0.5) of their area
+               and k-NN over the object classes; and a linear probe (and k-NN) per string field of the
+               categories that varies, its values as the classes ("obj linear (region, shape)": which factor
+               of a class the region features carry). Boxes with less than --min-visible (0.5) of their area
                inside the centre crop are left out (counted).
     ocr        text boxes, the same two kinds: labels = the word's CLIP BPE token ids exactly as 02 makes them
                (unique, at most --max-tokens 10); a multi-label linear probe (one BCE output per token id seen
@@ -887,15 +889,21 @@ def read_patch_labels(data: Data, i: int, image_size, pre: Preprocess, p: int, m
 # the contents of an image (its classes and category fields): the multi-label probes' labels
 
 
+def category_fields(data: Data, category_ids) -> list[str]:
+    """The category fields whose value varies over these categories (COCO's supercategory; the demo's shape,
+    colour, texture): the factors the image-contents and per-field object probes score one at a time."""
+    used = sorted({int(c) for c in category_ids})
+    fields = sorted({k for c in used for k, v in data.categories[c].items()
+                     if k not in ("id", "name") and isinstance(v, str)})
+    return [f for f in fields if len({data.categories[c].get(f) for c in used}) > 1]
+
+
 def image_contents(data: Data) -> tuple[dict, np.ndarray]:
     """Per image, what its object annotations (not text, not crowd) contain: {"classes": [set of category
     ids]} plus, for every category field that varies over those categories (COCO's supercategory; the demo's
     shape, colour, texture), {field: [set of values]}; and the number of objects per image."""
     obj = ~data.is_text & ~data.crowd
-    used = sorted({int(c) for c in data.category[obj]})
-    fields = sorted({k for c in used for k, v in data.categories[c].items()
-                     if k not in ("id", "name") and isinstance(v, str)})
-    fields = [f for f in fields if len({data.categories[c].get(f) for c in used}) > 1]
+    fields = category_fields(data, data.category[obj])
     n = len(data.files)
     out = {"classes": [set() for _ in range(n)], **{f: [set() for _ in range(n)] for f in fields}}
     count = np.zeros(n, np.int64)
@@ -980,6 +988,13 @@ def markdown(report: dict) -> str:
     at = [c[1] for c in probes.COLUMNS].index("object_count")
     columns = probes.COLUMNS[:at] + [(f"image mAP ({f})", f"present_{f}", ("linear", "map")) for f in fields] + \
         probes.COLUMNS[at:]
+    for kind in ("region", "pooled"):     # "obj linear (<kind>, <field>)" after the kind's k-NN column
+        prefix = f"objects_{kind}_"
+        object_fields = sorted({k[len(prefix):] for e in report["encoders"].values() for k in e["probes"]
+                                if k.startswith(prefix)})
+        at = [c[0] for c in columns].index(f"obj k-NN ({kind})") + 1
+        columns = columns[:at] + [(f"obj linear ({kind}, {f})", prefix + f, ("linear", "top1"))
+                                  for f in object_fields] + columns[at:]
     cols = [c for c in columns if any(probes.metric(e["probes"], c[1], c[2]) is not None
                                       for e in report["encoders"].values())]
     lines = ["| encoder | input | " + " | ".join(c[0] for c in cols) + " |",
@@ -1001,6 +1016,9 @@ def markdown(report: dict) -> str:
                               ("dense", "dense mIoU", "majority_miou")):
         if isinstance(base.get(key), dict) and base[key].get(field) is not None:
             chance.append(f"{label} {100 * base[key][field]:.1f}")
+    for key in sorted(k for k in base if k.startswith("objects_pooled_")):
+        if base[key].get("majority_top1") is not None:
+            chance.append(f"objects ({key[len('objects_pooled_'):]}) {100 * base[key]['majority_top1']:.1f}")
     d = report["data"]
     text = "\n".join(lines) + "\n\n"
     text += (f"Top-1 accuracy, mAP, recall@5 and mIoU in %, on probe-test ({d['split']['test']} of "
@@ -1219,11 +1237,17 @@ def probe_encoder(name, f, data, ok, kept, token_lists, contents, settings, args
     obj = kept & ~data.is_text
     txt = kept & data.is_text & np.array([bool(tk) for tk in token_lists], bool)
     kinds = (["region"] if "region" in f else []) + ["pooled"]
+    fields = category_fields(data, data.category[obj]) if "objects" in args.probes else []
     for kind in kinds:
         feats = f[kind]
         if "objects" in args.probes:
-            results[f"objects_{kind}"] = probes.classification_probe(
-                probes.unit(feats[obj]), data.category[obj], split[ann_image[obj]], settings)
+            x_obj, obj_split = probes.unit(feats[obj]), split[ann_image[obj]]
+            results[f"objects_{kind}"] = probes.classification_probe(x_obj, data.category[obj], obj_split, settings)
+            # each factor of the class alone (the demo's shape, colour, texture; COCO's supercategory): which of
+            # them the region features carry is what the region codebook's features put into RICE's labels
+            for field in fields:
+                values = np.array([str(data.categories[int(c)].get(field)) for c in data.category[obj]], dtype=object)
+                results[f"objects_{kind}_{field}"] = probes.classification_probe(x_obj, values, obj_split, settings)
         sel = np.flatnonzero(txt)
         if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
             continue

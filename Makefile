@@ -25,7 +25,10 @@ test-cluster: $(VENV)/.installed
 # the image-level loss, MLCD's image codebook), each against its architecture at random initialisation on
 # held-out images. Each stage skips itself when its output is complete, so a second `make demo` only prints
 # the tables again.
-DEMO := runs/demo
+DEMO ?= runs/demo
+# the region and image features the codebooks cluster; the pixel stand-in's demo, for comparison (README):
+#   make demo DEMO=runs/demo-pixels DEMO_FEATURES="--features pixels"
+DEMO_FEATURES ?= --features efficientnet-lite0 --feature-size 96
 # words on 80% of the images, 30 of them, one case, face and size: what the tiny encoder learns to read in
 # 800 steps (README.md, The demo)
 DEMO_WORLD := --vocab-size 30 --mix 0.2,0.2,0.6 --plain-words
@@ -39,7 +42,7 @@ demo: $(VENV)/.installed
 	$(PY) 00_make_demo_data.py --out $(DEMO)/data --num-images 3000 --seed 0 $(DEMO_WORLD) $(DEMO_SHARDS)
 	$(PY) 00_make_demo_data.py --out $(DEMO)/eval_data --num-images 600 --seed 1 $(DEMO_WORLD) $(DEMO_SHARDS)
 	$(PY) 01_mine_regions.py --images $(DEMO)/data/shards --work $(DEMO) --boxes $(DEMO)/data/coco.json \
-		--features efficientnet-lite0 --feature-size 96 --min-box-side 16 --min-image-side 64
+		$(DEMO_FEATURES) --min-box-side 16 --min-image-side 64
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 02_extract_ocr.py --work $(DEMO) --det-limit-side 64
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on regions
 	$(PY) 03_cluster.py --work $(DEMO) --k 108 --fit-on images --out $(DEMO)/clusters_mlcd

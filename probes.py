@@ -338,6 +338,7 @@ COLUMNS = [
     ("count linear", "object_count", ("linear", "top1")),
     ("obj linear (region)", "objects_region", ("linear", "top1")),
     ("obj k-NN (region)", "objects_region", ("knn", "top1")),
+    # "obj linear (region, <field>)" for each category field goes here, and after the pooled k-NN the same
     ("obj linear (pooled)", "objects_pooled", ("linear", "top1")),
     ("obj k-NN (pooled)", "objects_pooled", ("knn", "top1")),
     ("OCR R@5 (region)", "ocr_region", ("linear", "recall@5")),

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,6 +89,11 @@ def test_outputs_values_and_counts(report, world):
     for name, e in rep["encoders"].items():
         p = e["probes"]
         assert ("objects_region" in p) == (name != "clip")                    # region path: kit encoders only
+        kinds = ["pooled"] + (["region"] if name != "clip" else [])
+        assert {k for k in p if k.startswith("objects_")} == \
+            {f"objects_{kind}{f}" for kind in kinds for f in ("", "_shape", "_colour", "_texture")}
+        assert p["objects_pooled_texture"]["counts"]["classes"] == 3               # plain, striped, dotted
+        assert "obj linear (pooled, shape)" in md
         for key, probe in p.items():
             assert "skipped" not in probe, (name, key, probe)
             vals = dict(metrics(probe))
@@ -268,6 +274,32 @@ def test_image_contents_and_multilabel_probe(world):
     assert good["linear"]["map"] > 0.85 and good["linear"]["labels_scored"] == L
     assert abs(good["prevalence_map"] - Y[split == 2].mean()) < 1e-6
     assert abs(noise["linear"]["map"] - noise["prevalence_map"]) < 0.1
+
+
+def test_object_probe_per_category_field(world):
+    # the per-field object probes take the field's values as classes: region features that carry the colour
+    # (and nothing else) score ~1 on colour and about chance on shape and texture; the class probe falls between
+    data = ev.read_coco(str(world / "data" / "images"), str(world / "data" / "coco.json"), None, "text")
+    assert ev.category_fields(data, data.category[~data.is_text]) == ["colour", "shape", "texture"]
+    n = len(data.files)
+    data.split = ev.split_images(n, 0.3, 0.2, 0)
+    obj = ~data.is_text
+    colours = sorted({c.get("colour") for c in data.categories.values() if c.get("colour")})
+    colour = np.array([colours.index(data.categories[int(c)]["colour"]) if o else 0
+                       for c, o in zip(data.category, obj)])
+    rng = np.random.default_rng(0)
+    f = {"image_features": rng.standard_normal((n, 8)).astype(np.float32),
+         "region": (np.eye(16)[colour] + 0.05 * rng.standard_normal((len(colour), 16))).astype(np.float32),
+         "pooled": rng.standard_normal((len(colour), 16)).astype(np.float32)}
+    args = SimpleNamespace(probes=["objects"], image_folder=None, tsne_max=0)
+    res, _ = ev.probe_encoder("x", f, data, np.ones(n, bool), np.ones(len(colour), bool), [[]] * len(colour),
+                              None, probes.ProbeSettings(c_refine=0), args)
+    assert res["objects_region_colour"]["linear"]["top1"] > 0.95
+    assert res["objects_region_colour"]["counts"]["classes"] == len(colours)
+    for field in ("shape", "texture"):
+        r = res[f"objects_region_{field}"]
+        assert r["linear"]["top1"] < r["majority_top1"] + 0.2, (field, r["linear"], r["majority_top1"])
+    assert res["objects_region"]["linear"]["top1"] < 0.6
 
 
 def test_knn_equals_sklearn():
