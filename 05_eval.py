@@ -1313,7 +1313,7 @@ def run_suite(args, encoders, device, t_start):
                 continue
             x = suite_features(enc, enc_name, spec, name, splits, args)
             if rank == 0:
-                results[name] = {**probe_suite_dataset(x, eval_suite.BY_NAME[name].metric, settings),
+                results[name] = {**eval_suite.probe_dataset(x, eval_suite.BY_NAME[name].metric, settings),
                                  "unreadable": x["unreadable"]}
                 if "attentive" in args.probes and eval_suite.BY_NAME[name].metric != "map11":
                     # the same splits as the linear probe's (its carved validation share), unreadable images out
@@ -1323,7 +1323,7 @@ def run_suite(args, encoders, device, t_start):
         del enc
     if workdir.dist_info()[0] == 0:
         report = jsonable({**report, "elapsed_s": round(time.time() - t_start, 2)})
-        md = suite_markdown(report)
+        md = eval_suite.markdown(report)
         workdir.write_bytes(os.path.join(args.out, "suite.md"), md.encode())
         workdir.write_json(os.path.join(args.out, "suite.json"), report)
         print(f"\n{md}\n{args.out}/suite.json, suite.md; total {report['elapsed_s']} s", flush=True)
@@ -1353,7 +1353,8 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
         amp = args.dtype == "bf16" or (args.dtype == "auto" and enc.device.type == "cuda")
         grid = (enc.size // enc.patch) ** 2
 
-        prepare, workers = SuitePixels(splits, order, starts, enc.preprocess), chunk_engine.loader_workers(args.workers)
+        prepare = eval_suite.SuitePixels(splits, order, starts, enc.preprocess)
+        workers = chunk_engine.loader_workers(args.workers)
 
         def process(start, end):
             n = end - start
@@ -1406,66 +1407,6 @@ def suite_features(enc, enc_name, spec, name, splits, args) -> dict:
         out.update(tokens=flat.reshape(int(starts[-1]), -1, flat.shape[1]), split=split,
                    all_labels=np.concatenate([splits[k].labels for k in order]))
     return out
-
-
-class SuitePixels:
-    """Item i of a dataset's train + val + test -> (the encoder's input tensor, None), or (None, the reason) when
-    it cannot be read (a cut-off image, a video that does not decode): run ahead in DataLoader workers."""
-
-    def __init__(self, splits, order, starts, preprocess):
-        self.splits, self.order, self.starts, self.preprocess = splits, order, starts, preprocess
-
-    def __call__(self, i):
-        s = int(np.searchsorted(self.starts, i, "right")) - 1
-        try:
-            return self.preprocess.pixels(self.splits[self.order[s]].image(int(i - self.starts[s]))), None
-        except Exception as e:
-            return None, f"{self.order[s]}: {type(e).__name__}: {str(e)[:160]}"
-
-
-def probe_suite_dataset(x, metric, settings) -> dict:
-    """The dataset's own validation split, or VALIDATION_SHARE of train carved (seeded) for the C search."""
-    y = x["labels"]
-    if "val" in y:
-        x_tr, y_tr, x_va, y_va = x["train"], y["train"], x["val"], y["val"]
-    else:
-        val = x["carved"]
-        x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y["train"][~val], y["train"][val]
-    return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], y["test"], metric, settings)
-
-
-def suite_markdown(report) -> str:
-    """Tab. 1's column order: the user's encoders (measured), then the published MLCD ViT-L/14 row."""
-    import eval_suite
-    cols = [c for c in eval_suite.TAB1_ORDER if c in report["datasets"]]
-    head = "| encoder | " + " | ".join(cols) + " | average |\n|---|" + "---:|" * (len(cols) + 1) + "\n"
-    rows = []
-    for name, enc in report["encoders"].items():
-        got = [enc["results"].get(c, {}).get("score") for c in cols]
-        done = [v for v in got if v is not None]
-        rows.append(f"| {name} (measured) | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in got) +
-                    f" | {100 * np.mean(done):.1f} over {len(done)} |" if done else f"| {name} (measured) | " +
-                    " | " * len(cols) + " |")
-        att = [(enc["results"].get(c, {}).get("attentive") or {}).get("top1") for c in cols]
-        if any(v is not None for v in att):
-            rows.append(f"| {name} (attentive probe, top-1) | " +
-                        " | ".join("" if v is None else f"{100 * v:.1f}" for v in att) + " | |")
-    paper = [eval_suite.TAB1_MLCD[c] for c in cols]
-    rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
-                " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")
-    notes = [f"- {c}: {report['datasets'][c]['status']}" for c in cols if report["datasets"][c]["status"] != "ok"]
-    notes += [f"- {c}: {report['datasets'][c]['note']}" for c in cols if report["datasets"][c].get("note")]
-    notes += [f"- {c} ({name}): {r['unreadable']} images that could not be read were left out"
-              for name, enc in report["encoders"].items() for c, r in enc["results"].items() if r.get("unreadable")]
-    averages = "; ".join(f"{k} {v}" for k, v in eval_suite.TAB1_AVERAGES.items())
-    return ("# MLCD Tab. 1 linear-probe suite\n\n" + head + "\n".join(rows) + "\n\n" +
-            "CLIP's metric per dataset (accuracy; mean per class for Aircraft, Pets, Caltech-101, Flowers; 11-point "
-            "mAP for VOC2007; ROC-AUC for Hateful Memes; the mean of top-1 and top-5 for Kinetics-700), in %; "
-            "UCF101 and Kinetics-700 on each video's middle frame; linear probe on the image features, C searched on "
-            "each dataset's validation split (or a seeded share of train), refitted on train + validation. "
-            f"Published averages over all 26 columns: {averages}. ImageNet's published value is MLCD Tab. 4's "
-            "linear probe."
-            + ("\n\n" + "\n".join(notes) if notes else "") + "\n")
 
 
 MIN_PROBE_TEST = 50     # below this many probe-test items a score moves by 2 points or more per item

@@ -27,6 +27,9 @@ A reader may add a note the report prints (Birdsnap's images that were never dow
 devkit's mapping).
 
 ImageNet-1k (MLCD Tab. 4's linear probe) runs after the Tab. 1 columns, from class folders.
+
+At the end, what 05 does with each opened dataset once it has an encoder: SuitePixels (an item's pixels, read
+ahead in loader workers), probe_dataset (the probe on its splits) and markdown (suite.md, Tab. 1's order).
 """
 from __future__ import annotations
 
@@ -589,3 +592,67 @@ def fingerprint(root: str, spec: Spec) -> str:
             st = os.stat(os.path.join(d, f))
             h.update(f"{os.path.relpath(os.path.join(d, f), root)}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what 05_eval.py --suite does with a dataset: its pixels ahead of the encoder, its probe, the table
+
+
+class SuitePixels:
+    """Item i of a dataset's train + val + test -> (the encoder's input tensor, None), or (None, the reason) when
+    it cannot be read (a cut-off image, a video that does not decode): run ahead in DataLoader workers."""
+
+    def __init__(self, splits, order, starts, preprocess):
+        self.splits, self.order, self.starts, self.preprocess = splits, order, starts, preprocess
+
+    def __call__(self, i):
+        s = int(np.searchsorted(self.starts, i, "right")) - 1
+        try:
+            return self.preprocess.pixels(self.splits[self.order[s]].image(int(i - self.starts[s]))), None
+        except Exception as e:
+            return None, f"{self.order[s]}: {type(e).__name__}: {str(e)[:160]}"
+
+
+def probe_dataset(x, metric, settings) -> dict:
+    """The dataset's own validation split, or VALIDATION_SHARE of train carved (seeded) for the C search."""
+    import probes
+    y = x["labels"]
+    if "val" in y:
+        x_tr, y_tr, x_va, y_va = x["train"], y["train"], x["val"], y["val"]
+    else:
+        val = x["carved"]
+        x_tr, x_va, y_tr, y_va = x["train"][~val], x["train"][val], y["train"][~val], y["train"][val]
+    return probes.suite_probe(x_tr, y_tr, x_va, y_va, x["test"], y["test"], metric, settings)
+
+
+def markdown(report) -> str:
+    """suite.md: Tab. 1's column order, the user's encoders (measured), then the published MLCD ViT-L/14 row."""
+    cols = [c for c in TAB1_ORDER if c in report["datasets"]]
+    head = "| encoder | " + " | ".join(cols) + " | average |\n|---|" + "---:|" * (len(cols) + 1) + "\n"
+    rows = []
+    for name, enc in report["encoders"].items():
+        got = [enc["results"].get(c, {}).get("score") for c in cols]
+        done = [v for v in got if v is not None]
+        rows.append(f"| {name} (measured) | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in got) +
+                    f" | {100 * np.mean(done):.1f} over {len(done)} |" if done else f"| {name} (measured) | " +
+                    " | " * len(cols) + " |")
+        att = [(enc["results"].get(c, {}).get("attentive") or {}).get("top1") for c in cols]
+        if any(v is not None for v in att):
+            rows.append(f"| {name} (attentive probe, top-1) | " +
+                        " | ".join("" if v is None else f"{100 * v:.1f}" for v in att) + " | |")
+    paper = [TAB1_MLCD[c] for c in cols]
+    rows.append("| MLCD ViT-L/14, LAION-400M (published, MLCD Tab. 1; not measured here) | " +
+                " | ".join(f"{v:.1f}" for v in paper) + f" | {np.mean(paper):.1f} over {len(paper)} |")
+    notes = [f"- {c}: {report['datasets'][c]['status']}" for c in cols if report["datasets"][c]["status"] != "ok"]
+    notes += [f"- {c}: {report['datasets'][c]['note']}" for c in cols if report["datasets"][c].get("note")]
+    notes += [f"- {c} ({name}): {r['unreadable']} images that could not be read were left out"
+              for name, enc in report["encoders"].items() for c, r in enc["results"].items() if r.get("unreadable")]
+    averages = "; ".join(f"{k} {v}" for k, v in TAB1_AVERAGES.items())
+    return ("# MLCD Tab. 1 linear-probe suite\n\n" + head + "\n".join(rows) + "\n\n" +
+            "CLIP's metric per dataset (accuracy; mean per class for Aircraft, Pets, Caltech-101, Flowers; 11-point "
+            "mAP for VOC2007; ROC-AUC for Hateful Memes; the mean of top-1 and top-5 for Kinetics-700), in %; "
+            "UCF101 and Kinetics-700 on each video's middle frame; linear probe on the image features, C searched on "
+            "each dataset's validation split (or a seeded share of train), refitted on train + validation. "
+            f"Published averages over all 26 columns: {averages}. ImageNet's published value is MLCD Tab. 4's "
+            "linear probe."
+            + ("\n\n" + "\n".join(notes) if notes else "") + "\n")
