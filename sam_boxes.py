@@ -20,7 +20,9 @@ and no mask is copied to the host: per image the host receives (n, 4) boxes, n s
 Batching: the image encoder runs on batches of `image_batch` crops (SAM: the predictor's resize and
 `Sam.preprocess` per crop, stacked; SAM 2: the predictor's own `set_image_batch`); the decoder on
 `points_per_batch` points of one crop. In fp32 the boxes, scores and areas equal the stock generator's with the
-same settings (tests/test_sam_boxes.py), and another `image_batch` changes no box. `dtype=torch.bfloat16` runs
+same settings (tests/test_sam_boxes.py), and another `image_batch` changes no box; another `points_per_batch`
+means other decoder calls (for the stock generator too), so the same masks up to float rounding (on some CPUs
+a logit at the mask threshold moves an area by a pixel). `dtype=torch.bfloat16` runs
 the encoder and decoder under autocast (the upsampling and thresholds stay in fp32).
 Cost at scale (400M images): per image only the crops' features (SAM: 1 x 256 x 64 x 64 fp32, 4 MiB each) and
 one chunk of upsampled logits live on the device; nothing grows with the dataset.
